@@ -1,0 +1,123 @@
+"""Naive materialized reference: full logits, log_softmax, gather, then the loss as TRL writes it.
+
+This is the yardstick for tests (in float64) and the "naive PyTorch" row of the benchmarks (in
+the input dtype). It shares no code with the fused path on purpose: a bug in one is caught by
+the other. It builds the whole (B, T, V) logits tensor, so keep it to small shapes on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .loss import GRPOLossParams
+
+
+def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, compute_dtype=None):
+    """log p(target) and entropy through materialized logits.
+
+    Args:
+        hidden: (..., H); weight: (V, H); targets: (...) integer; bias: (V,) or None.
+        compute_dtype: dtype of the matmul and softmax (default: hidden's dtype; logits are
+            upcast to fp32 for the softmax unless this is float64).
+
+    Returns:
+        (logp, entropy) with ``targets.shape``, float32 (float64 if ``compute_dtype`` is).
+    """
+    dt = compute_dtype or hidden.dtype
+    logits = hidden.to(dt) @ weight.to(dt).T
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    logits = logits.to(torch.float64 if dt == torch.float64 else torch.float32) / temperature
+    logprobs = logits.log_softmax(-1)
+    logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, entropy
+
+
+def reference_grpo_loss(
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    *,
+    old_logprobs=None,
+    ref_logprobs=None,
+    bias=None,
+    params: GRPOLossParams | None = None,
+    num_items_in_batch=None,
+    compute_dtype=None,
+):
+    """TRL ``_compute_loss`` transcribed (one process, no accumulation), logits materialized.
+
+    Shapes as in ``fastgrpo.fused_grpo_loss``. Returns (loss, logp, entropy, metrics).
+    Deviation kept from TRL by design: ``luspo`` sums masked tokens per row (TRL multiplies the
+    unmasked per-token loss by the row length, which counts padding once the KL term is on).
+    """
+    p = GRPOLossParams() if params is None else params
+    per_token_logps, entropies = reference_logprobs(hidden, weight, targets, bias, p.temperature, compute_dtype)
+    f = per_token_logps.dtype
+    mask = mask.to(f)
+    advantages = advantages.to(f)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    old = per_token_logps.detach() if old_logprobs is None else old_logprobs.to(f)
+    log_ratio = per_token_logps - old
+    if p.importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        log_importance_weights = log_importance_weights.unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+
+    per_token_kl = None
+    if ref_logprobs is not None:
+        ref = ref_logprobs.to(f)
+        per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+        if p.use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+
+    if p.loss_type == "cispo":
+        clamped_ratios = torch.clamp(coef_1, max=p.upper).detach()
+        per_token_loss = -clamped_ratios * advantages * per_token_logps
+    elif p.loss_type == "sapo":
+        temperatures = torch.where(advantages > 0, p.sapo_temperature_pos, p.sapo_temperature_neg).to(f)
+        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
+        per_token_loss = -soft_coef_1 * advantages
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - p.epsilon_low, 1 + p.upper)
+        if p.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=p.delta)
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    if p.beta != 0.0:
+        per_token_loss = per_token_loss + p.beta * per_token_kl
+
+    if p.loss_type in ("grpo", "sapo"):
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif p.loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif p.loss_type == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * p.max_completion_length)
+    elif p.loss_type in ("cispo", "dapo"):
+        norm = mask.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
+        loss = (per_token_loss * mask).sum() / norm
+    else:
+        loss = (per_token_loss * mask).sum(-1).mean()
+
+    count = mask.sum().clamp(min=1.0)
+
+    def masked_batch_mean(x):
+        return x.mean() if x.shape[1] == 1 else (x * mask).sum() / count
+
+    with torch.no_grad():
+        metrics = {"entropy": masked_batch_mean(entropies)}
+        if per_token_kl is not None:
+            metrics["kl"] = masked_batch_mean(per_token_kl)
+        is_low = (coef_1 < 1 - p.epsilon_low) & (advantages < 0)
+        is_high = (coef_1 > 1 + p.upper) & (advantages > 0)
+        metrics["clip_ratio/low_mean"] = masked_batch_mean(is_low.to(f))
+        metrics["clip_ratio/high_mean"] = masked_batch_mean(is_high.to(f))
+        metrics["clip_ratio/region_mean"] = masked_batch_mean((is_low | is_high).to(f))
+        if p.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = masked_batch_mean(((coef_1 > p.upper) & (advantages > 0)).to(f))
+    return loss, per_token_logps, entropies, metrics

@@ -1,0 +1,561 @@
+"""Fused lm_head + log-softmax: per-token log p(target), log Z and entropy from hidden states.
+
+Logits exist only as (BLOCK_N, BLOCK_V) register tiles produced by ``tl.dot``; device memory
+sees O(N) per-token statistics and the gradients, never an N x V (or N x vocab-chunk) tensor.
+
+Forward: grid (token blocks, vocabulary splits). Each program walks its vocabulary range with
+an online log-sum-exp and writes four partials per token; an O(N x splits) merge finishes.
+Splitting the vocabulary keeps the GPU busy when there are few tokens.
+
+Backward: grid (token blocks x vocabulary blocks). Each program recomputes its logit tile,
+turns the per-token upstream coefficients (d loss / d logp and d loss / d entropy) into
+d loss / d logits, and adds its share of dHidden, dWeight and dBias into fp32 accumulators.
+A full-H accumulator per token block does not fit on chip for H in the thousands, so the
+vocabulary reduction of dHidden is split across programs (as Cut Cross-Entropy does).
+Token blocks whose coefficients are all zero (masked, padding) return before any FLOP.
+"""
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._debug import alloc_output
+
+# ----------------------------------------------------------------------------- jit kernels
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    offs_n,
+    offs_v,
+    n_mask,
+    v_mask,  # (BLOCK_N,) int64, (BLOCK_V,) int64, masks
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Temperature-scaled logits (BLOCK_N, BLOCK_V) in fp32; -inf past the vocabulary end."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = tl.load(
+            h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :] * stride_hh,
+            mask=n_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+            mask=v_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # the CPU interpreter mis-computes bf16 dots; bf16 products are exact in fp32
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _online_lse_update(m_i, s0, s1, u):
+    """Fold a logit tile into (running max m, s0 = sum e^t, s1 = sum e^t * t), t = u - m.
+
+    Keeping s1 relative to the running max makes entropy = log s0 - s1 / s0 free of the
+    cancellation that lse - E_p[u] suffers when logits are large.
+    """
+    m_new = tl.maximum(m_i, tl.max(u, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    t = u - m_new[:, None]
+    e = tl.exp(t)
+    # Zero terms meet -inf (first tile, a -inf bias, past the vocabulary end): 0 * -inf is not 0.
+    shift = tl.where(s0 > 0, (m_i - m_new) * s0, 0.0)
+    s1 = alpha * (s1 + shift) + tl.sum(tl.where(e > 0, e * t, 0.0), axis=1)
+    s0 = alpha * s0 + tl.sum(e, axis=1)
+    return m_new, s0, s1
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    h_ptr,  # (N, H)
+    w_ptr,  # (V, H)
+    b_ptr,  # (V,) or dummy
+    y_ptr,  # (N,) integer targets
+    act_ptr,  # (N,) bool, or dummy
+    part_ptr,  # (4, SPLITS, N) fp32: m, s0, s1, target logit
+    # shapes
+    N,
+    V,
+    H,
+    v_per_split,
+    # strides
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    # constants
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    n_splits = tl.num_programs(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_mask = offs_n < N
+    part = part_ptr + pid_s * N + offs_n
+    plane = n_splits * N
+
+    run = True
+    if HAS_ACTIVE:
+        active = tl.load(act_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
+        run = tl.max(active, axis=0) > 0
+    if run:
+        y = tl.load(y_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+        m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        s0 = tl.zeros((BLOCK_N,), tl.float32)
+        s1 = tl.zeros((BLOCK_N,), tl.float32)
+        u_y = tl.zeros((BLOCK_N,), tl.float32)
+        v_start = pid_s * v_per_split
+        v_stop = tl.minimum(v_start + v_per_split, V)
+        for v0 in range(v_start, v_stop, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+            v_mask = offs_v < V
+            u = _logits_tile(
+                h_ptr,
+                w_ptr,
+                b_ptr,
+                offs_n,
+                offs_v,
+                n_mask,
+                v_mask,
+                H,
+                stride_hn,
+                stride_hh,
+                stride_wv,
+                stride_wh,
+                inv_temp,
+                HAS_BIAS,
+                DOT_PRECISION,
+                UPCAST,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_H,
+            )
+            m_i, s0, s1 = _online_lse_update(m_i, s0, s1, u)
+            u_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], u, 0.0), axis=1)
+        tl.store(part, m_i, mask=n_mask)
+        tl.store(part + plane, s0, mask=n_mask)
+        tl.store(part + 2 * plane, s1, mask=n_mask)
+        tl.store(part + 3 * plane, u_y, mask=n_mask)
+    else:
+        # Finite neutral partials; the launcher zeroes inactive tokens after the merge.
+        zero = tl.zeros((BLOCK_N,), tl.float32)
+        tl.store(part, zero, mask=n_mask)
+        tl.store(part + plane, zero + 1.0, mask=n_mask)
+        tl.store(part + 2 * plane, zero, mask=n_mask)
+        tl.store(part + 3 * plane, zero, mask=n_mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    # pointers
+    h_ptr,  # (N, H)
+    w_ptr,  # (V, H)
+    b_ptr,  # (V,) or dummy
+    y_ptr,  # (N,) integer targets
+    lse_ptr,  # (N,) fp32 log Z of the scaled logits
+    ent_ptr,  # (N,) fp32 entropy, read only with HAS_DENT
+    g_lp_ptr,  # (N,) fp32 d loss / d logp
+    g_ent_ptr,  # (N,) fp32 d loss / d entropy, or dummy
+    dh_ptr,  # (N, H) fp32 accumulator, contiguous
+    dw_ptr,  # (V, H) fp32 accumulator, contiguous, or dummy
+    db_ptr,  # (V,) fp32 accumulator, or dummy
+    # shapes
+    N,
+    V,
+    H,
+    # strides
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    # constants
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_DENT: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    # Grouped ordering: GROUP_N token blocks sweep the vocabulary together so each weight
+    # tile is read from L2 by several programs in a row.
+    pid = tl.program_id(0).to(tl.int64)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    group = pid // (GROUP_N * num_v)
+    first_n = group * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * num_v)) % group_size
+    pid_v = (pid % (GROUP_N * num_v)) // group_size
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_mask = offs_n < N
+    g_lp = tl.load(g_lp_ptr + offs_n, mask=n_mask, other=0.0)
+    live = tl.abs(g_lp)
+    if HAS_DENT:
+        g_ent = tl.load(g_ent_ptr + offs_n, mask=n_mask, other=0.0)
+        live += tl.abs(g_ent)
+    if tl.max(live, axis=0) > 0:
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        v_mask = offs_v < V
+        u = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            offs_n,
+            offs_v,
+            n_mask,
+            v_mask,
+            H,
+            stride_hn,
+            stride_hh,
+            stride_wv,
+            stride_wh,
+            inv_temp,
+            HAS_BIAS,
+            DOT_PRECISION,
+            UPCAST,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
+        y = tl.load(y_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+        lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+        logp = u - lse[:, None]
+        p = tl.exp(logp)
+        # d logp_y / d u_v = [v == y] - p_v
+        dz = g_lp[:, None] * ((offs_v[None, :] == y[:, None]).to(tl.float32) - p)
+        if HAS_DENT:
+            # d entropy / d u_v = -p_v (log p_v + entropy)
+            ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
+            dz -= g_ent[:, None] * tl.where(p > 0, p * (logp + ent[:, None]), 0.0)
+        dz = tl.where(n_mask[:, None] & v_mask[None, :], dz * inv_temp, 0.0)
+        if HAS_DB:
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
+        dz_c = dz.to(h_ptr.dtype.element_ty)
+        if UPCAST:
+            dz_c = dz_c.to(tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            w = tl.load(
+                w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                mask=v_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                w = w.to(tl.float32)
+            dh = tl.dot(dz_c, w, input_precision=DOT_PRECISION)
+            tl.atomic_add(
+                dh_ptr + offs_n[:, None] * H + offs_h[None, :],
+                dh,
+                mask=n_mask[:, None] & h_mask[None, :],
+            )
+            if HAS_DW:
+                x = tl.load(
+                    h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :] * stride_hh,
+                    mask=n_mask[:, None] & h_mask[None, :],
+                    other=0.0,
+                )
+                if UPCAST:
+                    x = x.to(tl.float32)
+                dw = tl.dot(tl.trans(dz_c), x, input_precision=DOT_PRECISION)
+                tl.atomic_add(
+                    dw_ptr + offs_v[:, None] * H + offs_h[None, :],
+                    dw,
+                    mask=v_mask[:, None] & h_mask[None, :],
+                )
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch_constants(dtype: torch.dtype) -> dict:
+    """Tile sizes and dot precision for a dtype. GPU values are untuned starting points."""
+    interp = _interpreting()
+    # fp32 follows torch's own matmul policy (IEEE unless the user allowed TF32); the setting
+    # is ignored for 16-bit operands.
+    prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if interp:
+        # Each interpreted program costs tens of ms: tiles as large as test shapes allow while
+        # still leaving partial tiles in every dimension (e.g. N=37, V=1003, H=72).
+        return dict(
+            DOT_PRECISION=prec,
+            UPCAST=dtype == torch.bfloat16,
+            BLOCK_N=32,
+            BLOCK_V=128,
+            BLOCK_H=32,
+            fwd_warps=1,
+            bwd_warps=1,
+            stages=1,
+        )
+    if dtype == torch.float32:
+        return dict(
+            DOT_PRECISION=prec, UPCAST=False, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, fwd_warps=4, bwd_warps=4, stages=2
+        )
+    return dict(
+        DOT_PRECISION=prec, UPCAST=False, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, fwd_warps=8, bwd_warps=8, stages=3
+    )
+
+
+def _num_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
+    # Aim for two programs per SM; on CPU (the interpreter) a few splits exercise the merge.
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    splits = max(1, min(v_blocks, triton.cdiv(target, n_blocks)))
+    # Re-derive so no split is empty.
+    return triton.cdiv(v_blocks, triton.cdiv(v_blocks, splits))
+
+
+def _dummy(ref: torch.Tensor) -> torch.Tensor:
+    return torch.empty(1, device=ref.device, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgrpo::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    active: Optional[torch.Tensor],
+    inv_temp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (logp, lse, entropy), each (N,) fp32; zeros where ``active`` is False."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    c = _launch_constants(hidden.dtype)
+    n_blocks, v_blocks = triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(V, c["BLOCK_V"])
+    splits = _num_splits(n_blocks, v_blocks, hidden.device)
+    v_per_split = triton.cdiv(v_blocks, splits) * c["BLOCK_V"]
+    part = alloc_output((4, splits, N), hidden.device)
+    if N > 0:
+        _fwd_kernel[(n_blocks, splits)](
+            hidden,
+            weight,
+            bias if bias is not None else _dummy(hidden),
+            targets,
+            active if active is not None else _dummy(hidden),
+            part,
+            N,
+            V,
+            H,
+            v_per_split,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            inv_temp,
+            HAS_BIAS=bias is not None,
+            HAS_ACTIVE=active is not None,
+            DOT_PRECISION=c["DOT_PRECISION"],
+            UPCAST=c["UPCAST"],
+            BLOCK_N=c["BLOCK_N"],
+            BLOCK_V=c["BLOCK_V"],
+            BLOCK_H=c["BLOCK_H"],
+            num_warps=c["fwd_warps"],
+            num_stages=c["stages"],
+        )
+    m, s0, s1, u_y = part.unbind(0)
+    m_max = m.max(dim=0).values
+    scale = torch.exp(m - m_max)
+    s0_all = (s0 * scale).sum(0)
+    s1_all = (scale * (s1 + (m - m_max) * s0)).sum(0)
+    lse = m_max + torch.log(s0_all)
+    logp = u_y.sum(0) - lse
+    entropy = torch.log(s0_all) - s1_all / s0_all
+    if active is not None:
+        logp, lse, entropy = (torch.where(active, t, 0.0) for t in (logp, lse, entropy))
+    return logp, lse, entropy
+
+
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, targets, active, inv_temp):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("fastgrpo::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    inv_temp: float,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dHidden (N, H), dWeight (V, H) or (0,), dBias (V,) or (0,)) in the input dtype."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    c = _launch_constants(hidden.dtype)
+    fp32_out = hidden.dtype == torch.float32
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    dw_acc = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) if need_dweight else None
+    db_acc = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_dbias else None
+    # dHidden accumulates in fp32 one token chunk at a time, so the fp32 scratch stays bounded
+    # (at most 256 MiB) instead of doubling the N x H gradient for 16-bit inputs.
+    chunk = N if fp32_out else max(c["BLOCK_N"], (1 << 26) // max(H, 1) // c["BLOCK_N"] * c["BLOCK_N"])
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        dh_acc = dh[n0:n1].zero_() if fp32_out else torch.zeros(n1 - n0, H, device=hidden.device)
+        num = triton.cdiv(n1 - n0, c["BLOCK_N"]) * triton.cdiv(V, c["BLOCK_V"])
+        _bwd_kernel[(num,)](
+            hidden[n0:n1],
+            weight,
+            bias if bias is not None else _dummy(hidden),
+            targets[n0:n1],
+            lse[n0:n1],
+            entropy[n0:n1],
+            grad_logp[n0:n1],
+            grad_entropy[n0:n1] if grad_entropy is not None else _dummy(hidden),
+            dh_acc,
+            dw_acc if dw_acc is not None else _dummy(hidden),
+            db_acc if db_acc is not None else _dummy(hidden),
+            n1 - n0,
+            V,
+            H,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            inv_temp,
+            HAS_BIAS=bias is not None,
+            HAS_DENT=grad_entropy is not None,
+            HAS_DW=need_dweight,
+            HAS_DB=need_dbias,
+            DOT_PRECISION=c["DOT_PRECISION"],
+            UPCAST=c["UPCAST"],
+            BLOCK_N=c["BLOCK_N"],
+            BLOCK_V=c["BLOCK_V"],
+            BLOCK_H=c["BLOCK_H"],
+            GROUP_N=8,
+            num_warps=c["bwd_warps"],
+            num_stages=c["stages"],
+        )
+        if not fp32_out:
+            dh[n0:n1].copy_(dh_acc)
+            del dh_acc
+    dw = dw_acc.to(weight.dtype) if dw_acc is not None else weight.new_empty(0)
+    db = db_acc.to(bias.dtype) if db_acc is not None else weight.new_empty(0)
+    return dh, dw, db
+
+
+@linear_logprobs_bwd.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, need_dweight, need_dbias):
+    dw = torch.empty_like(weight) if need_dweight else weight.new_empty(0)
+    db = weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0)
+    return torch.empty_like(hidden), dw, db
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, active, inv_temp):
+        logp, lse, entropy = linear_logprobs_fwd(hidden, weight, bias, targets, active, inv_temp)
+        ctx.save_for_backward(hidden, weight, bias, targets, active, lse, entropy)
+        ctx.inv_temp = inv_temp
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        hidden, weight, bias, targets, active, lse, entropy = ctx.saved_tensors
+        need_dw = ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float()
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.float()
+        if active is not None:
+            # Inactive outputs are the constant 0: whatever flows into them is dropped here.
+            grad_logp = torch.where(active, grad_logp, 0.0)
+            if grad_entropy is not None:
+                grad_entropy = torch.where(active, grad_entropy, 0.0)
+        dh, dw, db = linear_logprobs_bwd(
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            entropy,
+            grad_logp.contiguous(),
+            None if grad_entropy is None else grad_entropy.contiguous(),
+            ctx.inv_temp,
+            need_dw,
+            need_db,
+        )
+        return dh, (dw if need_dw else None), (db if need_db else None), None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def linear_logprobs_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    active: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused lm_head log-probs and entropies; inputs are validated by ``fastgrpo.ops``.
+
+    Args:
+        hidden: (N, H) fp32/fp16/bf16, unit stride in H.
+        weight: (V, H), same dtype and device; (V, H) row-major view of the lm_head.
+        bias: (V,) same dtype, or None.
+        targets: (N,) int32/int64 in [0, V) wherever ``active``.
+        active: (N,) bool or None; inactive tokens cost no FLOPs and get logp = entropy = 0.
+        temperature: logits are divided by it before the softmax.
+
+    Returns:
+        (logp, entropy), each (N,) fp32, differentiable w.r.t. hidden, weight and bias.
+    """
+    logp, entropy, _ = _LinearLogprobs.apply(hidden, weight, bias, targets, active, 1.0 / float(temperature))
+    return logp, entropy
