@@ -30,7 +30,9 @@ def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, comp
     logits = logits.to(torch.float64 if dt == torch.float64 else torch.float32) / temperature
     logprobs = logits.log_softmax(-1)
     logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    # A -inf logit (a banned token) has p = 0: count p * log p as 0 there, gradient included.
+    finite = torch.where(torch.isfinite(logprobs), logprobs, 0.0)
+    entropy = -(logprobs.exp() * finite).sum(-1)
     return logp, entropy
 
 

@@ -1,0 +1,183 @@
+"""fused_grpo_loss (both impls) against TRL's formulas on float64 materialized logits."""
+
+import itertools
+
+import pytest
+import torch
+
+import fastgrpo
+from fastgrpo import GRPOLossParams
+from fastgrpo.reference import reference_grpo_loss
+
+from helpers import DEVICE, IMPLS, TRITON_OK, grpo_inputs, leaf, rel_err
+
+HP = dict(epsilon=0.2, epsilon_high=0.28)
+MATRIX = list(itertools.product(fastgrpo.LOSS_TYPES, ("token", "sequence"), (0.0, 0.04), (None, 1.5), (1.0, 0.7)))
+
+
+def _clean(x, mask, fill=0.0):
+    """The reference multiplies by the mask as TRL does, so it needs finite padding."""
+    return None if x is None else torch.where(mask, x, fill)
+
+
+def _run_fused(inp, impl, dtype=None, **hp):
+    h, w = leaf(inp["hidden"], dtype), leaf(inp["weight"], dtype)
+    b = leaf(inp.get("bias"), dtype)
+    out = fastgrpo.fused_grpo_loss(
+        h,
+        w,
+        inp["targets"],
+        inp["mask"],
+        inp["advantages"],
+        old_logprobs=inp.get("old_logprobs"),
+        ref_logprobs=inp.get("ref_logprobs"),
+        bias=b,
+        impl=impl,
+        **hp,
+    )
+    out.loss.backward()
+    return out, h.grad, w.grad, None if b is None else b.grad
+
+
+def _run_reference(inp, compute_dtype=torch.float64, **hp):
+    m = inp["mask"]
+    num_items = hp.pop("num_items_in_batch", None)
+    params = GRPOLossParams(**hp)
+    h = leaf(inp["hidden"], compute_dtype)
+    w = leaf(inp["weight"], compute_dtype)
+    b = leaf(inp.get("bias"), compute_dtype)
+    adv = inp["advantages"]
+    loss, logp, ent, metrics = reference_grpo_loss(
+        h,
+        w,
+        inp["targets"].clamp(min=0),
+        m,
+        adv if adv.dim() == 1 else _clean(adv, m),
+        old_logprobs=_clean(inp.get("old_logprobs"), m),
+        ref_logprobs=_clean(inp.get("ref_logprobs"), m),
+        bias=b,
+        params=params,
+        num_items_in_batch=num_items,
+        compute_dtype=compute_dtype,
+    )
+    loss.backward()
+    return loss, logp, ent, metrics, h.grad, w.grad, None if b is None else b.grad
+
+
+def _check_against_reference(out, grads, ref, tol):
+    loss, logp, ent, metrics, dh, dw, db = ref
+    m = out.logprobs != 0
+    assert torch.isfinite(out.loss)
+    assert abs(float(out.loss) - float(loss)) <= tol * max(1.0, abs(float(loss))), (float(out.loss), float(loss))
+    assert rel_err(out.logprobs[m], logp[m]) < tol
+    for name, g, r in zip(("dhidden", "dweight", "dbias"), grads, (dh, dw, db), strict=True):
+        if r is not None:
+            assert rel_err(g, r) < tol, name
+    assert set(out.metrics) == set(metrics)
+    for k, v in metrics.items():
+        assert abs(float(out.metrics[k]) - float(v)) < tol, k
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss_type,level,beta,delta,temperature", MATRIX)
+def test_loss_matrix_fp32(impl, loss_type, level, beta, delta, temperature):
+    inp = grpo_inputs(seed=fastgrpo.LOSS_TYPES.index(loss_type) * 2 + (level == "sequence"))
+    hp = dict(
+        HP,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        beta=beta,
+        delta=delta,
+        temperature=temperature,
+        max_completion_length=13 if loss_type == "dr_grpo" else None,
+    )
+    if loss_type == "cispo":
+        hp["epsilon_high"] = 1.1  # cispo caps the ratio itself at epsilon_high
+    out, *grads = _run_fused(inp, impl, **hp)
+    _check_against_reference(out, grads, _run_reference(inp, **hp), tol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(loss_type="grpo", per_token_adv=True),
+        dict(loss_type="dapo", bias=True, use_bias_correction_kl=True, beta=0.04),
+        dict(loss_type="dapo", num_items_in_batch=57, beta=0.04),
+        dict(loss_type="bnpo", no_old=True, beta=0.1),
+        dict(loss_type="sapo", importance_sampling_level="sequence", per_token_adv=True),
+        dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.04, no_old=True),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_loss_variants(impl, extra):
+    extra = dict(extra)
+    per_token = extra.pop("per_token_adv", False)
+    no_old = extra.pop("no_old", False)
+    inp = grpo_inputs(seed=7, bias=extra.pop("bias", False))
+    if per_token:
+        g = torch.Generator().manual_seed(8)
+        adv = torch.randn(inp["mask"].shape, generator=g).to(DEVICE)
+        inp["advantages"] = torch.where(inp["mask"], adv, float("nan"))  # NaN padding must not leak
+    if no_old:
+        inp["old_logprobs"] = None
+    hp = dict(HP, **extra)
+    out, *grads = _run_fused(inp, impl, **hp)
+    _check_against_reference(out, grads, _run_reference(inp, **hp), tol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence"), ("cispo", "token")])
+def test_loss_16bit_earns_its_tolerance(impl, dtype, loss_type, level):
+    """16-bit error vs float64 is no worse than the same-dtype naive PyTorch path's, plus slack."""
+    inp = grpo_inputs(seed=11, dtype=dtype)
+    hp = dict(HP, loss_type=loss_type, importance_sampling_level=level, beta=0.04)
+    out, dh, dw, _ = _run_fused(inp, impl, **hp)
+    exact = _run_reference(inp, **hp)
+    same = _run_reference(inp, compute_dtype=dtype, **hp)
+    loss_err = abs(float(out.loss) - float(exact[0]))
+    loss_budget = abs(float(same[0]) - float(exact[0]))
+    assert loss_err <= 1.5 * loss_budget + 1e-3 * max(1.0, abs(float(exact[0])))
+    for name, g, s, r in (("dhidden", dh, same[4], exact[4]), ("dweight", dw, same[5], exact[5])):
+        err, budget = rel_err(g, r), rel_err(s, r)
+        assert err <= 1.5 * budget + 2e-3, f"{name}: {err:.2e} vs same-dtype reference {budget:.2e}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_masked_gives_zero_loss_and_zero_grads(impl):
+    inp = grpo_inputs(seed=3)
+    inp["mask"] = torch.zeros_like(inp["mask"])
+    for loss_type in fastgrpo.LOSS_TYPES:
+        out, dh, dw, _ = _run_fused(inp, impl, loss_type=loss_type, beta=0.04, max_completion_length=13)
+        assert float(out.loss) == 0.0
+        assert torch.all(dh == 0) and torch.all(dw == 0)
+        assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_module_matches_function(impl):
+    inp = grpo_inputs(seed=5)
+    mod = fastgrpo.FusedGRPOLoss(loss_type="grpo", beta=0.04, epsilon_high=0.28, impl=impl)
+    got = mod(
+        inp["hidden"],
+        inp["weight"],
+        inp["targets"],
+        inp["mask"],
+        inp["advantages"],
+        old_logprobs=inp["old_logprobs"],
+        ref_logprobs=inp["ref_logprobs"],
+    )
+    want, *_ = _run_fused(inp, impl, loss_type="grpo", beta=0.04, epsilon_high=0.28)
+    assert torch.allclose(got.loss, want.loss.detach(), rtol=1e-6, atol=1e-7)
+    assert "loss_type='grpo'" in repr(mod)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
+def test_impls_agree_with_each_other():
+    inp = grpo_inputs(seed=9, bias=True)
+    a, *ga = _run_fused(inp, "torch", loss_type="dapo", beta=0.04)
+    b, *gb = _run_fused(inp, "triton", loss_type="dapo", beta=0.04)
+    assert abs(float(a.loss) - float(b.loss)) < 1e-6
+    for x, y in zip(ga, gb, strict=True):
+        assert rel_err(x, y) < 1e-5

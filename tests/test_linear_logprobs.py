@@ -1,0 +1,116 @@
+"""Fused lm_head log-probs / entropy (both impls) against a float64 materialized reference."""
+
+import pytest
+import torch
+
+import fastgrpo
+from fastgrpo.chunked import linear_logprobs_torch
+from fastgrpo.reference import reference_logprobs
+
+from helpers import DEVICE, DTYPES, IMPLS, leaf, rel_err
+
+
+def _impl_fn(impl):
+    if impl == "torch":
+        return linear_logprobs_torch
+    from fastgrpo.kernels import linear_logprobs_triton
+
+    return linear_logprobs_triton
+
+
+def _inputs(N, H, V, dtype, seed, bias):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(N, H, generator=g) * 2 / H**0.25).to(DEVICE, dtype)
+    w = (torch.randn(V, H, generator=g) / H**0.25).to(DEVICE, dtype)
+    b = torch.randn(V, generator=g).to(DEVICE, dtype) if bias else None
+    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    g_lp, g_ent = torch.randn(N, generator=g).to(DEVICE), torch.randn(N, generator=g).to(DEVICE)
+    return h, w, b, y, g_lp, g_ent
+
+
+def _grads(fn, h, w, b, y, g_lp, g_ent, active=None, **kw):
+    h, w, b = leaf(h), leaf(w), leaf(b)
+    logp, ent = fn(h, w, b, y, active, **kw)
+    (logp * g_lp + ent * g_ent).sum().backward()
+    return logp.detach(), ent.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+def _reference(h, w, b, y, g_lp, g_ent, active, temperature, dtype):
+    """Same quantities through materialized logits, computed in ``dtype``."""
+    h, w, b = leaf(h), leaf(w), leaf(b)
+    logp, ent = reference_logprobs(h, w, y, b, temperature, compute_dtype=dtype)
+    if active is not None:
+        logp, ent = torch.where(active, logp, 0.0), torch.where(active, ent, 0.0)
+    (logp * g_lp.to(logp.dtype) + ent * g_ent.to(ent.dtype)).sum().backward()
+    return logp.detach(), ent.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias,temperature,with_active", [(False, 1.0, False), (True, 0.7, True)])
+def test_logprobs_entropy_and_grads(impl, dtype, bias, temperature, with_active):
+    N, H, V = 37, 72, 1003  # nothing a multiple of a tile
+    h, w, b, y, g_lp, g_ent = _inputs(N, H, V, dtype, seed=1, bias=bias)
+    active = (torch.arange(N, device=DEVICE) % 5 != 2) if with_active else None
+    got = _grads(_impl_fn(impl), h, w, b, y, g_lp, g_ent, active, temperature=temperature)
+    exact = _reference(h, w, b, y, g_lp, g_ent, active, temperature, torch.float64)
+    names = ("logp", "entropy", "dhidden", "dweight", "dbias")
+    if dtype == torch.float32:
+        for name, x, r in zip(names, got, exact, strict=True):
+            if r is not None:
+                assert rel_err(x, r) < 2e-5, name
+        return
+    # 16-bit: no worse than the same-dtype materialized reference's own error, plus a small slack.
+    same = _reference(h, w, b, y, g_lp, g_ent, active, temperature, dtype)
+    for name, x, s, r in zip(names, got, same, exact, strict=True):
+        if r is None:
+            continue
+        err, budget = rel_err(x, r), rel_err(s, r)
+        assert err <= 1.5 * budget + 2e-3, f"{name}: {err:.2e} vs same-dtype reference {budget:.2e}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inactive_tokens_are_zero_and_get_no_gradient(impl):
+    N, H, V = 40, 40, 300
+    h, w, b, y, g_lp, g_ent = _inputs(N, H, V, torch.float32, seed=2, bias=False)
+    active = torch.zeros(N, dtype=torch.bool, device=DEVICE)
+    active[33:36] = True  # only the last token block has live tokens
+    logp, ent, dh, dw, _ = _grads(_impl_fn(impl), h, w, b, y, g_lp, g_ent, active)
+    assert torch.all(logp[~active] == 0) and torch.all(ent[~active] == 0)
+    assert torch.all(dh[~active] == 0)
+    exact = _reference(h, w, b, y, g_lp, g_ent, active, 1.0, torch.float64)
+    assert rel_err(dw, exact[3]) < 2e-5 and rel_err(logp, exact[0]) < 2e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_head_and_neg_inf_bias(impl):
+    """No dWeight when the head is frozen; a -inf bias (banned tokens) stays finite."""
+    N, H, V = 19, 24, 200
+    h, w, b, y, g_lp, g_ent = _inputs(N, H, V, torch.float32, seed=3, bias=True)
+    b[::7] = float("-inf")
+    y = torch.where(y % 7 == 0, y + 1, y)  # targets are never banned tokens
+    hh, bb = leaf(h), leaf(b)
+    logp, ent = _impl_fn(impl)(hh, w, bb, y, None)
+    (logp * g_lp + ent * g_ent).sum().backward()
+    exact = _reference(h, w, b, y, g_lp, g_ent, None, 1.0, torch.float64)
+    assert w.grad is None and torch.isfinite(ent).all()
+    assert rel_err(logp, exact[0]) < 2e-5 and rel_err(ent, exact[1]) < 2e-5
+    assert rel_err(hh.grad, exact[2]) < 2e-5
+    assert rel_err(bb.grad[1::7], exact[4][1::7]) < 2e-5 and torch.all(bb.grad[::7] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_public_chunked_logprobs_shapes_tied_embedding(impl):
+    """(B, T, H) inputs, int32 targets, a weight shared with an embedding (tied)."""
+    B, T, H, V = 2, 11, 40, 257
+    emb = torch.nn.Embedding(V, H).to(DEVICE)
+    h = torch.randn(B, T, H, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, V, (B, T), device=DEVICE, dtype=torch.int32)
+    logp, ent = fastgrpo.chunked_logprobs(h, emb.weight, y, return_entropy=True, impl=impl)
+    assert logp.shape == (B, T) and ent.shape == (B, T) and logp.dtype == torch.float32
+    ref = reference_logprobs(h.detach().double(), emb.weight.detach().double(), y)[0]
+    assert rel_err(logp, ref) < 2e-5
+    logp.sum().backward()
+    assert emb.weight.grad is not None and h.grad is not None
+    only = fastgrpo.chunked_logprobs(h, emb.weight, y, impl=impl)
+    assert isinstance(only, torch.Tensor) and torch.allclose(only, logp)
