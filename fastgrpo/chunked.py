@@ -18,10 +18,11 @@ def _chunk_tokens(vocab: int, chunk_bytes: int) -> int:
 
 
 def _scaled_logits(hidden, weight, bias, inv_temp):
-    z = hidden @ weight.T
+    """fp32 (chunk, V) scaled logits; in-place steps keep one chunk-sized buffer alive."""
+    z = (hidden @ weight.T).float()
     if bias is not None:
-        z = z + bias
-    return z.float() * inv_temp
+        z.add_(bias)
+    return z.mul_(inv_temp)
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
@@ -34,15 +35,15 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         rows = torch.arange(N, device=hidden.device) if active is None else active.nonzero().squeeze(1)
         step = _chunk_tokens(weight.shape[0], chunk_bytes)
         for idx in rows.split(step):
-            u = _scaled_logits(hidden[idx], weight, bias, inv_temp)
-            lz = torch.logsumexp(u, dim=-1)
-            logp_all = u - lz[:, None]
-            p = logp_all.exp()
+            logp_all = _scaled_logits(hidden[idx], weight, bias, inv_temp)
+            lz = torch.logsumexp(logp_all, dim=-1)
+            logp_all.sub_(lz[:, None])
             logp[idx] = logp_all.gather(1, targets[idx, None].long()).squeeze(1)
             lse[idx] = lz
-            # where(): a -inf bias gives p = 0 and logp = -inf, whose product must count as 0.
-            entropy[idx] = -torch.where(p > 0, p * logp_all, 0.0).sum(-1)
-            del u, logp_all, p
+            # p * log p, with 0 * -inf (a -inf bias: a banned token) counted as 0.
+            plogp = logp_all.exp().mul_(logp_all).nan_to_num_(nan=0.0)
+            entropy[idx] = -plogp.sum(-1)
+            del logp_all, plogp
         ctx.save_for_backward(hidden, weight, bias, targets, active, lse, entropy)
         ctx.inv_temp, ctx.chunk_bytes = inv_temp, chunk_bytes
         return logp, entropy
@@ -62,17 +63,20 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         db = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_db else None
         for idx in rows.split(_chunk_tokens(weight.shape[0], ctx.chunk_bytes)):
             h = hidden[idx]
-            logp_all = _scaled_logits(h, weight, bias, ctx.inv_temp) - lse[idx, None]
-            p = logp_all.exp()
-            dz = -g_lp[idx, None] * p
+            # dz = inv_temp * (g_lp * (onehot - p) - g_ent * p * (log p + entropy)), built in place
+            # in two chunk-sized buffers.
+            dz = _scaled_logits(h, weight, bias, ctx.inv_temp).sub_(lse[idx, None])
+            p = dz.exp()
+            dz.add_(entropy[idx, None]).mul_(p).nan_to_num_(nan=0.0).mul_(-g_ent[idx, None])
+            dz.addcmul_(p, g_lp[idx, None], value=-1.0)
+            del p
             dz.scatter_add_(1, targets[idx, None].long(), g_lp[idx, None])
-            dz -= g_ent[idx, None] * torch.where(p > 0, p * (logp_all + entropy[idx, None]), 0.0)
-            dz = (dz * ctx.inv_temp).to(hidden.dtype)
-            del logp_all, p
+            dz = dz.mul_(ctx.inv_temp).to(hidden.dtype)
             if need_dh:
                 dh[idx] = dz @ weight
             if need_dw:
-                dw.addmm_(dz.T.float(), h.float())
+                # A GEMM in the input dtype (fp32 accumulation on GPUs); chunks sum in fp32.
+                dw.add_(dz.T @ h)
             if need_db:
                 db += dz.float().sum(0)
         return (
@@ -93,7 +97,7 @@ def linear_logprobs_torch(
     targets: torch.Tensor,
     active: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked lm_head log-probs and entropies; inputs are validated by ``fastgrpo.ops``.
 
@@ -104,9 +108,10 @@ def linear_logprobs_torch(
         targets: (N,) int32/int64 in [0, V) wherever ``active``.
         active: (N,) bool or None; inactive tokens cost no FLOPs and get logp = entropy = 0.
         temperature: logits are divided by it before the softmax.
-        chunk_bytes: bound on one chunk's fp32 logits.
+        chunk_bytes: bound on one chunk's fp32 logits (default: the module's ``CHUNK_BYTES``).
 
     Returns:
         (logp, entropy), each (N,) fp32, differentiable w.r.t. hidden, weight and bias.
     """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     return _ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, active, 1.0 / float(temperature), chunk_bytes)

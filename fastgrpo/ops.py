@@ -298,7 +298,7 @@ def _fused_grpo_loss(
 
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     logp, entropy = _logprobs_impl(
-        hidden.reshape(B * T, -1),
+        hidden.reshape(B * T, hidden.shape[-1]),
         weight,
         bias,
         targets.reshape(-1),

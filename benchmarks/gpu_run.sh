@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU checks in one go, run from anywhere in the repo on a CUDA machine with $OUT set:
+#
+#   OUT=/path/to/results bash benchmarks/gpu_run.sh [extra bench_fused_vs_naive.py args...]
+#
+# Writes to $OUT: env.txt (GPU, versions, commit), pip_install.txt, gpu_tests.txt (pytest -m gpu),
+# bench.txt + fused_vs_naive.{json,md} (benchmark) and exit_codes.txt. A failing test run does not
+# stop the benchmark; the script exits non-zero if either failed. The image has torch preinstalled
+# and no network: the package is installed editable with --no-deps --no-build-isolation --no-index
+# (`kernels/` only exists as `fastgrpo.kernels` through that install, so it must succeed).
+set -uo pipefail
+: "${OUT:?set OUT to an output folder}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+
+commit() {
+    git rev-parse HEAD 2>/dev/null && return
+    if [ -s COMMIT ]; then head -n1 COMMIT; else echo unknown; fi
+}
+
+record() { echo "$1=$2" | tee -a "$OUT/exit_codes.txt"; }
+: >"$OUT/exit_codes.txt"
+
+# ------------------------------------------------------------------ environment
+{
+    echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(commit)"
+    echo "repo: $(pwd)"
+    python - <<'EOF'
+import importlib.metadata as md
+import sys
+
+print("python:", sys.version.split()[0], sys.executable)
+for pkg in ("torch", "triton", "transformers", "pytest"):
+    try:
+        print(f"{pkg}: {md.version(pkg)}")
+    except md.PackageNotFoundError:
+        print(f"{pkg}: not installed")
+import torch
+
+print("torch.version.cuda:", torch.version.cuda, "| cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+EOF
+    echo
+    nvidia-smi || echo "nvidia-smi failed (rc=$?)"
+    echo
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit \
+        --format=csv || true
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# ------------------------------------------------------------------ install (must work)
+python -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/pip_install.txt" 2>&1
+pip_rc=$?
+record pip_install "$pip_rc"
+python -c "import fastgrpo, fastgrpo.kernels; print('fastgrpo from', fastgrpo.__file__)" 2>&1 |
+    tee -a "$OUT/pip_install.txt"
+import_rc=${PIPESTATUS[0]}
+record import "$import_rc"
+if [ "$pip_rc" -ne 0 ] || [ "$import_rc" -ne 0 ]; then
+    tail -n 30 "$OUT/pip_install.txt"
+    echo "install failed: see $OUT/pip_install.txt" >&2
+    exit 1
+fi
+
+# ------------------------------------------------------------------ GPU tests (keep going on failure)
+python -m pytest -m gpu -q tests 2>&1 | tee "$OUT/gpu_tests.txt"
+tests_rc=${PIPESTATUS[0]}
+record gpu_tests "$tests_rc"
+
+# ------------------------------------------------------------------ benchmark
+python benchmarks/bench_fused_vs_naive.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"
+bench_rc=${PIPESTATUS[0]}
+record bench "$bench_rc"
+
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
