@@ -85,8 +85,8 @@ def _online_lse_update(m_i, s0, s1, u):
     t = u - m_new[:, None]
     e = tl.exp(t)
     # Zero terms meet -inf (first tile, a -inf bias, past the vocabulary end): 0 * -inf is not 0.
-    shift = tl.where(s0 > 0, (m_i - m_new) * s0, 0.0)
-    s1 = alpha * (s1 + shift) + tl.sum(tl.where(e > 0, e * t, 0.0), axis=1)
+    shift = tl.where(s0 > 0, m_i - m_new, 0.0) * s0
+    s1 = alpha * (s1 + shift) + tl.sum(e * tl.where(e > 0, t, 0.0), axis=1)
     s0 = alpha * s0 + tl.sum(e, axis=1)
     return m_new, s0, s1
 
@@ -266,7 +266,7 @@ def _bwd_kernel(
         if HAS_DENT:
             # d entropy / d u_v = -p_v (log p_v + entropy)
             ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
-            dz -= g_ent[:, None] * tl.where(p > 0, p * (logp + ent[:, None]), 0.0)
+            dz -= g_ent[:, None] * p * tl.where(p > 0, logp + ent[:, None], 0.0)
         dz = tl.where(n_mask[:, None] & v_mask[None, :], dz * inv_temp, 0.0)
         if HAS_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
