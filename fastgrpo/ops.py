@@ -224,7 +224,6 @@ def fused_grpo_loss(
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``kl``
         (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
     """
-    _check_temperature(temperature)
     params = GRPOLossParams(
         beta=beta,
         epsilon=epsilon,
@@ -327,8 +326,6 @@ class FusedGRPOLoss(torch.nn.Module):
         if unknown:
             valid = sorted(f.name for f in dataclasses.fields(GRPOLossParams))
             raise TypeError(f"unknown FusedGRPOLoss arguments {sorted(unknown)}; valid: {valid}")
-        if "temperature" in hyper:
-            _check_temperature(hyper["temperature"])
         self.params = GRPOLossParams(**hyper)
         self.impl = impl
 

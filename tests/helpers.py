@@ -61,3 +61,9 @@ def leaf(t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:
     if t is None:
         return None
     return t.detach().to(dtype or t.dtype).requires_grad_()
+
+
+def loss_args(inp: dict) -> tuple[tuple, dict]:
+    """``grpo_inputs`` output as the positional and policy-log-prob arguments of the fused loss."""
+    args = (inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"])
+    return args, dict(old_logprobs=inp.get("old_logprobs"), ref_logprobs=inp.get("ref_logprobs"))

@@ -9,7 +9,7 @@ import fastgrpo
 from fastgrpo import GRPOLossParams
 from fastgrpo.reference import reference_grpo_loss
 
-from helpers import DEVICE, IMPLS, TRITON_OK, grpo_inputs, leaf, rel_err
+from helpers import DEVICE, IMPLS, TRITON_OK, grpo_inputs, leaf, loss_args, rel_err
 
 HP = dict(epsilon=0.2, epsilon_high=0.28)
 MATRIX = list(itertools.product(fastgrpo.LOSS_TYPES, ("token", "sequence"), (0.0, 0.04), (None, 1.5), (1.0, 0.7)))
@@ -159,15 +159,8 @@ def test_all_masked_gives_zero_loss_and_zero_grads(impl):
 def test_module_matches_function(impl):
     inp = grpo_inputs(seed=5)
     mod = fastgrpo.FusedGRPOLoss(loss_type="grpo", beta=0.04, epsilon_high=0.28, impl=impl)
-    got = mod(
-        inp["hidden"],
-        inp["weight"],
-        inp["targets"],
-        inp["mask"],
-        inp["advantages"],
-        old_logprobs=inp["old_logprobs"],
-        ref_logprobs=inp["ref_logprobs"],
-    )
+    args, logprobs = loss_args(inp)
+    got = mod(*args, **logprobs)
     want, *_ = _run_fused(inp, impl, loss_type="grpo", beta=0.04, epsilon_high=0.28)
     assert torch.allclose(got.loss, want.loss.detach(), rtol=1e-6, atol=1e-7)
     assert "loss_type='grpo'" in repr(mod)

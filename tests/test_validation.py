@@ -5,24 +5,15 @@ import torch
 
 import fastgrpo
 
-from helpers import grpo_inputs
+from helpers import grpo_inputs, loss_args
 
 
 def _call(**over):
     inp = grpo_inputs(B=2, T=5, H=16, V=50)
     inp.update({k: v for k, v in over.items() if k in inp or k == "bias"})
     hp = {k: v for k, v in over.items() if k not in inp and k != "bias"}
-    return fastgrpo.fused_grpo_loss(
-        inp["hidden"],
-        inp["weight"],
-        inp["targets"],
-        inp["mask"],
-        inp["advantages"],
-        old_logprobs=inp["old_logprobs"],
-        ref_logprobs=inp["ref_logprobs"],
-        bias=inp.get("bias"),
-        **{"impl": "torch", **hp},
-    )
+    args, logprobs = loss_args(inp)
+    return fastgrpo.fused_grpo_loss(*args, **logprobs, bias=inp.get("bias"), **{"impl": "torch", **hp})
 
 
 CASES = [
