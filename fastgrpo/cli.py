@@ -1,19 +1,79 @@
-"""The ``fastgrpo`` command line."""
+"""The ``fastgrpo`` command line. ``train``'s flags are generated from ``fastgrpo.config``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import typing
+from typing import Any
+
+from . import config as C
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--name`` flag per config field, grouped by section, help from the field comments.
+
+    Values stay strings here (defaults suppressed) so only what the user typed overrides the
+    YAML file; ``config.build_config`` converts and validates them.
+    """
+    comments = C.field_comments()
+    types_ = C.field_types()
+    groups = {s: parser.add_argument_group(f"{s} options") for s in C.SECTIONS}
+    for name, section in C.FIELD_SECTIONS.items():
+        tp = types_[name]
+        is_list = typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
+        groups[section].add_argument(
+            f"--{name}",
+            default=argparse.SUPPRESS,
+            nargs="+" if is_list else None,
+            metavar=name.upper(),
+            help=comments.get(name, ""),
+        )
+
+
+def resolve_train_config(args: argparse.Namespace) -> C.Config:
+    """Embedded preset (only when no model is named anywhere) < YAML file < command line."""
+    cli = {k: v for k, v in vars(args).items() if k in C.FIELD_SECTIONS}
+    layers: list[tuple[dict[str, Any], str]] = []
+    file_values = C.load_yaml(args.config) if args.config else {}
+    flat_file = C.flatten(file_values, args.config) if file_values else {}
+    if flat_file.get("model") is None and cli.get("model") in (None, "none", "None"):
+        from .toy import EMBEDDED_PRESET
+
+        layers.append((EMBEDDED_PRESET, "the embedded preset"))
+    if file_values:
+        layers.append((file_values, f"config file {args.config}"))
+    layers.append((cli, "the command line"))
+    return C.build_config(*layers)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastgrpo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastgrpo", description="Fused GRPO training for LLMs on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="GRPO/DAPO training: sample -> score -> update (no arguments: the embedded offline default)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--config", default=None, help="YAML file with config keys (flat or by section)")
+    add_config_arguments(train)
+
     demo = sub.add_parser("demo", help="fused GRPO loss against the materialized reference on a small problem")
     from .demo import add_arguments
 
     add_arguments(demo)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        try:
+            cfg = resolve_train_config(args)
+            from .trainer import train as run_train
+
+            run_train(cfg)
+        except ValueError as e:
+            print(f"fastgrpo train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "demo":
         from .demo import run
 

@@ -1,0 +1,324 @@
+"""Configuration of ``fastgrpo train``: one dataclass tree, the only source of truth.
+
+Every field has a comment; the command line (``--learning_rate 1e-6``) and YAML files are
+generated from these classes. Field names are unique across sections, follow TRL's
+``GRPOConfig`` where the meaning is the same, and may be given flat or under their section
+in YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from .loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+
+SCALE_REWARDS = ("group", "batch", "none")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    model: str | None = None  # hub id or local directory; None = the embedded offline default
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16"
+    attn_implementation: str = "auto"  # "auto" (flash_attention_2 if installed, else sdpa) or a transformers name
+    gradient_checkpointing: bool = True  # recompute activations in the backward instead of keeping them
+    trust_remote_code: bool = False  # allow custom modelling code from the model directory
+    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda[:N]"
+    loss_impl: str = "auto"  # fused loss implementation: "auto", "triton" or "torch"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str | None = None  # hub name or local json/jsonl/parquet/csv file; None with model=None = embedded task
+    dataset_split: str = "train"  # split to train on
+    prompt_column: str = "prompt"  # column with the prompt (a string or a list of chat messages)
+    answer_column: str | None = "answer"  # column passed to rewards as ``answer``; None = no answer column
+    system_prompt: str | None = None  # prepended as a system message when the tokenizer has a chat template
+    max_prompt_length: int | None = 512  # prompts longer than this many tokens are cut from the left; None = no cut
+    shuffle_dataset: bool = True  # visit prompts in a seeded random order, reshuffled every epoch
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    num_generations: int = 8  # G: completions sampled per prompt
+    max_completion_length: int | None = 256  # tokens per completion; longer ones are cut (truncated)
+    temperature: float = 1.0  # sampling temperature, also applied to the logits in the loss
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # top-k sampling; 0 = off
+    repetition_penalty: float = 1.0  # HF repetition penalty; 1 = off
+    generation_batch_size: int | None = None  # sequences per generate call; None = all at once
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    reward_funcs: list[str] = dataclasses.field(
+        default_factory=lambda: ["accuracy", "format"]
+    )  # built-in name, module:function, or reward-model directory
+    reward_weights: list[float] | None = None  # one weight per reward function; None = all 1
+    overlong_buffer: int = 0  # soft_overlong: penalty ramps over the last this-many tokens
+    overlong_penalty_factor: float = 1.0  # soft_overlong: penalty at and beyond max_completion_length
+
+
+@dataclasses.dataclass
+class GRPOAlgoConfig:
+    loss_type: str = "dapo"  # one of fastgrpo.LOSS_TYPES
+    beta: float = 0.0  # k3 KL weight to the reference policy; > 0 loads a frozen reference copy
+    epsilon: float = 0.2  # lower clip of the importance ratio
+    epsilon_high: float | None = 0.28  # upper clip (DAPO clip-higher); None = epsilon
+    delta: float | None = None  # two-sided clipping cap on the unclipped ratio; None = off
+    importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
+    use_bias_correction_kl: bool = False  # multiply the KL by the importance ratio
+    sapo_temperature_pos: float = 1.0  # SAPO gate temperature for positive advantages
+    sapo_temperature_neg: float = 1.05  # SAPO gate temperature otherwise
+    scale_rewards: str = "group"  # advantage scaling: "group" std, "batch" std, or "none" (Dr. GRPO)
+    num_iterations: int = 1  # mu: optimizer passes over each generation batch
+    dynamic_sampling: bool = True  # DAPO: drop groups whose rewards are all equal, sample more prompts
+    max_resample_rounds: int = 3  # dynamic sampling: extra sampling rounds before training on what is kept
+    mask_truncated_completions: bool = True  # DAPO overlong filtering: truncated completions get no loss
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = "fastgrpo-output"  # metrics, plots, checkpoints and the resolved config go here
+    max_steps: int = -1  # optimizer steps; -1 = num_train_epochs passes over the prompts
+    num_train_epochs: float = 1.0  # used when max_steps is -1
+    per_device_train_batch_size: int = 8  # completions per micro-batch
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step; generation batch = their product
+    learning_rate: float = 1e-6  # peak AdamW learning rate
+    lr_scheduler_type: str = "linear"  # one of LR_SCHEDULERS
+    warmup_ratio: float = 0.0  # fraction of max_steps spent warming up linearly from 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.99  # AdamW beta2
+    adam_epsilon: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = off
+    seed: int = 42  # seeds data order, sampling and initialization
+    save_steps: int = 0  # checkpoint every this many steps (0 = only at the end)
+    save_total_limit: int | None = 2  # keep at most this many checkpoints; None = all
+    resume_from_checkpoint: str | None = None  # checkpoint directory or "latest" in output_dir
+    logging_steps: int = 1  # print a metrics line every this many steps (metrics.jsonl gets every step)
+    disable_tqdm: bool = False  # no progress bar
+    plot: bool = True  # write reward.png at the end
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    grpo: GRPOAlgoConfig = dataclasses.field(default_factory=GRPOAlgoConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __getattr__(self, name: str) -> Any:
+        # Flat read access (cfg.learning_rate): names are unique across sections.
+        section = FIELD_SECTIONS.get(name)
+        if section is None:
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, section), name)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def generation_batch_size_total(self) -> int:
+        return self.train.per_device_train_batch_size * self.train.gradient_accumulation_steps
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+FIELD_SECTIONS: dict[str, str] = {}
+for _section, _cls in _SECTION_CLASSES.items():
+    for _f in dataclasses.fields(_cls):
+        assert _f.name not in FIELD_SECTIONS, f"duplicate config field {_f.name}"
+        FIELD_SECTIONS[_f.name] = _section
+
+
+def field_types() -> dict[str, Any]:
+    """Flat field name -> resolved type annotation."""
+    out = {}
+    for cls in _SECTION_CLASSES.values():
+        hints = typing.get_type_hints(cls)
+        out.update({f.name: hints[f.name] for f in dataclasses.fields(cls)})
+    return out
+
+
+def field_comments() -> dict[str, str]:
+    """Flat field name -> the comment written next to it in this file (the CLI help text)."""
+    comments = {}
+    for line in Path(__file__).read_text().splitlines():
+        stripped = line.strip()
+        if "#" in stripped and ":" in stripped.split("#", 1)[0]:
+            name = stripped.split(":", 1)[0].strip()
+            if name in FIELD_SECTIONS:
+                comments[name] = stripped.rsplit("  # ", 1)[-1]
+    return comments
+
+
+def _convert(name: str, value: Any, tp: Any) -> Any:
+    """Coerce a YAML or command-line value to the field's type, with an error naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(name, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [_convert(name, v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def flatten(values: dict[str, Any], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                if FIELD_SECTIONS.get(k) != key:
+                    raise ValueError(f"unknown config key {key}.{k} in {where}; valid keys: {_valid_keys()}")
+                flat[k] = v
+        elif key in FIELD_SECTIONS:
+            flat[key] = value
+        else:
+            raise ValueError(f"unknown config key {key!r} in {where}; valid keys: {_valid_keys()}")
+    return flat
+
+
+def _valid_keys() -> str:
+    return ", ".join(sorted(FIELD_SECTIONS))
+
+
+def build_config(*layers: tuple[dict[str, Any], str]) -> Config:
+    """Defaults, then each (values, where) layer in order (YAML file, then command line)."""
+    cfg = Config()
+    types_ = field_types()
+    for values, where in layers:
+        for key, value in flatten(values, where).items():
+            setattr(getattr(cfg, FIELD_SECTIONS[key]), key, _convert(key, value, types_[key]))
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Invalid values get a one-line ValueError naming the field, before any heavy work."""
+    m, d, g, r, a, t = cfg.model, cfg.data, cfg.generation, cfg.reward, cfg.grpo, cfg.train
+    _check(
+        m.dtype in ("auto", "float32", "bfloat16", "float16"),
+        f"dtype must be auto/float32/bfloat16/float16, got {m.dtype!r}",
+    )
+    _check(m.loss_impl in ("auto", "triton", "torch"), f"loss_impl must be auto/triton/torch, got {m.loss_impl!r}")
+    _check(d.max_prompt_length is None or d.max_prompt_length > 0, "max_prompt_length must be > 0 or None")
+    _check(
+        g.num_generations >= 2,
+        f"num_generations must be >= 2 (advantages compare completions), got {g.num_generations}",
+    )
+    if g.max_completion_length is None and a.loss_type == "dr_grpo":
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (its constant normalizer)")
+    _check(
+        g.max_completion_length is not None and g.max_completion_length > 0,
+        f"max_completion_length must be > 0, got {g.max_completion_length}",
+    )
+    _check(g.temperature > 0 and math.isfinite(g.temperature), f"temperature must be > 0, got {g.temperature}")
+    _check(0 < g.top_p <= 1, f"top_p must be in (0, 1], got {g.top_p}")
+    _check(g.top_k >= 0, f"top_k must be >= 0, got {g.top_k}")
+    _check(g.generation_batch_size is None or g.generation_batch_size > 0, "generation_batch_size must be > 0 or None")
+    _check(len(r.reward_funcs) > 0, "reward_funcs must name at least one reward function")
+    if r.reward_weights is not None:
+        _check(
+            len(r.reward_weights) == len(r.reward_funcs),
+            f"reward_weights has {len(r.reward_weights)} values for {len(r.reward_funcs)} reward_funcs",
+        )
+        _check(all(math.isfinite(w) for w in r.reward_weights), "reward_weights must be finite")
+    _check(r.overlong_buffer >= 0, f"overlong_buffer must be >= 0, got {r.overlong_buffer}")
+    if "soft_overlong" in r.reward_funcs:
+        _check(
+            0 < r.overlong_buffer <= g.max_completion_length,
+            f"soft_overlong needs 0 < overlong_buffer <= max_completion_length, got {r.overlong_buffer}",
+        )
+    _check(a.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {a.loss_type!r}")
+    _check(a.beta >= 0, f"beta must be >= 0, got {a.beta}")
+    _check(a.epsilon >= 0, f"epsilon must be >= 0, got {a.epsilon}")
+    _check(a.epsilon_high is None or a.epsilon_high >= 0, f"epsilon_high must be >= 0, got {a.epsilon_high}")
+    _check(a.delta is None or a.delta > 1, f"delta must be > 1 or None, got {a.delta}")
+    _check(
+        a.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
+        f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {a.importance_sampling_level!r}",
+    )
+    _check(a.scale_rewards in SCALE_REWARDS, f"scale_rewards must be one of {SCALE_REWARDS}, got {a.scale_rewards!r}")
+    _check(a.num_iterations >= 1, f"num_iterations must be >= 1, got {a.num_iterations}")
+    _check(a.max_resample_rounds >= 0, f"max_resample_rounds must be >= 0, got {a.max_resample_rounds}")
+    _check(t.max_steps == -1 or t.max_steps > 0, f"max_steps must be > 0 or -1, got {t.max_steps}")
+    _check(t.num_train_epochs > 0, f"num_train_epochs must be > 0, got {t.num_train_epochs}")
+    _check(t.per_device_train_batch_size > 0, "per_device_train_batch_size must be > 0")
+    _check(t.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be > 0")
+    total = cfg.generation_batch_size_total()
+    _check(
+        total % g.num_generations == 0,
+        f"per_device_train_batch_size * gradient_accumulation_steps ({total}) must be a multiple of "
+        f"num_generations ({g.num_generations})",
+    )
+    _check(t.learning_rate >= 0, f"learning_rate must be >= 0, got {t.learning_rate}")
+    _check(t.lr_scheduler_type in LR_SCHEDULERS, f"lr_scheduler_type must be one of {LR_SCHEDULERS}")
+    _check(0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    _check(t.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    _check(t.save_steps >= 0, f"save_steps must be >= 0, got {t.save_steps}")
+    _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or None")
+    _check(t.logging_steps >= 1, f"logging_steps must be >= 1, got {t.logging_steps}")

@@ -1,0 +1,118 @@
+"""Run records: ``metrics.jsonl`` (one object per step), the progress line, and ``reward.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "reward.png"
+
+
+def peak_memory_gb(device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if sys.platform == "win32":
+        return float("nan")
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, rows after the checkpoint's step are dropped so the
+    file reads as one uninterrupted run."""
+
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; null reads as "no value"
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary_line(rows: list[dict[str, Any]]) -> str:
+    """Mean reward of the first and last 10% of steps, and the time taken."""
+    if not rows:
+        return "no steps were run"
+    k = max(1, len(rows) // 10)
+    first = _mean([r.get("reward") for r in rows[:k]])
+    last = _mean([r.get("reward") for r in rows[-k:]])
+    seconds = sum(r.get("step_time") or 0.0 for r in rows)
+    return (
+        f"{len(rows)} steps in {seconds:.0f}s: reward {first:.3f} (first {k} steps) -> {last:.3f} "
+        f"(last {k} steps), gain {last - first:+.3f}"
+    )
+
+
+def _mean(values: list[Any]) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def plot_run(rows: list[dict[str, Any]], path: str | Path, title: str = "fastgrpo train") -> Path | None:
+    """Reward (with its moving average), completion length and KL against step."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    panels = [("reward", "reward"), ("completions/mean_length", "completion length (tokens)")]
+    if any(r.get("kl") is not None for r in rows):
+        panels.append(("kl", "KL to reference"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        ys = [r.get(key) for r in rows]
+        xs = [s for s, y in zip(steps, ys, strict=True) if y is not None]
+        ys = [y for y in ys if y is not None]
+        ax.plot(xs, ys, lw=1, alpha=0.45 if key == "reward" else 1.0)
+        if key == "reward" and len(ys) >= 5:
+            w = max(2, len(ys) // 10)
+            smooth = [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, lw=2, label=f"moving mean ({w} steps)")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

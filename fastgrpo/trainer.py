@@ -1,0 +1,371 @@
+"""``fastgrpo train``: sample -> score -> update (DeepSeekMath Algorithm 1 with DAPO's additions).
+
+One *step* is one generation batch (``per_device_train_batch_size * gradient_accumulation_steps``
+completions, ``num_generations`` per prompt) followed by ``num_iterations`` optimizer updates
+over it. The loss always goes through ``fastgrpo.fused_grpo_loss`` on backbone hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .advantages import compute_advantages, process_advantages, zero_std_groups
+from .config import Config, save_yaml
+from .data import PromptSampler, format_prompt, load_prompt_dataset
+from .generation import HFGenerator, Rollouts, SamplingParams
+from .loss import GRPOLossParams
+from .policy import completion_logprobs, load_model_and_tokenizer, policy_loss, resolve_device, resolve_dtype
+from .rewards import RewardScorer, build_reward_functions
+from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Batch:
+    """A generation batch ready for the update: kept groups only."""
+
+    rollouts: Rollouts
+    loss_mask: torch.Tensor  # (N, C) bool
+    advantages: torch.Tensor  # (N,) or (N, C) float32
+    metrics: dict[str, float]
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def f(update: int) -> float:
+        if warmup and update < warmup:
+            return (update + 1) / warmup
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (update - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+    return f
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+        self.device = resolve_device(cfg.model.device)
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        # Cheap checks first: data columns and reward functions fail before any model loads.
+        self.dataset = load_prompt_dataset(cfg.dataset, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
+        funcs = build_reward_functions(
+            cfg.reward_funcs,
+            num_generations=cfg.num_generations,
+            max_completion_length=cfg.max_completion_length,
+            overlong_buffer=cfg.overlong_buffer,
+            overlong_penalty_factor=cfg.overlong_penalty_factor,
+            device=str(self.device),
+        )
+        self.scorer = RewardScorer(funcs, cfg.reward_weights)
+        self._preflight_rewards()
+        self.resume_path = None
+        if cfg.resume_from_checkpoint:
+            self.resume_path = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.out)
+        load = dict(dtype=dtype, device=self.device, attn_implementation=cfg.attn_implementation,
+                    trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+        self.model, self.tokenizer = load_model_and_tokenizer(str(self.resume_path or cfg.model.model), **load)
+        self.ref_model = None
+        if cfg.beta > 0:  # the reference is the initial policy, also after a resume
+            ref, _ = load_model_and_tokenizer(cfg.model.model, **load)
+            self.ref_model = ref.eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.model.config.use_cache = False
+        self.model.train()
+        self.generator = HFGenerator(self.model, self.tokenizer, cfg.max_prompt_length)
+        self.sampling = SamplingParams(
+            cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k,
+            cfg.repetition_penalty, cfg.generation_batch_size,
+        )  # fmt: skip
+        self.params = GRPOLossParams(
+            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+            loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_completion_length, use_bias_correction_kl=cfg.use_bias_correction_kl,
+            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
+            temperature=cfg.temperature,
+        )  # fmt: skip
+        self.prompts_per_step = cfg.generation_batch_size_total() // cfg.num_generations
+        self.sampler = PromptSampler(len(self.dataset), cfg.seed, cfg.shuffle_dataset)
+        self.max_steps = cfg.max_steps
+        if self.max_steps == -1:
+            self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
+        total_updates = self.max_steps * cfg.num_iterations
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )  # fmt: skip
+        warmup = math.ceil(cfg.warmup_ratio * total_updates)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, total_updates)
+        )
+        self.step, self.num_tokens = 0, 0
+        if self.resume_path is not None:
+            self._load_state(ckpt.load_trainer_state(self.resume_path))
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, self.out / "config.yaml")
+        self.log = MetricsLog(self.out, resume_step=self.step if self.resume_path else None)
+
+    def _preflight_rewards(self) -> None:
+        """Call every reward function once on the first prompt with one-token empty completions, so one
+        that raises or returns the wrong number of values fails before any model is loaded."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        row = self.dataset[0]
+        columns = {k: [v] * G for k, v in row.items()}
+        if cfg.answer_column is not None:
+            columns["answer"] = columns[cfg.answer_column]
+        columns.update(completion_ids=[[0] for _ in range(G)], truncated=[False] * G)
+        try:
+            self.scorer(columns[cfg.prompt_column], [""] * G, columns)
+        except RuntimeError as e:
+            raise ValueError(f"{e} (on an empty completion, before training)") from e
+
+    # ---- sample and score -------------------------------------------------------------------
+
+    def _sample_round(self, n_prompts: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rows = self.dataset[self.sampler.take(n_prompts)]  # column -> list
+        G = cfg.num_generations
+        prompts = rows[cfg.prompt_column]
+        texts = [format_prompt(self.tokenizer, p, cfg.system_prompt) for p in prompts]
+        ro = self.generator.generate(texts, self.sampling)
+        ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
+        completions = self.tokenizer.batch_decode(
+            [[t for t in x if t not in self.generator.eos_token_ids] for x in ids], skip_special_tokens=True
+        )
+        columns = {k: [v for v in vals for _ in range(G)] for k, vals in rows.items()}
+        if cfg.answer_column is not None:
+            columns["answer"] = columns[cfg.answer_column]
+        columns["completion_ids"] = ids
+        columns["truncated"] = ro.truncated.tolist()
+        scored = self.scorer(columns[cfg.prompt_column], completions, columns)
+        return {"rollouts": ro, "scored": scored, "completions": completions}
+
+    def sample_batch(self) -> Batch:
+        """Sample, score and (with dynamic sampling) keep only groups whose rewards differ,
+        sampling more prompts for at most ``max_resample_rounds`` extra rounds."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        rounds, kept = [], []
+        need = self.prompts_per_step
+        for _ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
+            r = self._sample_round(need)
+            rounds.append(r)
+            rewards = r["scored"].rewards
+            keep = ~zero_std_groups(rewards, G) if cfg.dynamic_sampling else torch.ones(len(rewards) // G, dtype=bool)
+            groups = keep.nonzero().flatten().tolist()[:need]
+            kept += [(len(rounds) - 1, g) for g in groups]
+            need -= len(groups)
+            if need == 0:
+                break
+        if not kept:  # nothing had signal: train on the last round anyway (only the KL term acts)
+            kept = [(len(rounds) - 1, g) for g in range(len(rounds[-1]["scored"].rewards) // G)]
+        parts, rewards, steps = [], [], []
+        for i, r in enumerate(rounds):
+            groups = [g for j, g in kept if j == i]
+            if not groups:
+                continue
+            rows = [g * G + k for g in groups for k in range(G)]
+            parts.append(r["rollouts"].select(rows))
+            rewards.append(r["scored"].rewards[rows])
+            if r["scored"].steps is not None:
+                steps += [r["scored"].steps[k] for k in rows]
+        ro = Rollouts.cat(parts, self.generator.pad_token_id)
+        rewards = torch.cat(rewards)
+        adv = compute_advantages(rewards, G, cfg.scale_rewards)
+        if steps:
+            adv = adv[:, None] + process_advantages(steps, G, ro.completion_ids.shape[1], cfg.scale_rewards)
+        loss_mask = ro.completion_mask.clone()
+        if cfg.mask_truncated_completions:
+            loss_mask &= ~ro.truncated[:, None]
+        metrics = self._sample_metrics(rounds, len(kept))
+        return Batch(ro, loss_mask, adv.to(self.device), metrics)
+
+    def _sample_metrics(self, rounds: list[dict[str, Any]], kept_groups: int) -> dict[str, float]:
+        G = self.cfg.num_generations
+        rewards = torch.cat([r["scored"].rewards for r in rounds])
+        per_func = torch.cat([r["scored"].per_func for r in rounds])
+        lengths = torch.cat([r["rollouts"].completion_mask.sum(1) for r in rounds]).float()
+        truncated = torch.cat([r["rollouts"].truncated for r in rounds]).float()
+        zero = zero_std_groups(rewards, G)
+        valid = rewards[~torch.isnan(rewards)]
+        m = {
+            "reward": valid.mean().item() if valid.numel() else float("nan"),
+            "reward_std": rewards.view(-1, G).nan_to_num().std(1).mean().item(),
+            "frac_reward_zero_std": zero.float().mean().item(),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": truncated.mean().item(),
+            "dynamic_sampling/rounds": len(rounds),
+            "dynamic_sampling/dropped_groups": int(zero.sum().item()),
+            "dynamic_sampling/kept_groups": kept_groups,
+        }
+        for i, (name, _) in enumerate(self.scorer.funcs):
+            col = per_func[:, i]
+            col = col[~torch.isnan(col)]
+            m[f"rewards/{name}/mean"] = col.mean().item() if col.numel() else float("nan")
+            m[f"rewards/{name}/std"] = col.std().item() if col.numel() > 1 else 0.0
+        seq_tokens = sum(int(r["rollouts"].prompt_mask.sum() + r["rollouts"].completion_mask.sum()) for r in rounds)
+        m["_tokens"] = seq_tokens
+        return m
+
+    # ---- update -----------------------------------------------------------------------------
+
+    def _micro_batches(self, batch: Batch):
+        n, size = len(batch.rollouts), self.cfg.per_device_train_batch_size
+        for start in range(0, n, size):
+            rows = torch.arange(start, min(start + size, n))
+            mb = batch.rollouts.select(rows).trim()
+            width = mb.completion_ids.shape[1]
+            adv = batch.advantages[rows]
+            yield rows, mb, batch.loss_mask[rows][:, :width], adv if adv.dim() == 1 else adv[:, :width]
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        """``num_iterations`` optimizer updates over the batch; returns averaged metrics."""
+        cfg = self.cfg
+        micro = list(self._micro_batches(batch))
+        old = ref = [None] * len(micro)
+        if cfg.num_iterations > 1:  # the sampling policy's log-probs, before it moves
+            old = [completion_logprobs(self.model, mb, cfg.temperature, cfg.loss_impl) for _, mb, _, _ in micro]
+        if self.ref_model is not None:
+            ref = [completion_logprobs(self.ref_model, mb, cfg.temperature, cfg.loss_impl) for _, mb, _, _ in micro]
+        sums: dict[str, float] = {}
+        for it in range(cfg.num_iterations):
+            for k, v in self.accumulate_gradients(batch, micro, old, ref, it).items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        sums["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return sums
+
+    def accumulate_gradients(self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0):
+        """Backward over every micro-batch, scaled so the summed gradient is that of the whole
+        generation batch: dapo/cispo divide by its completion tokens (TRL's ``num_items_in_batch``),
+        the other loss types average their per-micro-batch losses."""
+        micro = list(self._micro_batches(batch)) if micro is None else micro
+        old = [None] * len(micro) if old is None else old
+        ref = [None] * len(micro) if ref is None else ref
+        p = self.params
+        num_items = float(batch.loss_mask.sum()) if p.loss_type in ("dapo", "cispo") else None
+        scale = 1.0 if num_items is not None else 1.0 / len(micro)
+        sums: dict[str, float] = {"loss": 0.0}
+        for k, (_, mb, mask, adv) in enumerate(micro):
+            out = policy_loss(self.model, mb, mask, adv, p, old_logprobs=old[k], ref_logprobs=ref[k],
+                              num_items_in_batch=num_items, impl=self.cfg.loss_impl)  # fmt: skip
+            loss = out.loss * scale
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                path = self.save()
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {self.step + 1} (iteration {iteration}, micro-batch {k}); "
+                    f"stopped and saved the last good weights to {path}"
+                )
+            loss.backward()
+            sums["loss"] += loss.item()
+            for name, v in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + v.item() / len(micro)
+        return sums
+
+    # ---- loop, checkpoints ------------------------------------------------------------------
+
+    def train(self) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(
+            total=self.max_steps, initial=self.step, disable=cfg.disable_tqdm, desc="fastgrpo", dynamic_ncols=True
+        )
+        while self.step < self.max_steps:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.perf_counter()
+            batch = self.sample_batch()
+            metrics = self.update(batch)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            tokens = batch.metrics.pop("_tokens")
+            self.num_tokens += tokens
+            row = {"step": self.step, **batch.metrics, **metrics, "num_tokens": self.num_tokens,
+                   "tokens_per_second": tokens / dt, "step_time": dt,
+                   "peak_memory_gb": peak_memory_gb(self.device)}  # fmt: skip
+            self.log.write(row)
+            bar.set_postfix(
+                reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}", len=f"{row['completions/mean_length']:.0f}"
+            )
+            bar.update(1)
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.max_steps:
+                self.save()
+        bar.close()
+        self.save()
+        rows = read_metrics(self.out)
+        if cfg.plot:
+            plot_run(rows, self.out / "reward.png", title=f"fastgrpo train: {cfg.model.model}")
+        print(summary_line(rows), flush=True)
+        return rows
+
+    def save(self) -> Path:
+        import yaml
+
+        state = {
+            "step": self.step,
+            "num_tokens": self.num_tokens,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, text)
+        ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit)
+        return path
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.step, self.num_tokens = int(state["step"]), int(state["num_tokens"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        ckpt.set_rng_state(state["rng"])
+
+
+def embedded_cache_dir() -> Path:
+    """Where the embedded default's base model and data live: built once, reused by later runs."""
+    root = os.environ.get("FASTGRPO_CACHE") or Path.home() / ".cache" / "fastgrpo"
+    return Path(root) / "embedded"
+
+
+def train(cfg: Config) -> list[dict[str, Any]]:
+    """Run ``fastgrpo train`` with a resolved config; the embedded task is prepared when no
+    model is given. Returns the metrics rows."""
+    if cfg.model.model is None:
+        from .toy import prepare_embedded
+
+        cfg = copy.deepcopy(cfg)
+        model_dir, data_path = prepare_embedded(embedded_cache_dir(), seed=0)
+        cfg.model.model, cfg.data.dataset = str(model_dir), str(data_path)
+    elif cfg.data.dataset is None:
+        raise ValueError("dataset is required when model is given")
+    return GRPOTrainer(cfg).train()

@@ -1,0 +1,179 @@
+"""Unit tests of the training loop's parts: advantages, dynamic sampling, config, data,
+completion masks and atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastgrpo import checkpoint as ckpt
+from fastgrpo.advantages import compute_advantages, process_advantages, zero_std_groups
+from fastgrpo.cli import main
+from fastgrpo.config import build_config, load_yaml
+from fastgrpo.data import PromptSampler, load_prompt_dataset
+from fastgrpo.generation import Rollouts, completion_mask_and_truncation
+
+
+def test_group_advantages_match_formula():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, 1.0, 2.0, 2.0])
+    adv = compute_advantages(r, 4, "group")
+    for g in range(3):
+        x = r[4 * g : 4 * g + 4].double()
+        want = (x - x.mean()) / (x.std() + 1e-4)
+        torch.testing.assert_close(adv[4 * g : 4 * g + 4].double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.all(adv[4:8] == 0)  # equal rewards: no signal
+    want_batch = (r - r.view(3, 4).mean(1).repeat_interleave(4)) / (r.std() + 1e-4)
+    torch.testing.assert_close(compute_advantages(r, 4, "batch"), want_batch)
+    torch.testing.assert_close(compute_advantages(r, 4, "none"), r - r.view(3, 4).mean(1).repeat_interleave(4))
+
+
+def test_none_rewards_are_left_out_and_get_zero_advantage():
+    r = torch.tensor([1.0, float("nan"), 0.0, 1.0, float("nan"), float("nan"), float("nan"), float("nan")])
+    adv = compute_advantages(r, 4)
+    x = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    want = (x - x.mean()) / (x.std() + 1e-4)
+    torch.testing.assert_close(adv[[0, 2, 3]].double(), want, rtol=1e-6, atol=1e-6)
+    assert adv[1] == 0 and torch.all(adv[4:] == 0)
+
+
+def test_process_advantages_sum_normalized_rewards_of_later_steps():
+    # Group of 2: completion 0 has steps ending at tokens 1 and 3; completion 1 one step at token 2.
+    steps = [[(1, 1.0), (3, 0.0)], [(2, 0.5)]]
+    adv = process_advantages(steps, 2, length=5)
+    vals = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    n = (vals - vals.mean()) / (vals.std() + 1e-4)
+    want = torch.tensor([[n[0] + n[1], n[0] + n[1], n[1], n[1], 0.0], [n[2], n[2], n[2], 0.0, 0.0]])
+    torch.testing.assert_close(adv.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_std_groups_flags_constant_groups():
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.2, 0.2, float("nan"), float("nan")])
+    assert zero_std_groups(r, 2).tolist() == [True, False, True, True]
+    with pytest.raises(ValueError, match="num_generations"):
+        zero_std_groups(r[:3], 2)
+
+
+def test_config_layers_sections_and_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 3.0e-4\n  max_steps: 7\nbeta: 0.04\nreward_funcs: [accuracy]\n")
+    cfg = build_config((load_yaml(path), "file"), ({"learning_rate": "1e-3", "epsilon_high": "none"}, "cli"))
+    assert (cfg.learning_rate, cfg.max_steps, cfg.beta, cfg.reward_funcs, cfg.epsilon_high) == (
+        1e-3,
+        7,
+        0.04,
+        ["accuracy"],
+        None,
+    )
+    assert cfg.train.learning_rate == 1e-3  # flat access reads the section
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"learning_rat": 1}, "unknown config key 'learning_rat'.*valid keys: adam_beta1"),
+        ({"train": {"beta": 1}}, "unknown config key train.beta"),
+        ({"num_generations": 1}, "num_generations must be >= 2"),
+        ({"epsilon": -0.1}, "epsilon must be >= 0"),
+        ({"beta": -1}, "beta must be >= 0"),
+        ({"loss_type": "dr_grpo", "max_completion_length": None}, "'dr_grpo' needs max_completion_length"),
+        ({"loss_type": "ppo"}, "loss_type must be one of"),
+        ({"max_steps": "many"}, "max_steps must be an integer"),
+        ({"gradient_checkpointing": "maybe"}, "gradient_checkpointing must be true or false"),
+        ({"per_device_train_batch_size": 3, "gradient_accumulation_steps": 1}, "multiple of num_generations"),
+        ({"reward_funcs": ["accuracy"], "reward_weights": [1, 2]}, "reward_weights has 2 values for 1"),
+        ({"reward_funcs": ["soft_overlong"]}, "overlong_buffer"),
+    ],
+)
+def test_bad_config_values(values, match):
+    with pytest.raises(ValueError, match=match):
+        build_config((values, "test"))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert main(["train", "--num_generations", "1", "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "num_generations must be >= 2" in err
+    assert main(["train", "--model", str(tmp_path / "nope"), "--dataset", "x.jsonl"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_local_dataset_and_missing_columns(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "solution": str(i)}) + "\n" for i in range(5)))
+    ds = load_prompt_dataset(str(path), "train", "question", "solution")
+    assert len(ds) == 5 and ds[0]["question"] == "q0"
+    with pytest.raises(ValueError, match=r"no prompt_column 'prompt'; its columns are \['question', 'solution'\]"):
+        load_prompt_dataset(str(path), "train", "prompt", "solution")
+    with pytest.raises(ValueError, match="no answer_column 'answer'"):
+        load_prompt_dataset(str(path), "train", "question", "answer")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_prompt_dataset(str(tmp_path / "missing.jsonl"), "train", "question", None)
+
+
+def test_prompt_sampler_resumes_in_order():
+    a = PromptSampler(7, seed=3)
+    first = a.take(5)
+    state = a.state_dict()
+    rest = a.take(12)
+    b = PromptSampler(7, seed=3)
+    b.load_state_dict(state)
+    assert b.take(12) == rest
+    assert sorted(first + rest[:2]) == list(range(7))  # each epoch is a permutation
+    assert a.take(0) == []
+
+
+def test_completion_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 2, 9, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
+    mask, truncated = completion_mask_and_truncation(ids, [2])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_rollouts_cat_and_trim_pad_consistently():
+    def ro(p, c):
+        return Rollouts(
+            torch.ones(2, p, dtype=torch.long),
+            torch.ones(2, p, dtype=torch.bool),
+            torch.full((2, c), 3),
+            torch.ones(2, c, dtype=torch.bool),
+            torch.zeros(2, dtype=torch.bool),
+        )
+
+    both = Rollouts.cat([ro(2, 5), ro(4, 1)], pad_token_id=0)
+    assert both.prompt_ids.shape == (4, 4) and both.completion_ids.shape == (4, 5)
+    assert both.prompt_mask[:2].tolist() == [[False, False, True, True]] * 2
+    assert both.completion_mask[2:].sum() == 2
+    trimmed = both.select([2, 3]).trim()
+    assert trimmed.prompt_ids.shape == (2, 4) and trimmed.completion_ids.shape == (2, 1)
+    assert both.select([0]).trim().prompt_ids.shape == (1, 2)
+
+
+class _Saveable:
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save_pretrained(self, path):
+        if self.fail:
+            raise OSError("disk full")
+        (path / "weights.bin").write_text("w")
+
+
+def test_checkpoint_save_is_atomic_and_rotates(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 1, _Saveable(), _Saveable(), {"step": 1}, "a: 1\n")
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, _Saveable(fail=True), _Saveable(), {"step": 2}, "")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # no temp leftovers
+    ckpt.save_checkpoint(tmp_path, 1, _Saveable(), _Saveable(), {"step": 11}, "")  # re-save replaces
+    assert ckpt.load_trainer_state(tmp_path / "checkpoint-1")["step"] == 11
+    for step in (2, 3):
+        ckpt.save_checkpoint(tmp_path, step, _Saveable(), _Saveable(), {"step": step}, "")
+    ckpt.rotate_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert ckpt.resolve_checkpoint("latest", tmp_path).name == "checkpoint-3"
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        ckpt.resolve_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
+    with pytest.raises(ValueError, match="has no checkpoint"):
+        ckpt.resolve_checkpoint("latest", tmp_path / "empty")
