@@ -57,8 +57,9 @@ def _lr_lambda(kind: str, warmup: int, total: int):
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, title: str | None = None):
         self.cfg = cfg
+        self.title = title or f"fastgrpo train: {cfg.model.model}"
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.model.device)
@@ -323,7 +324,7 @@ class GRPOTrainer:
         self.save()
         rows = read_metrics(self.out)
         if cfg.plot:
-            plot_run(rows, self.out / "reward.png", title=f"fastgrpo train: {cfg.model.model}")
+            plot_run(rows, self.out / "reward.png", title=self.title)
         print(summary_line(rows), flush=True)
         return rows
 
@@ -366,6 +367,9 @@ def train(cfg: Config) -> list[dict[str, Any]]:
         cfg = copy.deepcopy(cfg)
         model_dir, data_path = prepare_embedded(embedded_cache_dir(), seed=0)
         cfg.model.model, cfg.data.dataset = str(model_dir), str(data_path)
+        title = "fastgrpo train: embedded default (81k-parameter Qwen2, single-digit addition)"
     elif cfg.data.dataset is None:
         raise ValueError("dataset is required when model is given")
-    return GRPOTrainer(cfg).train()
+    else:
+        title = None
+    return GRPOTrainer(cfg, title=title).train()

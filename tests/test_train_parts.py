@@ -177,3 +177,18 @@ def test_checkpoint_save_is_atomic_and_rotates(tmp_path):
         ckpt.resolve_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
     with pytest.raises(ValueError, match="has no checkpoint"):
         ckpt.resolve_checkpoint("latest", tmp_path / "empty")
+
+
+def test_prompts_use_the_chat_template_and_system_prompt():
+    from fastgrpo.data import format_prompt
+    from fastgrpo.toy import build_tokenizer
+
+    tok = build_tokenizer()
+    text = format_prompt(tok, "3+4", "Answer briefly.")
+    assert text == "<|system|>Answer briefly.<|end|><|user|>3+4<|end|><|assistant|>"
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    assert format_prompt(tok, messages, "ignored") == "<|system|>S<|end|><|user|>Q<|end|><|assistant|>"
+    tok.chat_template = None
+    assert format_prompt(tok, "Q", "S") == "S\n\nQ"
+    with pytest.raises(ValueError, match="chat_template"):
+        format_prompt(tok, messages, None)

@@ -1,0 +1,595 @@
+"""Embedded, offline default for ``fastgrpo train``: a tiny base model, a tokenizer and a verifiable task.
+
+Everything here is generated in code, so the default run needs no download:
+
+* :func:`build_tokenizer` builds a character-level tokenizer with the ``tokenizers`` library.
+* The task is the addition of two digits. The user message is ``"a+b"``; a correct, well-formatted
+  completion is ``<think>a+b</think><answer>a+b's value</answer>`` followed by EOS.
+* :func:`build_base_model` builds a tiny Qwen2 and gives it a short supervised warm-up on *noisy*
+  completions (right answer 35% of the time, ``<think>`` block half the time). Like a real pretrained
+  LLM it then knows the output format roughly and is right only some of the time (sampled accuracy
+  about 0.25-0.3, format about 0.5), but the right answer is the most likely one for nearly every
+  prompt, so GRPO has a signal to sharpen.
+* :func:`prepare_embedded` writes the model, tokenizer and a jsonl dataset to disk, because the trainer
+  loads them through its normal ``from_pretrained`` / ``datasets`` paths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import transformers
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|end|>"
+# Only reached by characters outside the alphabet below; without it BPE would silently drop them.
+UNK_TOKEN = "<|unk|>"
+SYSTEM_TOKEN = "<|system|>"
+USER_TOKEN = "<|user|>"
+ASSISTANT_TOKEN = "<|assistant|>"
+ROLE_TOKENS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, *ROLE_TOKENS)
+# Plain added tokens, not special: decode(skip_special_tokens=True) must keep them, since the
+# format reward reads them from the decoded completion.
+TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+# Printable ASCII plus newline and tab, one token each.
+ALPHABET = tuple(chr(i) for i in range(32, 127)) + ("\n", "\t")
+
+# Every message is `<|role|>content<|end|>`, so the assistant turn ends with the EOS token the model
+# learns to emit. Unknown roles raise instead of rendering as plain characters the model never saw.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unsupported role: ' + m['role']) }}"
+    "{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+FORMAT_RE = re.compile(r"^<think>.*?</think><answer>.*?</answer>$", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+# Warm-up data noise (see answer_distribution). The data is right 35% of the time and no wrong value
+# gets more than about 0.12, so the right answer is the clear mode; the fitted model comes out a bit
+# flatter than its data, at a sampled accuracy of about 0.25-0.3. Half the completions have the
+# <think> block, so about half are well formatted.
+P_CORRECT = 0.35
+P_THINK = 0.5
+WRONG_OFFSETS = (-3, -2, -1, 1, 2, 3)
+P_NEAR = 0.5
+
+MARKER_FILE = "fastgrpo_toy.json"
+# Bump when the model, tokenizer or warm-up changes, so a cached base model from an older version
+# is rebuilt rather than silently reused.
+TOY_VERSION = 1
+DEFAULT_TRAIN_ROWS = 1000
+
+# Placeholder GRPO settings for the embedded default; the trainer owns and finalizes them. Checked
+# with a plain on-policy GRPO loop (one update per batch, no KL, reward = accuracy + format): at these
+# settings accuracy goes from about 0.3 to 0.8 and format from 0.5 to 0.99 in 100 steps, about 6 s
+# of training on 2 CPU cores.
+EMBEDDED_PRESET: dict[str, Any] = {
+    # Group size: with base accuracy ~0.3, P(all 8 wrong) = 0.7**8 ~ 6%, so most groups carry signal.
+    "num_generations": 8,
+    # 64 completions (8 prompts x 8) per step, in two micro-batches of 32 (exercises accumulation).
+    "per_device_train_batch_size": 32,
+    "gradient_accumulation_steps": 2,
+    # The longest right completion, `<think>9+9</think><answer>18</answer>` plus EOS, is 10 tokens.
+    "max_completion_length": 16,
+    "max_prompt_length": 64,
+    # The base model learned its noise as a distribution at T=1; other temperatures change accuracy.
+    "temperature": 1.0,
+    "top_p": 1.0,
+    # Measured: 3e-4 sharpens steadily; 1e-3 is faster for 30 steps, then erodes the sum (accuracy
+    # stalls near 0.7); 3e-3 learns the format within 10 steps but wipes the sum (accuracy 0.3 -> 0.1).
+    "learning_rate": 3e-4,
+    "lr_scheduler_type": "constant_with_warmup",
+    "max_steps": 100,
+    "beta": 0.0,
+    "seed": 0,
+    # Reward on a 0-1 scale: accuracy is the goal; format rewards keeping the <think> block.
+    "reward_funcs": ["accuracy", "format"],
+    "reward_weights": [0.75, 0.25],
+    "output_dir": "fastgrpo-output",
+}
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(padding_side: str = "left", model_max_length: int = 128) -> transformers.PreTrainedTokenizerFast:
+    """Build the character-level tokenizer of the embedded task, entirely in code.
+
+    Every character of :data:`ALPHABET` is one token; the four tags are plain added tokens; pad, EOS,
+    unknown and the chat-role markers are special tokens. There is no BOS token. Left padding is the
+    default because batched generation needs it.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *ALPHABET):
+        vocab[token] = len(vocab)
+    # BPE without merges splits text into single characters and, unlike WordLevel, needs no
+    # pre-tokenizer; no pre-tokenizer also means spaces are kept as ordinary characters.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    # Fuse joins the character tokens back without the separating spaces the default decoder inserts.
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        additional_special_tokens=list(ROLE_TOKENS),
+        padding_side=padding_side,
+        model_max_length=model_max_length,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# -------------------------------------------------------------------------------------------- task
+
+
+def format_prompt(a: int, b: int) -> str:
+    """The user message for ``a + b``."""
+    return f"{a}+{b}"
+
+
+def gold_completion(a: int, b: int) -> str:
+    """The correct, well-formatted completion for ``a + b`` (without EOS)."""
+    return f"<think>{a}+{b}</think><answer>{a + b}</answer>"
+
+
+def make_dataset_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` rows ``{"prompt": "a+b", "answer": "sum"}`` with digits drawn uniformly, reproducible per seed."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        rows.append({"prompt": format_prompt(a, b), "answer": str(a + b)})
+    return rows
+
+
+def write_dataset(path: str | Path, n: int, seed: int) -> Path:
+    """Write :func:`make_dataset_rows` as jsonl (one row per line) to ``path`` and return it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Temp file plus rename, so a reader never sees a truncated dataset.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in make_dataset_rows(n, seed):
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def extract_answer(completion: str) -> str | None:
+    """The stripped text inside the first ``<answer>...</answer>``, or None if there is none."""
+    match = ANSWER_RE.search(completion)
+    return match.group(1).strip() if match else None
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """Whether the extracted answer equals the gold answer."""
+    return extract_answer(completion) == str(answer).strip()
+
+
+def is_well_formatted(completion: str) -> bool:
+    """Whether the completion is exactly ``<think>...</think><answer>...</answer>``."""
+    return FORMAT_RE.match(completion) is not None
+
+
+def answer_distribution(a: int, b: int, p_correct: float = P_CORRECT, p_near: float = P_NEAR) -> dict[int, float]:
+    """The warm-up data's distribution of the answer to ``a + b``, as ``{value: probability}``.
+
+    The right sum gets ``p_correct``. The rest is wrong: a share ``p_near`` goes uniformly to near
+    misses (off by 1 to 3), the remainder to the sum of two random digits, conditioned on being wrong.
+    Near misses are drawn among the non-negative ones rather than clipped at zero, since clipping
+    would pile mass onto 0 and could make a wrong answer the mode for small sums.
+    """
+    total = a + b
+    dist = {total: p_correct}
+    near = [total + d for d in WRONG_OFFSETS if total + d >= 0]
+    for value in near:
+        dist[value] = dist.get(value, 0.0) + (1.0 - p_correct) * p_near / len(near)
+    # Distribution of the sum of two uniform digits: (10 - |v - 9|) / 100 for v in 0..18.
+    far = {v: (10 - abs(v - 9)) / 100 for v in range(19) if v != total}
+    norm = sum(far.values())
+    for value, q in far.items():
+        dist[value] = dist.get(value, 0.0) + (1.0 - p_correct) * (1.0 - p_near) * q / norm
+    return dist
+
+
+def completion_text(a: int, b: int, value: int, think: bool) -> str:
+    """The completion answering ``value`` to ``a + b``, with or without the ``<think>`` block (no EOS)."""
+    return (f"<think>{a}+{b}</think>" if think else "") + f"<answer>{value}</answer>"
+
+
+def noisy_completion(
+    a: int,
+    b: int,
+    rng: random.Random,
+    p_correct: float = P_CORRECT,
+    p_think: float = P_THINK,
+    p_near: float = P_NEAR,
+) -> str:
+    """One completion drawn from the warm-up data distribution: answer from :func:`answer_distribution`,
+    ``<think>`` block with probability ``p_think``."""
+    dist = answer_distribution(a, b, p_correct, p_near)
+    value = rng.choices(list(dist), weights=list(dist.values()))[0]
+    return completion_text(a, b, value, rng.random() < p_think)
+
+
+def _prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The chat-templated generation prompt for one user message, as the trainer would render it."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+# --------------------------------------------------------------------------------------- base model
+
+
+def _expected_nll_rows(
+    completions: dict[tuple[int, ...], float],
+    min_reach: float = 0.1,
+) -> list[tuple[tuple[int, ...], list[dict[int, float]], list[float]]]:
+    """Teacher-forcing rows whose soft-target loss equals the expected NLL of a completion distribution.
+
+    ``completions`` maps token sequences to probabilities summing to 1. The expected NLL is a sum over
+    the nodes of their prefix tree: each prefix, weighted by the probability of reaching it, scores the
+    model's next-token distribution against the data's. So each returned row is one sequence with, per
+    position, the data's next-token distribution given that prefix and the prefix's reach probability
+    as weight (0 where an earlier row already covers the prefix, so no node counts twice).
+
+    A row is kept only if it covers a prefix that branches or that is reached with probability at least
+    ``min_reach``, so a handful of rows (here at most 6 per prompt) replaces one per completion (about
+    40). What that drops is the deterministic tail of the improbable completions (``</answer>`` and
+    EOS after an unlikely wrong digit), which the kept rows teach in every other context anyway.
+    """
+    children: dict[tuple[int, ...], dict[int, float]] = {}
+    for seq, prob in completions.items():
+        for t in range(len(seq)):
+            mass = children.setdefault(seq[:t], {})
+            mass[seq[t]] = mass.get(seq[t], 0.0) + prob
+    covered: set[tuple[int, ...]] = set()
+    rows = []
+    for seq, _ in sorted(completions.items(), key=lambda kv: -kv[1]):
+        prefixes = [seq[:t] for t in range(len(seq))]
+        needed = [
+            p for p in prefixes if p not in covered and (len(children[p]) > 1 or sum(children[p].values()) >= min_reach)
+        ]
+        if not needed:
+            continue
+        targets, weights = [], []
+        for prefix in prefixes:
+            mass = children[prefix]
+            reach = sum(mass.values())
+            targets.append({token: m / reach for token, m in mass.items()})
+            weights.append(0.0 if prefix in covered else reach)
+            covered.add(prefix)
+        rows.append((seq, targets, weights))
+    return rows
+
+
+def build_base_model(
+    tokenizer: Any,
+    seed: int = 0,
+    *,
+    steps: int = 300,
+    prompts_per_step: int = 25,
+    learning_rate: float = 1e-2,
+    anneal: tuple[float, float] = (0.3, 0.9),
+    p_correct: float = P_CORRECT,
+    p_think: float = P_THINK,
+    p_near: float = P_NEAR,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    verbose: bool = False,
+) -> transformers.Qwen2ForCausalLM:
+    """A tiny float32 Qwen2 after a short supervised warm-up on noisy completions of the addition task.
+
+    The data is :func:`answer_distribution` (``<think>`` with probability ``p_think``), which mixes the
+    right answer (probability ``p_correct``) with wrong ones. Its expected NLL is linear in the mix:
+    ``c * loss(right answers) + (1 - c) * loss(wrong answers)``. The warm-up starts at ``c = 1`` (clean
+    data teaches the sum fastest) and lowers ``c`` linearly to ``p_correct`` between the fractions
+    ``anneal`` of the run, then holds it. Lowering it gradually matters: a sharp model switched to
+    noisy data at once sees wrong answers it gives ~1e-10 probability, and the huge gradients that
+    follow erase the sum rather than flatten the output.
+
+    Both losses are fed exactly (:func:`_expected_nll_rows`), not as sampled labels: with sampled
+    labels, Adam turns the label noise into a random walk of the small weights that also erases the
+    sum, and the model ends up guessing near it with the right answer no longer the mode.
+
+    AdamW with linear warm-up and cosine decay; loss on completion tokens and EOS only.
+    Deterministic for a given ``seed`` and thread count; the global torch RNG state is left as it was.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # Rows for all 100 prompts and both parts of the mix: (prompt index, is-right-part, prompt, row).
+    rows = []
+    for index, (a, b) in enumerate(pairs):
+        prompt = encode(_prompt_text(tokenizer, format_prompt(a, b)))
+        wrong = answer_distribution(a, b, 0.0, p_near)
+        for right, dist in ((True, {a + b: 1.0}), (False, wrong)):
+            completions: dict[tuple[int, ...], float] = {}
+            for value, prob in dist.items():
+                for think, p_t in ((True, p_think), (False, 1.0 - p_think)):
+                    if prob * p_t > 0:
+                        completions[encode(completion_text(a, b, value, think)) + (eos,)] = prob * p_t
+            rows += [(index, right, prompt, row) for row in _expected_nll_rows(completions)]
+    # Right padding: positions start at 0 in every row, as in unpadded generation.
+    width = max(len(prompt) + len(row[0]) for _, _, prompt, row in rows)
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    soft = torch.zeros(len(rows), width - 1, vocab)
+    weight = torch.zeros(len(rows), width - 1)
+    for r, (_, _, prompt, (seq, targets, weights)) in enumerate(rows):
+        full = prompt + seq
+        ids[r, : len(full)] = torch.tensor(full)
+        mask[r, : len(full)] = 1
+        for t, (target, w) in enumerate(zip(targets, weights, strict=True)):
+            # Logits at position i predict token i + 1, so completion token t is predicted at
+            # position len(prompt) + t - 1.
+            pos = len(prompt) + t - 1
+            weight[r, pos] = w
+            for token, p in target.items():
+                soft[r, pos, token] = p
+    prompt_index = torch.tensor([index for index, *_ in rows])
+    is_right = torch.tensor([right for _, right, *_ in rows])
+
+    def right_share(step: int) -> float:
+        lo, hi = int(anneal[0] * steps), int(anneal[1] * steps)
+        frac = min(1.0, max(0.0, (step - lo) / max(1, hi - lo)))
+        return 1.0 + frac * (p_correct - 1.0)
+
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).float()
+        model.generation_config.pad_token_id = pad
+        model.generation_config.eos_token_id = eos
+        model.generation_config.bos_token_id = None
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
+        warmup = max(1, steps // 20)
+
+        def lr_at(step: int) -> float:
+            # Linear warm-up, then cosine decay to 0, so the model settles instead of ending on a big step.
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        order: list[int] = []
+        for step in range(steps):
+            # Epochs over the 100 prompts in shuffled order: every prompt is seen equally often.
+            if len(order) < prompts_per_step:
+                order += rng.sample(range(len(pairs)), len(pairs))
+            chosen, order = order[:prompts_per_step], order[prompts_per_step:]
+            c = right_share(step)
+            take = torch.isin(prompt_index, torch.tensor(chosen))
+            if c == 1.0:
+                # The wrong-answer rows have weight 0 until the anneal starts: skip their compute.
+                take &= is_right
+            logprobs = model(input_ids=ids[take], attention_mask=mask[take]).logits[:, :-1].log_softmax(-1)
+            # Reach-weighted cross-entropy against the data's next-token distributions, mixed c : 1 - c.
+            node_loss = -(weight[take] * (soft[take] * logprobs).sum(-1)).sum(-1)
+            mix = torch.where(is_right[take], c, 1.0 - c)
+            # Normalized by the expected number of completion tokens, so the scale is per token.
+            loss = (mix * node_loss).sum() / (mix[:, None] * weight[take]).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if verbose and (step % 50 == 0 or step == steps - 1):
+                print(f"step {step:4d}  right {c:.2f}  loss {loss.item():.4f}  {time.perf_counter() - start:.1f}s")
+    model.eval()
+    return model
+
+
+def sample_completions(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    num_samples: int = 8,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    seed: int = 0,
+) -> list[list[str]]:
+    """``num_samples`` decoded completions per prompt, via HF ``generate`` on left-padded chat prompts."""
+    import torch
+
+    texts = [_prompt_text(tokenizer, p) for p in prompts]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=num_samples)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    per = num_samples if do_sample else 1
+    return [decoded[i * per : (i + 1) * per] for i in range(len(prompts))]
+
+
+def answer_probabilities(model: Any, tokenizer: Any, a: int, b: int, max_value: int = 27) -> dict[int, float]:
+    """Exact probability, under ``model``, of completing ``a+b`` with each answer ``0..max_value``.
+
+    Each value's probability is summed over its two well-formed spellings (with and without the
+    ``<think>`` block), EOS included. Exact, so unlike sample counts it can tell which answer is the
+    mode when the mode holds only a third of the mass.
+    """
+    import torch
+
+    prompt = tokenizer(_prompt_text(tokenizer, format_prompt(a, b)), add_special_tokens=False)["input_ids"]
+    keys, seqs = [], []
+    for value in range(max_value + 1):
+        for think in (False, True):
+            completion = tokenizer(completion_text(a, b, value, think), add_special_tokens=False)["input_ids"]
+            keys.append(value)
+            seqs.append(prompt + completion + [tokenizer.eos_token_id])
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+    token_lp = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
+    # Only completion positions count; the prompt is given, and padding is not part of any sequence.
+    positions = torch.arange(1, width)[None, :]
+    lengths = mask.sum(1)[:, None]
+    keep = (positions >= len(prompt)) & (positions < lengths)
+    seq_prob = (token_lp * keep).sum(1).exp().tolist()
+    out: dict[int, float] = {}
+    for value, prob in zip(keys, seq_prob, strict=True):
+        out[value] = out.get(value, 0.0) + prob
+    return out
+
+
+def evaluate_sampling(
+    model: Any,
+    tokenizer: Any,
+    *,
+    num_samples: int = 8,
+    temperature: float = 1.0,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How ``model`` behaves on all 100 prompts, ``num_samples`` samples each.
+
+    Returns ``accuracy`` and ``format`` (means over samples of :func:`is_correct` and
+    :func:`is_well_formatted`), ``sampled_mode_correct`` (fraction of prompts whose gold answer is
+    strictly the most frequent sampled answer; with 8 samples and a mode of 0.3 this is noisy) and
+    ``mode_correct`` (fraction of prompts whose gold answer is the exactly most likely answer, by
+    :func:`answer_probabilities`).
+    """
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    groups = sample_completions(
+        model,
+        tokenizer,
+        [format_prompt(a, b) for a, b in pairs],
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    correct = formatted = sampled_mode = total = 0
+    for (a, b), group in zip(pairs, groups, strict=True):
+        gold = str(a + b)
+        counts = Counter(extract_answer(c) for c in group)
+        correct += counts[gold]
+        formatted += sum(is_well_formatted(c) for c in group)
+        # Strictly more frequent than every other answer, so a tie is not counted as sharpenable.
+        sampled_mode += all(counts[gold] > n for ans, n in counts.items() if ans != gold)
+        total += len(group)
+    mode_correct = 0
+    for a, b in pairs:
+        probs = answer_probabilities(model, tokenizer, a, b)
+        mode_correct += max(probs, key=probs.__getitem__) == a + b
+    return {
+        "accuracy": correct / total,
+        "format": formatted / total,
+        "sampled_mode_correct": sampled_mode / len(pairs),
+        "mode_correct": mode_correct / len(pairs),
+    }
+
+
+# ---------------------------------------------------------------------------------------- on disk
+
+
+def _marker(seed: int) -> dict[str, Any]:
+    """Contents of the marker file that certifies a complete base model for ``seed``."""
+    return {"toy_version": TOY_VERSION, "seed": seed}
+
+
+def _base_model_complete(model_dir: Path, seed: int) -> bool:
+    """Whether ``model_dir`` holds a finished base model for ``seed`` from this :data:`TOY_VERSION`."""
+    try:
+        marker = json.loads((model_dir / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker == _marker(seed) and (model_dir / "config.json").is_file()
+
+
+def prepare_embedded(workdir: str | Path, seed: int = 0, train_rows: int = DEFAULT_TRAIN_ROWS) -> tuple[Path, Path]:
+    """Write the embedded base model + tokenizer and its training set under ``workdir``.
+
+    Returns ``(workdir/base_model, workdir/data/train.jsonl)``. A base model already there with a
+    marker for the same seed and :data:`TOY_VERSION` is reused; otherwise it is built in a temporary
+    directory and renamed into place, so an interrupted build never leaves a half-written model that
+    a later call would trust. The dataset is cheap and is always rewritten.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = workdir / "base_model"
+    if not _base_model_complete(model_dir, seed):
+        tokenizer = build_tokenizer()
+        model = build_base_model(tokenizer, seed=seed)
+        # Per-process name, so concurrent builds do not write into each other; a plain mkdir (not
+        # mkdtemp, which makes it 0700) keeps the usual permissions for a shared cache.
+        tmp = workdir / f".base_model.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            # Written last: its presence certifies that everything before it was saved.
+            (tmp / MARKER_FILE).write_text(json.dumps(_marker(seed)))
+            if model_dir.exists():
+                # os.replace cannot replace a non-empty directory; the stale model is unusable anyway.
+                shutil.rmtree(model_dir, ignore_errors=True)
+            try:
+                os.replace(tmp, model_dir)
+            except OSError:
+                # A concurrent call may have put its own model there between the rmtree and here;
+                # the same seed gives the same model, so a complete one is as good as ours.
+                if not _base_model_complete(model_dir, seed):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dataset_path = write_dataset(workdir / "data" / "train.jsonl", train_rows, seed)
+    return model_dir, dataset_path

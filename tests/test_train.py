@@ -1,0 +1,203 @@
+"""End-to-end tests of ``fastgrpo train`` on the embedded task (tiny Qwen2, CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fastgrpo import checkpoint as ckpt
+from fastgrpo.cli import main
+from fastgrpo.config import build_config
+from fastgrpo.policy import completion_logprobs
+from fastgrpo.tracking import read_metrics
+from fastgrpo.trainer import GRPOTrainer, NonFiniteLossError
+
+# Small steps: 2 prompts x 8 completions, two micro-batches.
+FAST = [
+    "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+    "--disable_tqdm", "true", "--max_resample_rounds", "1",
+]  # fmt: skip
+REQUIRED_METRICS = {
+    "step", "reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean", "loss", "entropy",
+    "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio", "frac_reward_zero_std",
+    "num_tokens", "tokens_per_second", "step_time", "peak_memory_gb", "grad_norm", "learning_rate",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded base model and data, built once for the module in a private cache."""
+    import os
+
+    from fastgrpo.toy import prepare_embedded
+
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("FASTGRPO_CACHE")
+    os.environ["FASTGRPO_CACHE"] = str(cache)
+    model_dir, data = prepare_embedded(cache / "embedded", seed=0)
+    yield str(model_dir), str(data)
+    if old is None:
+        os.environ.pop("FASTGRPO_CACHE")
+    else:
+        os.environ["FASTGRPO_CACHE"] = old
+
+
+def _config(embedded, out, **values):
+    from fastgrpo.toy import EMBEDDED_PRESET
+
+    model, data = embedded
+    base = {**EMBEDDED_PRESET, "model": model, "dataset": data, "output_dir": str(out), "disable_tqdm": True}
+    base.update(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_resample_rounds=1)
+    return build_config((base, "test"), (values, "test overrides"))
+
+
+def test_embedded_default_writes_every_output(embedded, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2", *FAST]) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row.keys() >= REQUIRED_METRICS, REQUIRED_METRICS - row.keys()
+        assert 0.0 <= row["reward"] <= 2.0 and row["tokens_per_second"] > 0 and row["peak_memory_gb"] > 0
+    assert rows[-1]["num_tokens"] > rows[0]["num_tokens"]
+    assert (out / "reward.png").stat().st_size > 1000
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    saved = out / "checkpoint-3"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "config.yaml", ckpt.STATE_FILE):
+        assert (saved / name).is_file(), name
+    assert "reward" in (out / "config.yaml").read_text()
+    assert "3 steps" in capsys.readouterr().out
+
+
+def test_resume_matches_uninterrupted_run(embedded, tmp_path):
+    full = _config(embedded, tmp_path / "full", max_steps=4, save_steps=2, save_total_limit=None)
+    rows = GRPOTrainer(full).train()
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    again = _config(embedded, resumed_dir, max_steps=4, resume_from_checkpoint="latest")
+    trainer = GRPOTrainer(again)
+    assert trainer.step == 2
+    rest = trainer.train()
+    assert [r["step"] for r in rest] == [3, 4]
+    for a, b in zip(rows[2:], rest, strict=True):
+        for key in ("reward", "loss", "entropy", "completions/mean_length", "grad_norm", "num_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_policy_logprobs_match_full_logits(embedded, tmp_path):
+    trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=1, temperature=0.7))
+    batch = trainer.sample_batch().rollouts
+    logp = completion_logprobs(trainer.model, batch, 0.7, "torch")
+    for i in range(len(batch)):  # reference: each row alone, unpadded, through the full model
+        prompt = batch.prompt_ids[i][batch.prompt_mask[i]]
+        completion = batch.completion_ids[i][batch.completion_mask[i]]
+        with torch.no_grad():
+            logits = trainer.model(torch.cat([prompt, completion])[None]).logits[0].double()
+        want = torch.log_softmax(logits[len(prompt) - 1 : -1] / 0.7, -1).gather(-1, completion[:, None])[:, 0]
+        torch.testing.assert_close(logp[i][batch.completion_mask[i]].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_micro_batches_sum_to_the_whole_batch_gradient(embedded, tmp_path, loss_type):
+    trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=1, loss_type=loss_type))
+    batch = trainer.sample_batch()
+    grads = []
+    for size in (16, 4):  # one micro-batch of 16, then four of 4 (equal sizes, so grpo means agree)
+        trainer.cfg.train.per_device_train_batch_size = size
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.accumulate_gradients(batch)
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    assert grads[0].abs().sum() > 0
+
+
+def test_update_never_builds_full_logits(embedded, tmp_path):
+    trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=1, beta=0.04, num_iterations=2))
+    widths = []
+    head = trainer.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda mod, inp, out: widths.append(inp[0].shape[1]))
+    try:
+        rows = trainer.train()
+    finally:
+        hook.remove()
+    assert max(widths) == 1  # only generation's last-position logits ever go through the lm_head
+    assert rows[0]["kl"] is not None and rows[0]["kl"] >= 0
+
+
+def test_custom_rewards_with_none_and_process_steps(embedded, tmp_path):
+    cfg = _config(
+        embedded,
+        tmp_path,
+        max_steps=2,
+        reward_funcs=["reward_fixtures:none_for_odd_rows", "reward_fixtures:answer_digit_steps", "accuracy"],
+        reward_weights=[1.0, 0.5, 1.0],
+        scale_rewards="batch",
+    )
+    trainer = GRPOTrainer(cfg)
+    batch = trainer.sample_batch()
+    assert batch.advantages.shape == batch.loss_mask.shape  # process rewards make them per token
+    rows = trainer.train()
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_non_finite_loss_stops_with_a_checkpoint(embedded, tmp_path, monkeypatch):
+    import fastgrpo.trainer as T
+
+    trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=3))
+    real = T.policy_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan")) if trainer.step == 1 else out
+
+    monkeypatch.setattr(T, "policy_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        trainer.train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt_column", "question"], "no prompt_column 'question'; its columns are"),
+        (["--reward_funcs", "no_such_module:f"], "no_such_module:f"),
+        (["--reward_funcs", "reward_fixtures:missing"], "reward_fixtures:missing"),
+        (["--reward_funcs", "reward_fixtures:wrong_count"], "wrong_count"),
+        (["--reward_funcs", "reward_fixtures:raises"], "raises"),
+        (["--beta", "-0.1"], "beta must be >= 0"),
+        (["--unknown_flag", "1"], None),
+    ],
+)
+def test_bad_input_gives_one_clear_error(embedded, tmp_path, capsys, args, message):
+    model, data = embedded
+    base = ["train", "--model", model, "--dataset", data, "--output_dir", str(tmp_path), "--max_steps", "1", *FAST]
+    if message is None:  # argparse itself rejects unknown flags
+        with pytest.raises(SystemExit):
+            main(base + args)
+        assert "unrecognized arguments: --unknown_flag" in capsys.readouterr().err
+        return
+    try:
+        code = main(base + args)
+    except RuntimeError as e:  # a reward function failing mid-run names itself
+        assert message in str(e)
+        return
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_yaml_config_and_saved_resolved_config(embedded, tmp_path):
+    model, data = embedded
+    (tmp_path / "c.yaml").write_text(
+        json.dumps({"model": {"model": model}, "data": {"dataset": data}, "train": {"max_steps": 1}})
+    )
+    out = tmp_path / "o"
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--output_dir", str(out), *FAST]) == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 1 and saved["model"]["model"] == model
+    assert saved["generation"]["num_generations"] == 8  # the library default; no embedded preset with a model
