@@ -35,6 +35,7 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfig:
     dataset: str | None = None  # hub name or local json/jsonl/parquet/csv file; None with model=None = embedded task
+    dataset_config: str | None = None  # hub dataset configuration name (e.g. "main" for openai/gsm8k)
     dataset_split: str = "train"  # split to train on
     prompt_column: str = "prompt"  # column with the prompt (a string or a list of chat messages)
     answer_column: str | None = "answer"  # column passed to rewards as ``answer``; None = no answer column

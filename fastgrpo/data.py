@@ -10,7 +10,9 @@ from typing import Any
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_prompt_dataset(name: str, split: str, prompt_column: str, answer_column: str | None):
+def load_prompt_dataset(
+    name: str, split: str, prompt_column: str, answer_column: str | None, config_name: str | None = None
+):
     """A ``datasets.Dataset`` from a local json/jsonl/parquet/csv file or a hub name.
 
     Raises ValueError (before anything heavy) when the file does not exist, the format is
@@ -29,7 +31,7 @@ def load_prompt_dataset(name: str, split: str, prompt_column: str, answer_column
         ds = datasets.load_dataset(fmt, data_files={split: str(path)}, split=split)
     else:
         try:
-            ds = datasets.load_dataset(name, split=split)
+            ds = datasets.load_dataset(name, config_name, split=split)
         except Exception as e:  # offline, unknown name, unknown split: one clear line
             raise ValueError(f"could not load dataset {name!r} (split {split!r}): {type(e).__name__}: {e}") from e
     for what, column in (("prompt_column", prompt_column), ("answer_column", answer_column)):

@@ -65,7 +65,9 @@ class GRPOTrainer:
         self.device = resolve_device(cfg.model.device)
         dtype = resolve_dtype(cfg.model.dtype, self.device)
         # Cheap checks first: data columns and reward functions fail before any model loads.
-        self.dataset = load_prompt_dataset(cfg.dataset, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
+        self.dataset = load_prompt_dataset(
+            cfg.dataset, cfg.dataset_split, cfg.prompt_column, cfg.answer_column, cfg.dataset_config
+        )
         funcs = build_reward_functions(
             cfg.reward_funcs,
             num_generations=cfg.num_generations,

@@ -201,3 +201,13 @@ def test_yaml_config_and_saved_resolved_config(embedded, tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 1 and saved["model"]["model"] == model
     assert saved["generation"]["num_generations"] == 8  # the library default; no embedded preset with a model
+
+
+def test_embedded_default_learns(embedded, tmp_path):
+    """The full default run (100 steps): mean reward of the last 10% of steps >= 0.3 above the first 10%."""
+    assert main(["train", "--output_dir", str(tmp_path), "--disable_tqdm", "true", "--plot", "false"]) == 0
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 100
+    first = sum(r["reward"] for r in rows[:10]) / 10
+    last = sum(r["reward"] for r in rows[-10:]) / 10
+    assert last - first >= 0.3, (first, last)

@@ -192,3 +192,11 @@ def test_prompts_use_the_chat_template_and_system_prompt():
     assert format_prompt(tok, "Q", "S") == "S\n\nQ"
     with pytest.raises(ValueError, match="chat_template"):
         format_prompt(tok, messages, None)
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "grpo_gsm8k.yaml"
+    cfg = build_config((load_yaml(path), str(path)))
+    assert cfg.dataset_config == "main" and cfg.generation_batch_size_total() % cfg.num_generations == 0
