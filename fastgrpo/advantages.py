@@ -92,7 +92,11 @@ def process_advantages(
 
 
 def zero_std_groups(rewards: torch.Tensor, num_generations: int, atol: float = 1e-6) -> torch.Tensor:
-    """(num_groups,) bool: groups whose rewards are all equal (no learning signal; DAPO drops them)."""
+    """(num_groups,) bool: groups whose rewards are all equal (no learning signal; DAPO drops them).
+
+    NaN rows (no reward) are ignored, as in the advantages, so a group counts as zero-std when
+    fewer than two of its rewards are known or the known ones are equal."""
     g = _group_view(rewards.to(torch.float32), num_generations)
-    g = torch.nan_to_num(g, nan=0.0)
-    return (g.max(1).values - g.min(1).values) <= atol
+    valid = ~torch.isnan(g)
+    spread = torch.where(valid, g, -torch.inf).max(1).values - torch.where(valid, g, torch.inf).min(1).values
+    return ~(spread > atol)

@@ -18,6 +18,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """
     comments = C.field_comments()
     types_ = C.field_types()
+    defaults = {k: v for section in C.Config().to_dict().values() for k, v in section.items()}
     groups = {s: parser.add_argument_group(f"{s} options") for s in C.SECTIONS}
     for name, section in C.FIELD_SECTIONS.items():
         tp = types_[name]
@@ -27,7 +28,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             default=argparse.SUPPRESS,
             nargs="+" if is_list else None,
             metavar=name.upper(),
-            help=comments.get(name, ""),
+            help=f"{comments.get(name, '')} (default: {defaults[name]})",
         )
 
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser(
         "train",
         help="GRPO/DAPO training: sample -> score -> update (no arguments: the embedded offline default)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Values apply in this order: defaults shown below; with no --model anywhere, the embedded "
+        "default's preset (fastgrpo.toy.EMBEDDED_PRESET); the --config YAML file; command-line flags.",
     )
     train.add_argument("--config", default=None, help="YAML file with config keys (flat or by section)")
     add_config_arguments(train)

@@ -102,6 +102,7 @@ class TrainConfig:
     save_steps: int = 0  # checkpoint every this many steps (0 = only at the end)
     save_total_limit: int | None = 2  # keep at most this many checkpoints; None = all
     resume_from_checkpoint: str | None = None  # checkpoint directory or "latest" in output_dir
+    overwrite_output_dir: bool = False  # start afresh in an output_dir that holds checkpoints (deletes them)
     logging_steps: int = 1  # print a metrics line every this many steps (metrics.jsonl gets every step)
     disable_tqdm: bool = False  # no progress bar
     plot: bool = True  # write reward.png at the end

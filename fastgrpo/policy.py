@@ -79,11 +79,21 @@ def load_model_and_tokenizer(
 def check_fusable(model) -> None:
     """The fused loss computes softmax(h·Wᵀ + b); heads that change the logits otherwise would
     be trained on the wrong distribution, so they are refused."""
-    cfg = model.config
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        value = getattr(cfg, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"model config sets {attr}={value}; the fused loss does not support it yet")
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):  # multimodal configs keep text settings nested
+        configs.append(model.config.get_text_config())
+    attrs = (
+        "final_logit_softcapping",
+        "logit_scale",
+        "logits_scaling",
+        "lm_head_multiplier",
+        "output_multiplier_scale",
+    )
+    for cfg in configs:
+        for attr in attrs:
+            value = getattr(cfg, attr, None)
+            if value not in (None, 1, 1.0):
+                raise ValueError(f"model config sets {attr}={value}; the fused loss does not support it yet")
     if model.get_output_embeddings() is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head)")
 

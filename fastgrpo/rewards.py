@@ -105,7 +105,7 @@ def accuracy_reward(prompts: list[str], completions: list[str], answer: list | N
     if answer is None:
         raise ValueError("accuracy reward needs the 'answer' column")
     return [
-        None if a is None else float(answers_match(extract_answer(c), gold_answer(a)))
+        None if a is None else float(answers_match(extract_answer(completion_text(c)), gold_answer(a)))
         for c, a in zip(completions, answer, strict=True)
     ]
 
@@ -117,7 +117,16 @@ _FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     """1.0 where the completion is exactly ``<think>...</think>`` then ``<answer>...</answer>`` (whitespace
     allowed around and between, one of each tag), else 0.0. Returns a list (N,)."""
-    return [float(bool(_FORMAT_RE.fullmatch(c)) and all(c.count(t) == 1 for t in _FORMAT_TAGS)) for c in completions]
+    texts = [completion_text(c) for c in completions]
+    return [float(bool(_FORMAT_RE.fullmatch(c)) and all(c.count(t) == 1 for t in _FORMAT_TAGS)) for c in texts]
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: a string, or (conversational datasets, as TRL passes them) a list
+    of messages whose last one holds the assistant's reply."""
+    if isinstance(completion, str):
+        return completion
+    return completion[-1]["content"]
 
 
 def _need_ids(completion_ids: list | None, n: int, who: str) -> list:
@@ -223,11 +232,15 @@ class RewardModel:
         self.device, self.batch_size = torch.device(device), batch_size
         self.__name__ = os.path.basename(os.path.normpath(path))
 
-    def format(self, prompt: str, completion: str) -> str:
-        """The text scored for one (prompt, completion) pair."""
+    def format(self, prompt, completion) -> str:
+        """The text scored for one (prompt, completion) pair; either may be a string or a message list."""
+        completion = completion_text(completion)
         if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            messages.append({"role": "assistant", "content": completion})
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        if not isinstance(prompt, str):
+            prompt = "\n".join(m["content"] for m in prompt)
         return prompt + completion
 
     @torch.no_grad()

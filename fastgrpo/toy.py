@@ -103,6 +103,8 @@ EMBEDDED_PRESET: dict[str, Any] = {
     "reward_funcs": ["accuracy", "format"],
     "reward_weights": [0.75, 0.25],
     "output_dir": "fastgrpo-output",
+    # A demo: running it again starts afresh instead of refusing the earlier run's checkpoints.
+    "overwrite_output_dir": True,
 }
 
 

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,15 @@ class GRPOTrainer:
         self.resume_path = None
         if cfg.resume_from_checkpoint:
             self.resume_path = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.out)
+        elif ckpt.list_checkpoints(self.out):
+            # A fresh run would interleave with (and rotate away against) an earlier run's checkpoints.
+            if not cfg.overwrite_output_dir:
+                raise ValueError(
+                    f"output_dir {str(self.out)!r} holds checkpoints of an earlier run; pass "
+                    "--resume_from_checkpoint latest to continue it or --overwrite_output_dir true to start afresh"
+                )
+            for path in ckpt.list_checkpoints(self.out):
+                shutil.rmtree(path)
         load = dict(dtype=dtype, device=self.device, attn_implementation=cfg.attn_implementation,
                     trust_remote_code=cfg.trust_remote_code)  # fmt: skip
         self.model, self.tokenizer = load_model_and_tokenizer(str(self.resume_path or cfg.model.model), **load)
@@ -131,7 +141,7 @@ class GRPOTrainer:
         self.log = MetricsLog(self.out, resume_step=self.step if self.resume_path else None)
 
     def _preflight_rewards(self) -> None:
-        """Call every reward function once on the first prompt with one-token empty completions, so one
+        """Call every reward function once on the first prompt with a one-token placeholder completion, so one
         that raises or returns the wrong number of values fails before any model is loaded."""
         cfg, G = self.cfg, self.cfg.num_generations
         row = self.dataset[0]
@@ -140,7 +150,8 @@ class GRPOTrainer:
             columns["answer"] = columns[cfg.answer_column]
         columns.update(completion_ids=[[0] for _ in range(G)], truncated=[False] * G)
         try:
-            self.scorer(columns[cfg.prompt_column], [""] * G, columns)
+            placeholder = "0" if isinstance(row[cfg.prompt_column], str) else [{"role": "assistant", "content": "0"}]
+            self.scorer(columns[cfg.prompt_column], [placeholder] * G, columns)
         except RuntimeError as e:
             raise ValueError(f"{e} (on an empty completion, before training)") from e
 
@@ -162,6 +173,8 @@ class GRPOTrainer:
             columns["answer"] = columns[cfg.answer_column]
         columns["completion_ids"] = ids
         columns["truncated"] = ro.truncated.tolist()
+        if prompts and not isinstance(prompts[0], str):  # conversational data: messages, as TRL passes them
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
         scored = self.scorer(columns[cfg.prompt_column], completions, columns)
         return {"rollouts": ro, "scored": scored, "completions": completions}
 
@@ -174,8 +187,8 @@ class GRPOTrainer:
         for _ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
             r = self._sample_round(need)
             rounds.append(r)
-            rewards = r["scored"].rewards
-            keep = ~zero_std_groups(rewards, G) if cfg.dynamic_sampling else torch.ones(len(rewards) // G, dtype=bool)
+            zero = self._no_signal(r["scored"])
+            keep = ~zero if cfg.dynamic_sampling else torch.ones_like(zero)
             groups = keep.nonzero().flatten().tolist()[:need]
             kept += [(len(rounds) - 1, g) for g in groups]
             need -= len(groups)
@@ -204,13 +217,21 @@ class GRPOTrainer:
         metrics = self._sample_metrics(rounds, len(kept))
         return Batch(ro, loss_mask, adv.to(self.device), metrics)
 
+    def _no_signal(self, scored) -> torch.Tensor:
+        """(groups,) bool: neither the outcome rewards nor the step rewards differ within the group."""
+        zero = zero_std_groups(scored.rewards, self.cfg.num_generations)
+        if scored.steps is not None:
+            totals = torch.tensor([sum(r for _, r in s) for s in scored.steps], dtype=torch.float32)
+            zero &= zero_std_groups(totals, self.cfg.num_generations)
+        return zero
+
     def _sample_metrics(self, rounds: list[dict[str, Any]], kept_groups: int) -> dict[str, float]:
         G = self.cfg.num_generations
         rewards = torch.cat([r["scored"].rewards for r in rounds])
         per_func = torch.cat([r["scored"].per_func for r in rounds])
         lengths = torch.cat([r["rollouts"].completion_mask.sum(1) for r in rounds]).float()
         truncated = torch.cat([r["rollouts"].truncated for r in rounds]).float()
-        zero = zero_std_groups(rewards, G)
+        zero = torch.cat([self._no_signal(r["scored"]) for r in rounds])
         valid = rewards[~torch.isnan(rewards)]
         m = {
             "reward": valid.mean().item() if valid.numel() else float("nan"),
@@ -259,11 +280,29 @@ class GRPOTrainer:
                 sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            if not math.isfinite(sums["grad_norm"]):
+                self._fail(f"the gradient norm is {sums['grad_norm']}", it)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         sums["learning_rate"] = self.scheduler.get_last_lr()[0]
         return sums
+
+    def _fail(self, what: str, iteration: int, where: str = "") -> None:
+        """Stop on a non-finite loss or gradient without stepping the optimizer. In the step's first
+        iteration the weights are still those of the last good step: save them, with the data
+        order and RNG as they were when this step began, so a resume retries the same step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f"step {self.step + 1} (iteration {iteration}{where})"
+        if iteration == 0:
+            path = self.save(snapshot=self._step_start)
+            saved = f"saved the last good weights to {path}"
+        else:
+            found = ckpt.list_checkpoints(self.out)
+            saved = "the weights already changed in this step, so nothing was saved" + (
+                f"; the last checkpoint is {found[-1]}" if found else ""
+            )
+        raise NonFiniteLossError(f"{what} at {where}; stopped, {saved}")
 
     def accumulate_gradients(self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0):
         """Backward over every micro-batch, scaled so the summed gradient is that of the whole
@@ -273,20 +312,19 @@ class GRPOTrainer:
         old = [None] * len(micro) if old is None else old
         ref = [None] * len(micro) if ref is None else ref
         p = self.params
-        num_items = float(batch.loss_mask.sum()) if p.loss_type in ("dapo", "cispo") else None
-        scale = 1.0 if num_items is not None else 1.0 / len(micro)
+        # Clamped: a batch whose completions were all truncated has no loss tokens, and loss 0.
+        num_items = max(float(batch.loss_mask.sum()), 1.0) if p.loss_type in ("dapo", "cispo") else None
+        n = len(batch.rollouts)
         sums: dict[str, float] = {"loss": 0.0}
-        for k, (_, mb, mask, adv) in enumerate(micro):
+        for k, (rows, mb, mask, adv) in enumerate(micro):
+            # Per-sequence losses: weight each micro-batch by its share of the rows, which is exact
+            # for grpo/sapo/dr_grpo/luspo even when the last micro-batch is smaller.
+            scale = 1.0 if num_items is not None else len(rows) / n
             out = policy_loss(self.model, mb, mask, adv, p, old_logprobs=old[k], ref_logprobs=ref[k],
                               num_items_in_batch=num_items, impl=self.cfg.loss_impl)  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                path = self.save()
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {self.step + 1} (iteration {iteration}, micro-batch {k}); "
-                    f"stopped and saved the last good weights to {path}"
-                )
+                self._fail(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
             loss.backward()
             sums["loss"] += loss.item()
             for name, v in out.metrics.items():
@@ -306,6 +344,7 @@ class GRPOTrainer:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
+            self._step_start = {"sampler": self.sampler.state_dict(), "rng": ckpt.rng_state()}
             batch = self.sample_batch()
             metrics = self.update(batch)
             self.step += 1
@@ -330,16 +369,18 @@ class GRPOTrainer:
         print(summary_line(rows), flush=True)
         return rows
 
-    def save(self) -> Path:
+    def save(self, snapshot: dict[str, Any] | None = None) -> Path:
+        """Checkpoint the state after ``self.step`` steps; ``snapshot`` overrides the data order and
+        RNG states (used when a step fails after it has started sampling)."""
         import yaml
 
+        snapshot = snapshot or {"sampler": self.sampler.state_dict(), "rng": ckpt.rng_state()}
         state = {
             "step": self.step,
             "num_tokens": self.num_tokens,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "rng": ckpt.rng_state(),
+            **snapshot,
         }
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, text)

@@ -106,12 +106,13 @@ def test_micro_batches_sum_to_the_whole_batch_gradient(embedded, tmp_path, loss_
     trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=1, loss_type=loss_type))
     batch = trainer.sample_batch()
     grads = []
-    for size in (16, 4):  # one micro-batch of 16, then four of 4 (equal sizes, so grpo means agree)
+    for size in (16, 4, 6):  # one micro-batch of 16; four of 4; then 6 + 6 + 4 (uneven)
         trainer.cfg.train.per_device_train_batch_size = size
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.accumulate_gradients(batch)
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-7)
     assert grads[0].abs().sum() > 0
 
 
@@ -211,3 +212,50 @@ def test_embedded_default_learns(embedded, tmp_path):
     first = sum(r["reward"] for r in rows[:10]) / 10
     last = sum(r["reward"] for r in rows[-10:]) / 10
     assert last - first >= 0.3, (first, last)
+
+
+def test_all_truncated_batch_trains_with_zero_loss(embedded, tmp_path):
+    rows = GRPOTrainer(_config(embedded, tmp_path, max_steps=1, max_completion_length=2)).train()
+    assert rows[0]["completions/clipped_ratio"] == 1.0 and rows[0]["loss"] == 0.0
+
+
+def test_process_only_rewards_keep_groups_whose_steps_differ(embedded, tmp_path):
+    cfg = _config(
+        embedded, tmp_path, max_steps=1, reward_funcs=["reward_fixtures:answer_digit_steps"], reward_weights=None
+    )
+    row = GRPOTrainer(cfg).train()[0]
+    assert row["frac_reward_zero_std"] < 1.0 and row["dynamic_sampling/kept_groups"] > 0
+
+
+def test_output_dir_with_checkpoints_needs_resume_or_overwrite(embedded, tmp_path):
+    GRPOTrainer(_config(embedded, tmp_path, max_steps=1, overwrite_output_dir=False)).train()
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        GRPOTrainer(_config(embedded, tmp_path, max_steps=1, overwrite_output_dir=False))
+    trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=1, overwrite_output_dir=True))
+    assert trainer.step == 0 and ckpt.list_checkpoints(tmp_path) == []
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(embedded, tmp_path, monkeypatch):
+    trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=2))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteLossError, match="gradient norm is inf at step 1"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0"]
+
+
+def test_conversational_prompts_get_message_completions(embedded, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{a}"}], "answer": str(2 * a)} for a in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    cfg = _config(embedded, tmp_path / "o", max_steps=1, dataset=str(path), prompt_column="messages")
+    trainer = GRPOTrainer(cfg)
+    name, fn = trainer.scorer.funcs[0]
+    trainer.scorer.funcs[0] = (
+        name,
+        lambda prompts, completions, **kw: seen.append(completions[0]) or fn(prompts, completions, **kw),
+    )
+    assert trainer.train()[0]["rewards/format/mean"] >= 0
+    assert isinstance(seen[-1], list) and seen[-1][0]["role"] == "assistant"

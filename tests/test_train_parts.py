@@ -51,6 +51,10 @@ def test_process_advantages_sum_normalized_rewards_of_later_steps():
 def test_zero_std_groups_flags_constant_groups():
     r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.2, 0.2, float("nan"), float("nan")])
     assert zero_std_groups(r, 2).tolist() == [True, False, True, True]
+    assert zero_std_groups(torch.tensor([1.0, float("nan"), 1.0, 1.0, 0.0, float("nan"), 1.0, 1.0]), 4).tolist() == [
+        True,
+        False,
+    ]
     with pytest.raises(ValueError, match="num_generations"):
         zero_std_groups(r[:3], 2)
 
@@ -200,3 +204,17 @@ def test_example_config_is_valid():
     path = Path(__file__).resolve().parents[1] / "examples" / "grpo_gsm8k.yaml"
     cfg = build_config((load_yaml(path), str(path)))
     assert cfg.dataset_config == "main" and cfg.generation_batch_size_total() % cfg.num_generations == 0
+
+
+def test_heads_that_rescale_logits_are_refused():
+    import transformers
+
+    from fastgrpo.policy import check_fusable
+
+    cfg = transformers.Qwen2Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=32)  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(cfg)
+    check_fusable(model)
+    model.config.logits_scaling = 8.0
+    with pytest.raises(ValueError, match="logits_scaling=8.0"):
+        check_fusable(model)
