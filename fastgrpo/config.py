@@ -27,6 +27,7 @@ class ModelConfig:
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16"
     attn_implementation: str = "auto"  # "auto" (flash_attention_2 if installed, else sdpa) or a transformers name
     gradient_checkpointing: bool = True  # recompute activations in the backward instead of keeping them
+    padding_free: bool = False  # update passes pack each micro-batch's real tokens into one row (no padding)
     trust_remote_code: bool = False  # allow custom modelling code from the model directory
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda[:N]"
     loss_impl: str = "auto"  # fused loss implementation: "auto", "triton" or "torch"

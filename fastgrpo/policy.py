@@ -111,9 +111,13 @@ def sequence_inputs(batch: Rollouts) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask.long(), "position_ids": position_ids}
 
 
-def completion_hidden(model, batch: Rollouts) -> torch.Tensor:
+def completion_hidden(model, batch: Rollouts, padding_free: bool = False) -> torch.Tensor:
     """(B, C, H) final hidden states at the positions that predict the completion tokens; the
-    lm_head is never applied here."""
+    lm_head is never applied here. ``padding_free`` runs the backbone on the packed real tokens."""
+    if padding_free:
+        from .packing import packed_completion_hidden
+
+        return packed_completion_hidden(model, batch)
     out = model.base_model(**sequence_inputs(batch), use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     P, C = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
@@ -121,9 +125,11 @@ def completion_hidden(model, batch: Rollouts) -> torch.Tensor:
 
 
 @torch.no_grad()
-def completion_logprobs(model, batch: Rollouts, temperature: float, impl: str = "auto") -> torch.Tensor:
+def completion_logprobs(
+    model, batch: Rollouts, temperature: float, impl: str = "auto", padding_free: bool = False
+) -> torch.Tensor:
     """(B, C) fp32 log p(completion token) under ``model``, without full logits."""
-    hidden = completion_hidden(model, batch)
+    hidden = completion_hidden(model, batch, padding_free)
     weight, bias = lm_head(model)
     return chunked_logprobs(hidden, weight, batch.completion_ids, bias=bias, temperature=temperature, impl=impl)
 
@@ -139,9 +145,10 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None,
     num_items_in_batch: float | None,
     impl: str = "auto",
+    padding_free: bool = False,
 ) -> GRPOLossOutput:
     """The GRPO loss of one micro-batch, from backbone hidden states through the fused op."""
-    hidden = completion_hidden(model, batch)
+    hidden = completion_hidden(model, batch, padding_free)
     weight, bias = lm_head(model)
     return fused_grpo_loss(
         hidden,

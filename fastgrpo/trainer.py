@@ -271,9 +271,9 @@ class GRPOTrainer:
         micro = list(self._micro_batches(batch))
         old = ref = [None] * len(micro)
         if cfg.num_iterations > 1:  # the sampling policy's log-probs, before it moves
-            old = [completion_logprobs(self.model, mb, cfg.temperature, cfg.loss_impl) for _, mb, _, _ in micro]
+            old = [self._logprobs(self.model, mb) for _, mb, _, _ in micro]
         if self.ref_model is not None:
-            ref = [completion_logprobs(self.ref_model, mb, cfg.temperature, cfg.loss_impl) for _, mb, _, _ in micro]
+            ref = [self._logprobs(self.ref_model, mb) for _, mb, _, _ in micro]
         sums: dict[str, float] = {}
         for it in range(cfg.num_iterations):
             for k, v in self.accumulate_gradients(batch, micro, old, ref, it).items():
@@ -287,6 +287,9 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         sums["learning_rate"] = self.scheduler.get_last_lr()[0]
         return sums
+
+    def _logprobs(self, model, mb: Rollouts) -> torch.Tensor:
+        return completion_logprobs(model, mb, self.cfg.temperature, self.cfg.loss_impl, self.cfg.padding_free)
 
     def _fail(self, what: str, iteration: int, where: str = "") -> None:
         """Stop on a non-finite loss or gradient without stepping the optimizer. In the step's first
@@ -321,7 +324,8 @@ class GRPOTrainer:
             # for grpo/sapo/dr_grpo/luspo even when the last micro-batch is smaller.
             scale = 1.0 if num_items is not None else len(rows) / n
             out = policy_loss(self.model, mb, mask, adv, p, old_logprobs=old[k], ref_logprobs=ref[k],
-                              num_items_in_batch=num_items, impl=self.cfg.loss_impl)  # fmt: skip
+                              num_items_in_batch=num_items, impl=self.cfg.loss_impl,
+                              padding_free=self.cfg.padding_free)  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
                 self._fail(f"loss is {loss.item()}", iteration, f", micro-batch {k}")

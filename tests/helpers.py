@@ -67,3 +67,14 @@ def loss_args(inp: dict) -> tuple[tuple, dict]:
     """``grpo_inputs`` output as the positional and policy-log-prob arguments of the fused loss."""
     args = (inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"])
     return args, dict(old_logprobs=inp.get("old_logprobs"), ref_logprobs=inp.get("ref_logprobs"))
+
+
+def train_config(embedded, out, **values):
+    """The embedded preset on the session's embedded model, with small steps (2 prompts x 8)."""
+    from fastgrpo.config import build_config
+    from fastgrpo.toy import EMBEDDED_PRESET
+
+    model, data = embedded
+    base = {**EMBEDDED_PRESET, "model": model, "dataset": data, "output_dir": str(out), "disable_tqdm": True}
+    base.update(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_resample_rounds=1)
+    return build_config((base, "test"), (values, "test overrides"))

@@ -10,10 +10,11 @@ import torch
 
 from fastgrpo import checkpoint as ckpt
 from fastgrpo.cli import main
-from fastgrpo.config import build_config
 from fastgrpo.policy import completion_logprobs
 from fastgrpo.tracking import read_metrics
 from fastgrpo.trainer import GRPOTrainer, NonFiniteLossError
+
+from helpers import train_config
 
 # Small steps: 2 prompts x 8 completions, two micro-batches.
 FAST = [
@@ -27,31 +28,8 @@ REQUIRED_METRICS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    """The embedded base model and data, built once for the module in a private cache."""
-    import os
-
-    from fastgrpo.toy import prepare_embedded
-
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("FASTGRPO_CACHE")
-    os.environ["FASTGRPO_CACHE"] = str(cache)
-    model_dir, data = prepare_embedded(cache / "embedded", seed=0)
-    yield str(model_dir), str(data)
-    if old is None:
-        os.environ.pop("FASTGRPO_CACHE")
-    else:
-        os.environ["FASTGRPO_CACHE"] = old
-
-
 def _config(embedded, out, **values):
-    from fastgrpo.toy import EMBEDDED_PRESET
-
-    model, data = embedded
-    base = {**EMBEDDED_PRESET, "model": model, "dataset": data, "output_dir": str(out), "disable_tqdm": True}
-    base.update(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_resample_rounds=1)
-    return build_config((base, "test"), (values, "test overrides"))
+    return train_config(embedded, out, **values)
 
 
 def test_embedded_default_writes_every_output(embedded, tmp_path, capsys):
