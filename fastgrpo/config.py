@@ -132,8 +132,8 @@ class Config:
         return self.train.per_device_train_batch_size * self.train.gradient_accumulation_steps
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+SECTIONS = tuple(_SECTION_CLASSES)
 FIELD_SECTIONS: dict[str, str] = {}
 for _section, _cls in _SECTION_CLASSES.items():
     for _f in dataclasses.fields(_cls):

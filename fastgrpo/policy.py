@@ -13,6 +13,7 @@ import torch
 from .generation import Rollouts
 from .loss import GRPOLossParams
 from .ops import GRPOLossOutput, chunked_logprobs, fused_grpo_loss
+from .packing import packed_completion_hidden
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,8 +116,6 @@ def completion_hidden(model, batch: Rollouts, padding_free: bool = False) -> tor
     """(B, C, H) final hidden states at the positions that predict the completion tokens; the
     lm_head is never applied here. ``padding_free`` runs the backbone on the packed real tokens."""
     if padding_free:
-        from .packing import packed_completion_hidden
-
         return packed_completion_hidden(model, batch)
     out = model.base_model(**sequence_inputs(batch), use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -20,13 +20,16 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .data import format_prompt as chat_prompt
+from .generation import HFGenerator
+from .rewards import accuracy_reward, extract_answer, format_reward
 
 if TYPE_CHECKING:
     import transformers
@@ -58,8 +61,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-FORMAT_RE = re.compile(r"^<think>.*?</think><answer>.*?</answer>$", re.DOTALL)
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 # Warm-up data noise (see answer_distribution). The data is right 35% of the time and no wrong value
 # gets more than about 0.12, so the right answer is the clear mode; the fitted model comes out a bit
@@ -180,20 +181,14 @@ def write_dataset(path: str | Path, n: int, seed: int) -> Path:
     return path
 
 
-def extract_answer(completion: str) -> str | None:
-    """The stripped text inside the first ``<answer>...</answer>``, or None if there is none."""
-    match = ANSWER_RE.search(completion)
-    return match.group(1).strip() if match else None
-
-
 def is_correct(completion: str, answer: str) -> bool:
-    """Whether the extracted answer equals the gold answer."""
-    return extract_answer(completion) == str(answer).strip()
+    """Whether the completion earns the trainer's ``accuracy`` reward for ``answer``."""
+    return accuracy_reward([""], [completion], answer=[answer]) == [1.0]
 
 
 def is_well_formatted(completion: str) -> bool:
-    """Whether the completion is exactly ``<think>...</think><answer>...</answer>``."""
-    return FORMAT_RE.match(completion) is not None
+    """Whether the completion earns the trainer's ``format`` reward."""
+    return format_reward([""], [completion]) == [1.0]
 
 
 def answer_distribution(a: int, b: int, p_correct: float = P_CORRECT, p_near: float = P_NEAR) -> dict[int, float]:
@@ -238,10 +233,8 @@ def noisy_completion(
 
 
 def _prompt_text(tokenizer: Any, prompt: str) -> str:
-    """The chat-templated generation prompt for one user message, as the trainer would render it."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    """The chat-templated generation prompt for one user message, rendered by the trainer's own code."""
+    return chat_prompt(tokenizer, prompt, None)
 
 
 # --------------------------------------------------------------------------------------- base model
@@ -441,13 +434,8 @@ def sample_completions(
     """``num_samples`` decoded completions per prompt, via HF ``generate`` on left-padded chat prompts."""
     import torch
 
-    texts = [_prompt_text(tokenizer, p) for p in prompts]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = old_side
+    ids, mask = HFGenerator(model, tokenizer).tokenize_prompts([_prompt_text(tokenizer, p) for p in prompts])
+    enc = {"input_ids": ids, "attention_mask": mask.long()}
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=num_samples)

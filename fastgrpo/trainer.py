@@ -82,14 +82,14 @@ class GRPOTrainer:
         self.resume_path = None
         if cfg.resume_from_checkpoint:
             self.resume_path = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.out)
-        elif ckpt.list_checkpoints(self.out):
+        elif earlier := ckpt.list_checkpoints(self.out):
             # A fresh run would interleave with (and rotate away against) an earlier run's checkpoints.
             if not cfg.overwrite_output_dir:
                 raise ValueError(
                     f"output_dir {str(self.out)!r} holds checkpoints of an earlier run; pass "
                     "--resume_from_checkpoint latest to continue it or --overwrite_output_dir true to start afresh"
                 )
-            for path in ckpt.list_checkpoints(self.out):
+            for path in earlier:
                 shutil.rmtree(path)
         load = dict(dtype=dtype, device=self.device, attn_implementation=cfg.attn_implementation,
                     trust_remote_code=cfg.trust_remote_code)  # fmt: skip
@@ -143,40 +143,41 @@ class GRPOTrainer:
     def _preflight_rewards(self) -> None:
         """Call every reward function once on the first prompt with a one-token placeholder completion, so one
         that raises or returns the wrong number of values fails before any model is loaded."""
+        G = self.cfg.num_generations
+        rows = self.dataset[:1]  # column -> list of one value
+        try:
+            self._score(rows, ["0"] * G, [[0] for _ in range(G)], [False] * G)
+        except RuntimeError as e:
+            raise ValueError(f"{e} (on a placeholder completion, before training)") from e
+
+    def _score(self, rows: dict[str, list], completions: list[str], ids: list[list[int]], truncated: list[bool]):
+        """Reward G completions per dataset row: every column repeated per completion, plus
+        ``answer``, ``completion_ids`` and ``truncated``; conversational prompts get message-list
+        completions, as TRL passes them."""
         cfg, G = self.cfg, self.cfg.num_generations
-        row = self.dataset[0]
-        columns = {k: [v] * G for k, v in row.items()}
+        columns = {k: [v for v in vals for _ in range(G)] for k, vals in rows.items()}
         if cfg.answer_column is not None:
             columns["answer"] = columns[cfg.answer_column]
-        columns.update(completion_ids=[[0] for _ in range(G)], truncated=[False] * G)
-        try:
-            placeholder = "0" if isinstance(row[cfg.prompt_column], str) else [{"role": "assistant", "content": "0"}]
-            self.scorer(columns[cfg.prompt_column], [placeholder] * G, columns)
-        except RuntimeError as e:
-            raise ValueError(f"{e} (on an empty completion, before training)") from e
+        columns["completion_ids"] = ids
+        columns["truncated"] = truncated
+        prompts = columns[cfg.prompt_column]
+        if prompts and not isinstance(prompts[0], str):
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
+        return self.scorer(prompts, completions, columns)
 
     # ---- sample and score -------------------------------------------------------------------
 
     def _sample_round(self, n_prompts: int) -> dict[str, Any]:
         cfg = self.cfg
         rows = self.dataset[self.sampler.take(n_prompts)]  # column -> list
-        G = cfg.num_generations
-        prompts = rows[cfg.prompt_column]
-        texts = [format_prompt(self.tokenizer, p, cfg.system_prompt) for p in prompts]
+        texts = [format_prompt(self.tokenizer, p, cfg.system_prompt) for p in rows[cfg.prompt_column]]
         ro = self.generator.generate(texts, self.sampling)
         ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
         completions = self.tokenizer.batch_decode(
             [[t for t in x if t not in self.generator.eos_token_ids] for x in ids], skip_special_tokens=True
         )
-        columns = {k: [v for v in vals for _ in range(G)] for k, vals in rows.items()}
-        if cfg.answer_column is not None:
-            columns["answer"] = columns[cfg.answer_column]
-        columns["completion_ids"] = ids
-        columns["truncated"] = ro.truncated.tolist()
-        if prompts and not isinstance(prompts[0], str):  # conversational data: messages, as TRL passes them
-            completions = [[{"role": "assistant", "content": c}] for c in completions]
-        scored = self.scorer(columns[cfg.prompt_column], completions, columns)
-        return {"rollouts": ro, "scored": scored, "completions": completions}
+        scored = self._score(rows, completions, ids, ro.truncated.tolist())
+        return {"rollouts": ro, "scored": scored, "no_signal": self._no_signal(scored)}
 
     def sample_batch(self) -> Batch:
         """Sample, score and (with dynamic sampling) keep only groups whose rewards differ,
@@ -187,8 +188,7 @@ class GRPOTrainer:
         for _ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
             r = self._sample_round(need)
             rounds.append(r)
-            zero = self._no_signal(r["scored"])
-            keep = ~zero if cfg.dynamic_sampling else torch.ones_like(zero)
+            keep = ~r["no_signal"] if cfg.dynamic_sampling else torch.ones_like(r["no_signal"])
             groups = keep.nonzero().flatten().tolist()[:need]
             kept += [(len(rounds) - 1, g) for g in groups]
             need -= len(groups)
@@ -231,7 +231,7 @@ class GRPOTrainer:
         per_func = torch.cat([r["scored"].per_func for r in rounds])
         lengths = torch.cat([r["rollouts"].completion_mask.sum(1) for r in rounds]).float()
         truncated = torch.cat([r["rollouts"].truncated for r in rounds]).float()
-        zero = torch.cat([self._no_signal(r["scored"]) for r in rounds])
+        zero = torch.cat([r["no_signal"] for r in rounds])
         valid = rewards[~torch.isnan(rewards)]
         m = {
             "reward": valid.mean().item() if valid.numel() else float("nan"),
@@ -348,7 +348,7 @@ class GRPOTrainer:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
-            self._step_start = {"sampler": self.sampler.state_dict(), "rng": ckpt.rng_state()}
+            self._step_start = self._data_and_rng_state()
             batch = self.sample_batch()
             metrics = self.update(batch)
             self.step += 1
@@ -378,7 +378,7 @@ class GRPOTrainer:
         RNG states (used when a step fails after it has started sampling)."""
         import yaml
 
-        snapshot = snapshot or {"sampler": self.sampler.state_dict(), "rng": ckpt.rng_state()}
+        snapshot = snapshot or self._data_and_rng_state()
         state = {
             "step": self.step,
             "num_tokens": self.num_tokens,
@@ -390,6 +390,9 @@ class GRPOTrainer:
         path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, text)
         ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit)
         return path
+
+    def _data_and_rng_state(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "rng": ckpt.rng_state()}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.step, self.num_tokens = int(state["step"]), int(state["num_tokens"])
