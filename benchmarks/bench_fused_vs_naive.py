@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import device_name, git_commit, version
 
 import fastgrpo
 from fastgrpo.reference import reference_grpo_loss
@@ -37,7 +35,6 @@ RUN_ORDER = ("naive", "fused-torch", "fused-triton", "gemm-floor")  # the naive 
 HYPER = dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="dapo")
 PARAMS = fastgrpo.GRPOLossParams(**HYPER)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -243,26 +240,9 @@ def markdown(rows, device):
     return "\n".join(lines)
 
 
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    commit_file = REPO / "COMMIT"
-    return commit_file.read_text().strip() if commit_file.is_file() else "unknown"
-
-
 def metadata(device, dtype, args):
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     return dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        device=device_name(device),
         torch=torch.__version__,
         triton=version("triton"),
         python=sys.version.split()[0],

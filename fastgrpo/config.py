@@ -25,9 +25,20 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 class ModelConfig:
     model: str | None = None  # hub id or local directory; None = the embedded offline default
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16"
-    attn_implementation: str = "auto"  # "auto" (flash_attention_2 if installed, else sdpa) or a transformers name
+    attn_implementation: str = (
+        "auto"  # "auto" (flash_attention_2 if installed, else sdpa_varlen) or a transformers name
+    )
     gradient_checkpointing: bool = True  # recompute activations in the backward instead of keeping them
-    padding_free: bool = False  # update passes pack each micro-batch's real tokens into one row (no padding)
+    offload_activations: bool = False  # checkpointed layer inputs wait for the backward in (pinned) CPU memory
+    padding_free: bool | None = None  # micro-batch as one packed row; None = auto (on where no dense mask is needed)
+    use_liger_body: bool | None = (
+        None  # Liger RMSNorm/SwiGLU/RoPE kernels in the body; None = auto (on CUDA when installed)
+    )
+    use_peft: bool = False  # train LoRA adapters (pip install fastgrpo[lora]); the reference is the base, adapters off
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (scale = lora_alpha / lora_r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    lora_target_modules: list[str] | None = None  # module names to adapt; None = every linear layer of the body
     trust_remote_code: bool = False  # allow custom modelling code from the model directory
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda[:N]"
     loss_impl: str = "auto"  # fused loss implementation: "auto", "triton" or "torch"
@@ -89,7 +100,10 @@ class TrainConfig:
     output_dir: str = "fastgrpo-output"  # metrics, plots, checkpoints and the resolved config go here
     max_steps: int = -1  # optimizer steps; -1 = num_train_epochs passes over the prompts
     num_train_epochs: float = 1.0  # used when max_steps is -1
-    per_device_train_batch_size: int = 8  # completions per micro-batch
+    per_device_train_batch_size: int = 8  # completions per micro-batch (when max_tokens_per_microbatch is None)
+    max_tokens_per_microbatch: int | None = (
+        None  # token budget per micro-batch, sequences grouped by length; None = off
+    )
     gradient_accumulation_steps: int = 4  # micro-batches per optimizer step; generation batch = their product
     learning_rate: float = 1e-6  # peak AdamW learning rate
     lr_scheduler_type: str = "linear"  # one of LR_SCHEDULERS
@@ -168,6 +182,8 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        # Optional switches read None as "auto": let users write that too.
+        is_none = is_none or (bool in args and isinstance(value, str) and value.lower() == "auto")
         if is_none and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
@@ -311,6 +327,16 @@ def validate(cfg: Config) -> None:
     _check(t.max_steps == -1 or t.max_steps > 0, f"max_steps must be > 0 or -1, got {t.max_steps}")
     _check(t.num_train_epochs > 0, f"num_train_epochs must be > 0, got {t.num_train_epochs}")
     _check(t.per_device_train_batch_size > 0, "per_device_train_batch_size must be > 0")
+    _check(
+        t.max_tokens_per_microbatch is None or t.max_tokens_per_microbatch > 0,
+        f"max_tokens_per_microbatch must be > 0 or None, got {t.max_tokens_per_microbatch}",
+    )
+    _check(
+        m.gradient_checkpointing or not m.offload_activations,
+        "offload_activations needs gradient_checkpointing: true (it offloads the checkpointed layer inputs)",
+    )
+    _check(m.lora_r > 0, f"lora_r must be > 0, got {m.lora_r}")
+    _check(0 <= m.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {m.lora_dropout}")
     _check(t.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be > 0")
     total = cfg.generation_batch_size_total()
     _check(

@@ -1,8 +1,9 @@
 """Padding-free backbone passes: a micro-batch's sequences packed into one row.
 
 Each sequence keeps only its real tokens; ``position_ids`` restart at 0 for every sequence, which
-is how transformers recognizes packed rows (flash-attention varlen on GPU, a block-diagonal mask
-with sdpa). Only the hidden states that predict completion tokens come back, scattered into the
+is how transformers recognizes packed rows: flash-attention varlen when installed, else our
+``sdpa_varlen`` (one SDPA call per sequence; plain ``sdpa`` would build a dense block-diagonal
+mask). Only the hidden states that predict completion tokens come back, scattered into the
 (B, C, H) layout the fused loss takes, so loss semantics are unchanged.
 """
 
@@ -47,7 +48,9 @@ def packed_completion_hidden(model, batch: Rollouts) -> torch.Tensor:
         raise ValueError("padding-free packing needs at least one prompt token per sequence")
     packed = pack_rollouts(batch)
     # No attention_mask: transformers then derives sequence boundaries from the restarting position ids.
-    out = model.base_model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    from .policy import backbone
+
+    out = backbone(model)(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     states = hidden[0, packed.predict_index]  # (M, H)
     B, C = batch.completion_ids.shape

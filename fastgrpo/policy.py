@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .attention import NAME as SDPA_VARLEN
+from .attention import register as register_attention
 from .generation import Rollouts
 from .loss import GRPOLossParams
 from .ops import GRPOLossOutput, chunked_logprobs, fused_grpo_loss
@@ -50,7 +52,7 @@ def resolve_attn_implementation(spec: str, device: torch.device) -> str:
         return spec
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return SDPA_VARLEN
 
 
 def load_model_and_tokenizer(
@@ -61,6 +63,7 @@ def load_model_and_tokenizer(
     import transformers
 
     check_model_path(name)
+    register_attention()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -99,8 +102,18 @@ def check_fusable(model) -> None:
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head)")
 
 
+def unwrap(model):
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone(model):
+    """The decoder stack without the lm_head (``Qwen2Model`` of a ``Qwen2ForCausalLM``)."""
+    return unwrap(model).base_model
+
+
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
 
@@ -117,7 +130,7 @@ def completion_hidden(model, batch: Rollouts, padding_free: bool = False) -> tor
     lm_head is never applied here. ``padding_free`` runs the backbone on the packed real tokens."""
     if padding_free:
         return packed_completion_hidden(model, batch)
-    out = model.base_model(**sequence_inputs(batch), use_cache=False)
+    out = backbone(model)(**sequence_inputs(batch), use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     P, C = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     return hidden[:, P - 1 : P + C - 1]

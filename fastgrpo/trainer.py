@@ -8,7 +8,6 @@ over it. The loss always goes through ``fastgrpo.fused_grpo_loss`` on backbone h
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import shutil
@@ -24,23 +23,16 @@ from .config import Config, save_yaml
 from .data import PromptSampler, format_prompt, load_prompt_dataset
 from .generation import HFGenerator, Rollouts, SamplingParams
 from .loss import GRPOLossParams
-from .policy import completion_logprobs, load_model_and_tokenizer, policy_loss, resolve_device, resolve_dtype
+from .memory import format_plan, memory_plan, release_cached_memory
+from .modeling import build_models
+from .policy import resolve_device, resolve_dtype
 from .rewards import RewardScorer, build_reward_functions
 from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
+from .update import Batch, Updater
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-@dataclasses.dataclass
-class Batch:
-    """A generation batch ready for the update: kept groups only."""
-
-    rollouts: Rollouts
-    loss_mask: torch.Tensor  # (N, C) bool
-    advantages: torch.Tensor  # (N,) or (N, C) float32
-    metrics: dict[str, float]
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
@@ -91,21 +83,10 @@ class GRPOTrainer:
                 )
             for path in earlier:
                 shutil.rmtree(path)
-        load = dict(dtype=dtype, device=self.device, attn_implementation=cfg.attn_implementation,
-                    trust_remote_code=cfg.trust_remote_code)  # fmt: skip
-        self.model, self.tokenizer = load_model_and_tokenizer(str(self.resume_path or cfg.model.model), **load)
-        self.ref_model = None
-        if cfg.beta > 0:  # the reference is the initial policy, also after a resume
-            ref, _ = load_model_and_tokenizer(cfg.model.model, **load)
-            self.ref_model = ref.eval().requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.model.config.use_cache = False
-        self.model.train()
+        self.model, self.ref_model, self.tokenizer, self.model_info = build_models(cfg, self.device, dtype,
+                                                                                   self.resume_path)  # fmt: skip
+        cfg.model.padding_free = self.model_info["padding_free"]  # resolved; config.yaml records it
+        cfg.model.use_liger_body = bool(self.model_info["liger_body"])
         self.generator = HFGenerator(self.model, self.tokenizer, cfg.max_prompt_length)
         self.sampling = SamplingParams(
             cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k,
@@ -124,15 +105,16 @@ class GRPOTrainer:
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
         total_updates = self.max_steps * cfg.num_iterations
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )  # fmt: skip
+        self.updater = Updater(self.model, self.ref_model, self.params, cfg, self._fail)
+        self.optimizer = self.updater.optimizer
         warmup = math.ceil(cfg.warmup_ratio * total_updates)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, total_updates)
         )
+        self.updater.scheduler = self.scheduler
+        self.memory_plan = memory_plan(self.model, cfg, self.model_info, self.ref_model)
+        if self.device.type == "cuda":
+            print(format_plan(self.memory_plan, self.model_info), flush=True)
         self.step, self.num_tokens = 0, 0
         if self.resume_path is not None:
             self._load_state(ckpt.load_trainer_state(self.resume_path))
@@ -254,43 +236,6 @@ class GRPOTrainer:
         m["_tokens"] = seq_tokens
         return m
 
-    # ---- update -----------------------------------------------------------------------------
-
-    def _micro_batches(self, batch: Batch):
-        n, size = len(batch.rollouts), self.cfg.per_device_train_batch_size
-        for start in range(0, n, size):
-            rows = torch.arange(start, min(start + size, n))
-            mb = batch.rollouts.select(rows).trim()
-            width = mb.completion_ids.shape[1]
-            adv = batch.advantages[rows]
-            yield rows, mb, batch.loss_mask[rows][:, :width], adv if adv.dim() == 1 else adv[:, :width]
-
-    def update(self, batch: Batch) -> dict[str, float]:
-        """``num_iterations`` optimizer updates over the batch; returns averaged metrics."""
-        cfg = self.cfg
-        micro = list(self._micro_batches(batch))
-        old = ref = [None] * len(micro)
-        if cfg.num_iterations > 1:  # the sampling policy's log-probs, before it moves
-            old = [self._logprobs(self.model, mb) for _, mb, _, _ in micro]
-        if self.ref_model is not None:
-            ref = [self._logprobs(self.ref_model, mb) for _, mb, _, _ in micro]
-        sums: dict[str, float] = {}
-        for it in range(cfg.num_iterations):
-            for k, v in self.accumulate_gradients(batch, micro, old, ref, it).items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-            if not math.isfinite(sums["grad_norm"]):
-                self._fail(f"the gradient norm is {sums['grad_norm']}", it)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        sums["learning_rate"] = self.scheduler.get_last_lr()[0]
-        return sums
-
-    def _logprobs(self, model, mb: Rollouts) -> torch.Tensor:
-        return completion_logprobs(model, mb, self.cfg.temperature, self.cfg.loss_impl, self.cfg.padding_free)
-
     def _fail(self, what: str, iteration: int, where: str = "") -> None:
         """Stop on a non-finite loss or gradient without stepping the optimizer. In the step's first
         iteration the weights are still those of the last good step: save them, with the data
@@ -307,34 +252,6 @@ class GRPOTrainer:
             )
         raise NonFiniteLossError(f"{what} at {where}; stopped, {saved}")
 
-    def accumulate_gradients(self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0):
-        """Backward over every micro-batch, scaled so the summed gradient is that of the whole
-        generation batch: dapo/cispo divide by its completion tokens (TRL's ``num_items_in_batch``),
-        the other loss types average their per-micro-batch losses."""
-        micro = list(self._micro_batches(batch)) if micro is None else micro
-        old = [None] * len(micro) if old is None else old
-        ref = [None] * len(micro) if ref is None else ref
-        p = self.params
-        # Clamped: a batch whose completions were all truncated has no loss tokens, and loss 0.
-        num_items = max(float(batch.loss_mask.sum()), 1.0) if p.loss_type in ("dapo", "cispo") else None
-        n = len(batch.rollouts)
-        sums: dict[str, float] = {"loss": 0.0}
-        for k, (rows, mb, mask, adv) in enumerate(micro):
-            # Per-sequence losses: weight each micro-batch by its share of the rows, which is exact
-            # for grpo/sapo/dr_grpo/luspo even when the last micro-batch is smaller.
-            scale = 1.0 if num_items is not None else len(rows) / n
-            out = policy_loss(self.model, mb, mask, adv, p, old_logprobs=old[k], ref_logprobs=ref[k],
-                              num_items_in_batch=num_items, impl=self.cfg.loss_impl,
-                              padding_free=self.cfg.padding_free)  # fmt: skip
-            loss = out.loss * scale
-            if not torch.isfinite(loss):
-                self._fail(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
-            loss.backward()
-            sums["loss"] += loss.item()
-            for name, v in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + v.item() / len(micro)
-        return sums
-
     # ---- loop, checkpoints ------------------------------------------------------------------
 
     def train(self) -> list[dict[str, Any]]:
@@ -344,13 +261,15 @@ class GRPOTrainer:
         bar = tqdm(
             total=self.max_steps, initial=self.step, disable=cfg.disable_tqdm, desc="fastgrpo", dynamic_ncols=True
         )
+        first_logged = False
         while self.step < self.max_steps:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
             self._step_start = self._data_and_rng_state()
             batch = self.sample_batch()
-            metrics = self.update(batch)
+            release_cached_memory(self.device)  # the KV cache is garbage now: give its blocks back before the update
+            metrics = self.updater.update(batch)
             self.step += 1
             dt = time.perf_counter() - t0
             tokens = batch.metrics.pop("_tokens")
@@ -358,6 +277,9 @@ class GRPOTrainer:
             row = {"step": self.step, **batch.metrics, **metrics, "num_tokens": self.num_tokens,
                    "tokens_per_second": tokens / dt, "step_time": dt,
                    "peak_memory_gb": peak_memory_gb(self.device)}  # fmt: skip
+            if not first_logged:  # the estimate next to the measured peak of the first step
+                row.update({f"memory/plan_{k}": v for k, v in self.memory_plan.items()})
+                first_logged = True
             self.log.write(row)
             bar.set_postfix(
                 reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}", len=f"{row['completions/mean_length']:.0f}"

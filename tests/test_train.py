@@ -87,7 +87,7 @@ def test_micro_batches_sum_to_the_whole_batch_gradient(embedded, tmp_path, loss_
     for size in (16, 4, 6):  # one micro-batch of 16; four of 4; then 6 + 6 + 4 (uneven)
         trainer.cfg.train.per_device_train_batch_size = size
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.accumulate_gradients(batch)
+        trainer.updater.accumulate_gradients(batch)
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-7)
@@ -124,7 +124,7 @@ def test_custom_rewards_with_none_and_process_steps(embedded, tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_checkpoint(embedded, tmp_path, monkeypatch):
-    import fastgrpo.trainer as T
+    import fastgrpo.update as T
 
     trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=3))
     real = T.policy_loss

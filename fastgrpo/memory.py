@@ -1,0 +1,94 @@
+"""The memory plan printed at the start of a CUDA run, and releasing sampling memory.
+
+The plan is an estimate from the config and the model's shapes, written next to the measured peak
+(``peak_memory_gb`` in every metrics row) so a user sees where the bytes go before a long run
+ends in an out-of-memory error at step 1.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+GB = 2**30
+
+
+def _text_config(model):
+    from .policy import unwrap
+
+    config = unwrap(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def tokens_per_microbatch(cfg) -> tuple[int, int]:
+    """(sequence tokens, completion tokens) the largest micro-batch may hold under the config."""
+    completion = cfg.max_completion_length
+    prompt = cfg.max_prompt_length or 512  # uncut prompts: a guess, as their length is unknown here
+    if cfg.max_tokens_per_microbatch is not None:
+        tokens = max(cfg.max_tokens_per_microbatch, prompt + completion)  # one sequence is never split
+        return tokens, min(tokens, completion * max(1, tokens // (prompt + completion)))
+    rows = cfg.per_device_train_batch_size
+    return rows * (prompt + completion), rows * completion
+
+
+def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
+    """Estimated GiB: weights (policy and reference copy), gradients, AdamW state, activations
+    of one micro-batch at the configured lengths, and the fused loss's buffers; plus what full
+    fp32 logits would take, which the fused loss never allocates."""
+    c = _text_config(model)
+    H, inter, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    head_dim = getattr(c, "head_dim", None) or H // c.num_attention_heads
+    kv = 2 * head_dim * (getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+    params = [p for p in model.parameters()]
+    trainable = [p for p in params if p.requires_grad]
+    b = params[0].element_size()
+    T, M = tokens_per_microbatch(cfg)
+    # One layer's tensors kept for its backward: q/o/residuals/norms (~6H), k/v, and the MLP's
+    # gate/up/activation/product (~4I). Checkpointing keeps only each layer's input, and then one
+    # layer's worth (with its gradients) while it is recomputed.
+    per_layer = T * b * (6 * H + kv + 4 * inter)
+    if cfg.gradient_checkpointing:
+        kept = 0 if cfg.offload_activations else L * T * H * b
+        activations = kept + 2 * per_layer
+    else:
+        activations = L * per_layer
+    head = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
+    head_trainable = head is not None and head.requires_grad
+    loss = M * H * 4 + (V * H * 4 if head_trainable else 0)  # fp32 dHidden, fp32 dWeight accumulator
+    plan = {
+        "weights_gb": sum(p.numel() * p.element_size() for p in params) / GB,
+        "ref_weights_gb": 0.0
+        if ref_model is None
+        else sum(p.numel() * p.element_size() for p in ref_model.parameters()) / GB,
+        "gradients_gb": sum(p.numel() * p.element_size() for p in trainable) / GB,
+        "optimizer_gb": 2 * sum(p.numel() * p.element_size() for p in trainable) / GB,
+        "activations_gb": activations / GB,
+        "loss_gb": loss / GB,
+        "tokens_per_microbatch": float(T),
+        "full_logits_gb": M * V * 4 / GB,
+    }
+    plan["total_gb"] = sum(plan[k] for k in ("weights_gb", "ref_weights_gb", "gradients_gb", "optimizer_gb",
+                                               "activations_gb", "loss_gb"))  # fmt: skip
+    return plan
+
+
+def format_plan(plan: dict[str, float], info: dict | None = None) -> str:
+    parts = [f"{k[:-3]} {plan[k]:.2f}" for k in ("weights_gb", "ref_weights_gb", "gradients_gb", "optimizer_gb",
+                                                  "activations_gb", "loss_gb")]  # fmt: skip
+    line = (
+        f"memory plan (GiB): {', '.join(parts)}; total {plan['total_gb']:.2f} at "
+        f"{plan['tokens_per_microbatch']:.0f} tokens per micro-batch "
+        f"(full logits would add {plan['full_logits_gb']:.2f})"
+    )
+    if info:
+        line += "\n" + ", ".join(f"{k}={v}" for k, v in info.items())
+    return line
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """After sampling: the KV cache is unreachable but its blocks stay in the caching allocator,
+    where the update's differently sized tensors cannot reuse them; hand them back."""
+    if device.type == "cuda":
+        gc.collect()  # reference cycles in generate's outputs can hold cache tensors
+        torch.cuda.empty_cache()

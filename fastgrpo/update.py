@@ -1,0 +1,187 @@
+"""The update phase: micro-batches, old/reference log-probs, gradient accumulation, optimizer steps.
+
+Kept apart from sampling so the same code serves ``fastgrpo train`` and the update-step benchmark
+(``benchmarks/bench_train.py``), which feeds it synthetic rollouts of chosen lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from .generation import Rollouts
+from .loss import GRPOLossParams
+from .policy import completion_logprobs, policy_loss
+
+# Loss types normalized by the generation batch's completion tokens (TRL's num_items_in_batch),
+# which makes any micro-batch split give exactly the whole batch's gradient.
+NUM_ITEMS_NORMALIZED = ("dapo", "cispo")
+
+
+@dataclasses.dataclass
+class Batch:
+    """A generation batch ready for the update: kept groups only."""
+
+    rollouts: Rollouts
+    loss_mask: torch.Tensor  # (N, C) bool
+    advantages: torch.Tensor  # (N,) or (N, C) float32
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    rows: torch.Tensor  # (n,) int64 rows of the generation batch
+    rollouts: Rollouts  # trimmed to its own longest prompt and completion
+    loss_mask: torch.Tensor  # (n, C') bool
+    advantages: torch.Tensor  # (n,) or (n, C') float32
+
+
+def plan_micro_batches(
+    prompt_lens: list[int],
+    completion_lens: list[int],
+    max_rows: int,
+    max_tokens: int | None,
+    packed: bool,
+) -> list[list[int]]:
+    """Row groups for the micro-batches of one generation batch.
+
+    Without ``max_tokens``: consecutive groups of ``max_rows``. With it: sequences sorted by
+    length and placed first-fit into micro-batches whose cost stays within ``max_tokens``, where
+    the cost is what the backbone pass processes: the sum of the real lengths when ``packed``,
+    rows x (longest prompt + longest completion) when padded. A sequence longer than the budget
+    gets a micro-batch of its own (sequences are never split).
+    """
+    n = len(prompt_lens)
+    if max_tokens is None:
+        return [list(range(s, min(s + max_rows, n))) for s in range(0, n, max_rows)]
+    order = sorted(range(n), key=lambda i: (-(prompt_lens[i] + completion_lens[i]), i))
+    bins: list[list[int]] = []
+    state: list[tuple[int, int, int]] = []  # per bin: (sum of lengths, longest prompt, longest completion)
+
+    def cost(total: int, p: int, c: int, rows: int) -> int:
+        return total if packed else rows * (p + c)
+
+    for i in order:
+        p, c = prompt_lens[i], completion_lens[i]
+        for b, (total, mp, mc) in enumerate(state):
+            new = (total + p + c, max(mp, p), max(mc, c))
+            if cost(*new, len(bins[b]) + 1) <= max_tokens:
+                bins[b].append(i)
+                state[b] = new
+                break
+        else:
+            bins.append([i])
+            state.append((p + c, p, c))
+    return [sorted(b) for b in bins]
+
+
+class Updater:
+    """Owns the optimizer and scheduler; ``update(batch)`` runs ``num_iterations`` steps.
+
+    ``cfg`` is the trainer's ``Config`` (read live, so tests may change the micro-batch size).
+    ``ref_model`` is a frozen copy, or None: then, with ``beta > 0``, the reference is the policy
+    with its LoRA adapters disabled. ``on_nonfinite(what, iteration, where)`` must raise.
+    """
+
+    def __init__(self, model, ref_model, params: GRPOLossParams, cfg, on_nonfinite: Callable[..., None]):
+        self.model, self.ref_model, self.params, self.cfg = model, ref_model, params, cfg
+        self.on_nonfinite = on_nonfinite
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )  # fmt: skip
+        self.scheduler = None  # set by the trainer once the number of updates is known
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.cfg.model.padding_free)
+
+    def micro_batches(self, batch: Batch) -> list[MicroBatch]:
+        ro = batch.rollouts
+        groups = plan_micro_batches(
+            ro.prompt_mask.sum(1).tolist(), ro.completion_mask.sum(1).tolist(),
+            self.cfg.per_device_train_batch_size, self.cfg.max_tokens_per_microbatch, self.packed,
+        )  # fmt: skip
+        out = []
+        for g in groups:
+            rows = torch.tensor(g, dtype=torch.long, device=batch.loss_mask.device)
+            mb = ro.select(rows).trim()
+            width = mb.completion_ids.shape[1]
+            adv = batch.advantages[rows.to(batch.advantages.device)]
+            out.append(
+                MicroBatch(rows, mb, batch.loss_mask[rows][:, :width], adv if adv.dim() == 1 else adv[:, :width])
+            )
+        return out
+
+    def logprobs(self, model, mb: Rollouts) -> torch.Tensor:
+        return completion_logprobs(model, mb, self.cfg.temperature, self.cfg.loss_impl, self.packed)
+
+    def ref_logprobs(self, mb: Rollouts) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.logprobs(self.ref_model, mb)
+        with self.model.disable_adapter():  # LoRA: the base model is the reference, no second copy
+            return self.logprobs(self.model, mb)
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        """``num_iterations`` optimizer updates over the batch; returns averaged metrics."""
+        cfg = self.cfg
+        micro = self.micro_batches(batch)
+        old = ref = [None] * len(micro)
+        if cfg.num_iterations > 1:  # the sampling policy's log-probs, before it moves
+            old = [self.logprobs(self.model, m.rollouts) for m in micro]
+        if cfg.beta > 0:
+            ref = [self.ref_logprobs(m.rollouts) for m in micro]
+        sums: dict[str, float] = {"micro_batches": float(len(micro))}
+        for it in range(cfg.num_iterations):
+            for k, v in self.accumulate_gradients(batch, micro, old, ref, it).items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(sums["grad_norm"]):
+                self.on_nonfinite(f"the gradient norm is {sums['grad_norm']}", it)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            sums["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return sums
+
+    def accumulate_gradients(self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0):
+        """Backward over every micro-batch, scaled so the summed gradient is that of the whole
+        generation batch: dapo/cispo divide by its completion tokens, bnpo weights each
+        micro-batch by its share of them, the per-sequence types by its share of the rows."""
+        micro = self.micro_batches(batch) if micro is None else micro
+        old = [None] * len(micro) if old is None else old
+        ref = [None] * len(micro) if ref is None else ref
+        p = self.params
+        # Clamped: a batch whose completions were all truncated has no loss tokens, and loss 0.
+        tokens = max(float(batch.loss_mask.sum()), 1.0)
+        num_items = tokens if p.loss_type in NUM_ITEMS_NORMALIZED else None
+        n = len(batch.rollouts)
+        sums: dict[str, float] = {"loss": 0.0}
+        for k, m in enumerate(micro):
+            if num_items is not None:
+                scale = 1.0
+            elif p.loss_type == "bnpo":  # the op divides by the micro-batch's own tokens
+                scale = float(m.loss_mask.sum()) / tokens
+            else:  # per-sequence losses (grpo/sapo/dr_grpo/luspo) are means over the micro-batch's rows
+                scale = len(m.rows) / n
+            out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, p, old_logprobs=old[k],
+                              ref_logprobs=ref[k], num_items_in_batch=num_items, impl=self.cfg.loss_impl,
+                              padding_free=self.packed)  # fmt: skip
+            loss = out.loss * scale
+            if not torch.isfinite(loss):
+                self.on_nonfinite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
+            loss.backward()
+            sums["loss"] += loss.item()
+            for name, v in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + v.item() / len(micro)
+        return sums
