@@ -4,7 +4,9 @@
 #   OUT=/path/to/results bash benchmarks/gpu_run.sh [extra bench_fused_vs_naive.py args...]
 #
 # Writes to $OUT: env.txt (GPU, versions, commit), pip_install.txt, gpu_tests.txt (pytest -m gpu),
-# bench.txt + fused_vs_naive.{json,md} (benchmark) and exit_codes.txt. A failing test run does not
+# bench.txt + fused_vs_naive.{json,md} (loss benchmark), train_*.txt + bench_train_*.{json,md} (update-step
+# benchmark: Qwen2.5-1.5B full-parameter and Qwen2.5-7B LoRA shapes, packing on/off, longest length
+# that fits; skip with SKIP_TRAIN_BENCH=1) and exit_codes.txt. A failing test run does not
 # stop the benchmark; the script exits non-zero if either failed. The image has torch preinstalled
 # and no network: the package is installed editable with --no-deps --no-build-isolation --no-index
 # (`kernels/` only exists as `fastgrpo.kernels` through that install, so it must succeed).
@@ -76,4 +78,16 @@ python benchmarks/bench_fused_vs_naive.py --out "$OUT" "$@" 2>&1 | tee "$OUT/ben
 bench_rc=${PIPESTATUS[0]}
 record bench "$bench_rc"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+# ------------------------------------------------------------------ update-step benchmark (issue 4)
+train_rc=0
+if [ "${SKIP_TRAIN_BENCH:-0}" != 1 ]; then
+    python benchmarks/bench_train.py --model qwen2.5-1.5b --lengths 1024 4096 16384 32768 \
+        --find-max --max-length 131072 --granularity 4096 --out "$OUT" 2>&1 | tee "$OUT/train_1.5b.txt"
+    rc=${PIPESTATUS[0]}; record bench_train_1.5b "$rc"; [ "$rc" -eq 0 ] || train_rc=$rc
+    python benchmarks/bench_train.py --model qwen2.5-7b --use-peft --beta 0.04 --packing on \
+        --lengths 16384 65536 --find-max --max-length 262144 --granularity 8192 --out "$OUT" 2>&1 |
+        tee "$OUT/train_7b_lora.txt"
+    rc=${PIPESTATUS[0]}; record bench_train_7b_lora "$rc"; [ "$rc" -eq 0 ] || train_rc=$rc
+fi
+
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]

@@ -30,12 +30,10 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = True  # recompute activations in the backward instead of keeping them
     offload_activations: bool = False  # checkpointed layer inputs wait for the backward in (pinned) CPU memory
-    padding_free: bool | None = None  # micro-batch as one packed row; None = auto (on where no dense mask is needed)
-    use_liger_body: bool | None = (
-        None  # Liger RMSNorm/SwiGLU/RoPE kernels in the body; None = auto (on CUDA when installed)
-    )
+    padding_free: bool | None = None  # micro-batch as one packed row; None = auto (CUDA + varlen attention)
+    use_liger_body: bool | None = None  # Liger RMSNorm/SwiGLU/RoPE in the body; None = auto (CUDA, if installed)
     use_peft: bool = False  # train LoRA adapters (pip install fastgrpo[lora]); the reference is the base, adapters off
-    lora_r: int = 16  # LoRA rank
+    lora_r: int = 16  # LoRA rank (adapter matrices are r x in and out x r)
     lora_alpha: int = 32  # LoRA scaling numerator (scale = lora_alpha / lora_r)
     lora_dropout: float = 0.05  # dropout on the LoRA input
     lora_target_modules: list[str] | None = None  # module names to adapt; None = every linear layer of the body
@@ -165,14 +163,19 @@ def field_types() -> dict[str, Any]:
 
 
 def field_comments() -> dict[str, str]:
-    """Flat field name -> the comment written next to it in this file (the CLI help text)."""
-    comments = {}
+    """Flat field name -> the comment written next to it in this file (the CLI help text). The
+    formatter may wrap a long field over several lines; its comment is then on one of them."""
+    comments: dict[str, str] = {}
+    current = None
     for line in Path(__file__).read_text().splitlines():
         stripped = line.strip()
-        if "#" in stripped and ":" in stripped.split("#", 1)[0]:
-            name = stripped.split(":", 1)[0].strip()
-            if name in FIELD_SECTIONS:
-                comments[name] = stripped.rsplit("  # ", 1)[-1]
+        name = stripped.split(":", 1)[0].strip() if ":" in stripped else None
+        if line.startswith("    ") and not line.startswith("     ") and name in FIELD_SECTIONS:
+            current = name
+        elif not (line.startswith("     ") or stripped.startswith(")")):  # wrapped lines and their closer
+            current = None
+        if current and current not in comments and "  # " in stripped:
+            comments[current] = stripped.split("  # ", 1)[1]
     return comments
 
 

@@ -111,8 +111,10 @@ def test_sdpa_varlen_generation_equals_sdpa():
 def test_padding_free_auto_and_config_switches():
     from fastgrpo.modeling import resolve_padding_free
 
-    assert resolve_padding_free(None, attention.NAME) and resolve_padding_free(None, "flash_attention_2")
-    assert not resolve_padding_free(None, "sdpa") and resolve_padding_free(True, "sdpa")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_padding_free(None, attention.NAME, cuda) and resolve_padding_free(None, "flash_attention_2", cuda)
+    assert not resolve_padding_free(None, "sdpa", cuda) and resolve_padding_free(True, "sdpa", cuda)
+    assert not resolve_padding_free(None, attention.NAME, cpu) and resolve_padding_free(True, attention.NAME, cpu)
     cfg = build_config(({"padding_free": "auto", "use_liger_body": "false", "max_tokens_per_microbatch": "4096"}, "t"))
     assert cfg.padding_free is None and cfg.use_liger_body is False and cfg.max_tokens_per_microbatch == 4096
     with pytest.raises(ValueError, match="offload_activations needs gradient_checkpointing"):

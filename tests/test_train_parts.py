@@ -73,6 +73,13 @@ def test_config_layers_sections_and_types(tmp_path):
     assert cfg.train.learning_rate == 1e-3  # flat access reads the section
 
 
+def test_every_config_field_has_help_text():
+    from fastgrpo.config import FIELD_SECTIONS, field_comments
+
+    comments = field_comments()
+    assert sorted(comments) == sorted(FIELD_SECTIONS) and all(len(c) > 10 for c in comments.values())
+
+
 @pytest.mark.parametrize(
     "values, match",
     [
