@@ -33,6 +33,7 @@ from fastgrpo.generation import Rollouts
 from fastgrpo.loss import GRPOLossParams
 from fastgrpo.memory import memory_plan
 from fastgrpo.modeling import prepare_model
+from fastgrpo.tracking import peak_memory_gb
 from fastgrpo.update import Batch, Updater
 
 # Shapes of public checkpoints' config.json files (the weights are never needed).
@@ -99,7 +100,7 @@ def run_length(updater: Updater, model, args, length: int, device) -> dict:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
         row.update(status="ok", step_s=dt, tokens_per_s=tokens / dt, micro_batches=int(metrics["micro_batches"]))
-        row["peak_gib"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss()) / 2**30
+        row["peak_gib"] = peak_memory_gb(device)
     except Exception as e:
         if not is_oom(e):
             raise
@@ -111,12 +112,6 @@ def run_length(updater: Updater, model, args, length: int, device) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
-
-
-def _rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def find_max(updater, model, args, device, fits: int | None) -> int | None:

@@ -41,11 +41,11 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     if len(bounds) == 2:
         return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
     kwargs["is_causal"] = True
+    # split, not slicing: a slice's backward scatters into a full-size zero tensor per sequence.
+    lens = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     parts = [
-        sdpa_attention_forward(
-            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout, scaling, **kwargs
-        )[0]
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+        sdpa_attention_forward(module, q, k, v, None, dropout, scaling, **kwargs)[0]
+        for q, k, v in zip(query.split(lens, 2), key.split(lens, 2), value.split(lens, 2), strict=True)
     ]
     return torch.cat(parts, dim=1), None
 
