@@ -1,19 +1,32 @@
-"""What every benchmark records next to its figures: device, package versions, commit, command."""
+"""What every benchmark shares: run metadata, timing, and the output conventions.
+
+Each benchmark run prints a Markdown table, appends its rows (each carrying device, package
+versions and git commit) to ``<out>/<name>.jsonl`` and ``<out>/<name>.csv``, and writes the
+run's table and plots under ``<out>/<slug>/``, where ``slug`` names the device.
+"""
 
 from __future__ import annotations
 
+import csv
 import datetime
 import importlib.metadata
+import json
+import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
 PACKAGES = ("torch", "triton", "transformers", "peft", "liger-kernel", "trl")
+QUANTILES = (0.5, 0.2, 0.8)
 
 
 def version(pkg: str) -> str | None:
@@ -40,11 +53,164 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
+    """Metadata every result row carries."""
     return dict(
         device=device_name(device),
         **{pkg: version(pkg) for pkg in PACKAGES},
         python=sys.version.split()[0],
         git_commit=git_commit(),
+        triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1",
         utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=shlex.join([sys.executable, *sys.argv]),
     )
+
+
+def default_out_dir() -> Path:
+    """The repository's ``benchmarks/results`` in a source checkout, else ``./fastgrpo-bench-results``."""
+    if (REPO / "pyproject.toml").is_file():
+        return BENCH_DIR / "results"
+    return Path.cwd() / "fastgrpo-bench-results"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def failure(e: BaseException) -> str:
+    """A row's status for an exception: "OOM", or the error's type and first line."""
+    if is_oom(e):
+        return "OOM"
+    lines = str(e).strip().splitlines()
+    return f"error: {type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms=100, rep_ms=500, cpu_repeats=5):
+    """(median, p20, p80) wall time of ``fn`` in ms.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, warm-up first).
+    CPU: ``time.perf_counter`` over ``cpu_repeats`` calls after one warm-up call.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)))
+    fn()
+    times = []
+    for _ in range(cpu_repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
+    return tuple(q.tolist())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> tuple[object, float | None]:
+    """Call ``fn`` once: (its result, peak allocated MiB above what was live before), None on CPU.
+
+    The result is kept alive until the peak is read, so returned tensors (gradients) count.
+    """
+    if device.type != "cuda":
+        return fn(), None
+    free_memory(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    return out, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Columns are (key, header, format); a missing value prints as '-'."""
+    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def append_rows(out: Path, name: str, rows: Iterable[dict], meta: dict, csv_fields: Sequence[str]) -> None:
+    """Append rows, each with ``meta`` merged in, to ``out/name.jsonl`` and ``out/name.csv``.
+
+    The CSV keeps a fixed column set (``csv_fields`` then the metadata keys) so runs from
+    different machines stay one table; the JSON lines keep every field.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{**r, **meta} for r in rows]
+    with open(out / f"{name}.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    fields = [*csv_fields, *(k for k in meta if k not in csv_fields)]
+    path = out / f"{name}.csv"
+    new = not path.is_file() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header:
+            fields = header  # an older file's columns win: appending never reshapes it
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_run(run_dir: Path, name: str, title: str, meta: dict, table: str) -> Path:
+    """The run's own Markdown file: title, command, environment line, table."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    versions = ", ".join(f"{p} {meta[p]}" for p in PACKAGES if meta.get(p))
+    path = run_dir / f"{name}.md"
+    path.write_text(
+        f"# {title}\n\n`{meta['command']}`\n\n{meta['device']}; {versions}; commit {meta['git_commit']}; "
+        f"{meta['utc']}\n\n{table}\n"
+    )
+    return path
+
+
+def line_plots(path: Path, panels: Sequence[dict], title: str) -> Path:
+    """One PNG with a row of log-log panels; each panel is
+    ``dict(title=, xlabel=, ylabel=, series={label: [(x, y), ...]})``; empty series are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for label, points in panel["series"].items():
+            points = sorted(p for p in points if p[1] is not None)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel["ylabel"], xscale="log", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

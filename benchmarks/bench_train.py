@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import environment
+from fastgrpo.benchmarks._common import environment
 
 from fastgrpo.config import build_config
 from fastgrpo.generation import Rollouts

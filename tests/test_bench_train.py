@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_train  # noqa: E402
+from fastgrpo.benchmarks import bench_train
 
 
 def test_quick_run_writes_rows_for_both_packing_modes(tmp_path, capsys):

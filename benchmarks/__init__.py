@@ -1,0 +1,1 @@
+"""Benchmarks of fastgrpo, installed as ``fastgrpo.benchmarks`` (run as ``fastgrpo bench ...``)."""
