@@ -125,16 +125,17 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> tuple[object, float | None]:
-    """Call ``fn`` once: (its result, peak allocated MiB above what was live before), None on CPU.
+def peak_extra_mib(fn: Callable[[], object], device: torch.device, base: int | None = None):
+    """Call ``fn`` once: (its result, peak allocated MiB above ``base`` bytes), None on CPU.
 
-    The result is kept alive until the peak is read, so returned tensors (gradients) count.
+    ``base`` defaults to what is allocated just before the call. The result is kept alive
+    until the peak is read, so returned tensors (gradients) count.
     """
     if device.type != "cuda":
         return fn(), None
     free_memory(device)
     torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
+    base = torch.cuda.memory_allocated(device) if base is None else base
     out = fn()
     torch.cuda.synchronize(device)
     return out, (torch.cuda.max_memory_allocated(device) - base) / 2**20

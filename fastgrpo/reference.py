@@ -12,13 +12,14 @@ import torch
 from .loss import GRPOLossParams
 
 
-def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, compute_dtype=None):
+def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, compute_dtype=None, with_entropy=True):
     """log p(target) and entropy through materialized logits.
 
     Args:
         hidden: (..., H); weight: (V, H); targets: (...) integer; bias: (V,) or None.
         compute_dtype: dtype of the matmul and softmax (default: hidden's dtype; logits are
             upcast to fp32 for the softmax unless this is float64).
+        with_entropy: False skips the entropy (one less (..., V) temporary), returned as None.
 
     Returns:
         (logp, entropy) with ``targets.shape``, float32 (float64 if ``compute_dtype`` is).
@@ -30,6 +31,8 @@ def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, comp
     logits = logits.to(torch.float64 if dt == torch.float64 else torch.float32) / temperature
     logprobs = logits.log_softmax(-1)
     logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp, None
     # A -inf logit (a banned token) has p = 0: count p * log p as 0 there, gradient included.
     finite = torch.where(torch.isfinite(logprobs), logprobs, 0.0)
     entropy = -(logprobs.exp() * finite).sum(-1)

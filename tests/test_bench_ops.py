@@ -1,0 +1,152 @@
+"""``fastgrpo bench ops`` runs every implementation on CPU, checks them against naive, and reports
+missing peers, CUDA-only rows and out-of-memory as results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fastgrpo.benchmarks import bench_ops, ops_impls
+
+from fastgrpo.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+CPU_IMPLS = ["naive", "fastgrpo-torch", "naive-compile", "liger-fused-linear", "trl-chunked", "gemm-floor"]
+TRITON_IMPLS = ["naive", "fastgrpo-triton", "fastgrpo-triton-filter", "liger-triton"]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "bench_ops.jsonl").read_text().splitlines()]
+
+
+def _run(out, *extra):
+    argv = ["--quick", "--tokens", "128", "--repeats", "1", "--out", str(out), *extra]
+    assert bench_ops.main(argv) == 0
+    return _rows(out)
+
+
+def test_quick_run_every_cpu_impl_mode_and_head(tmp_path, capsys):
+    rows = _run(tmp_path, "--impls", *CPU_IMPLS)
+    assert len(rows) == len(CPU_IMPLS) * 3 * 2
+    assert {(r["impl"], r["mode"], r["head"]) for r in rows} == {
+        (i, m, h) for i in CPU_IMPLS for m in bench_ops.MODES for h in bench_ops.HEAD_KINDS
+    }
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["tflops"] > 0 and r["x_floor"] > 0
+        assert r["device"] and r["torch"] == torch.__version__ and r["git_commit"] and r["trl"] and r["liger-kernel"]
+        assert r["N"] == r["active_tokens"] == 128 and (r["H"], r["V"]) == bench_ops.HEADS["tiny"]
+        if r["impl"] == "gemm-floor":
+            assert r["x_floor"] == 1.0
+        if r["mode"] == "fwd+bwd" and r["impl"] not in ("naive", "gemm-floor"):
+            assert r["vs"] == "naive"  # fp32: every implementation agrees with full logits
+            assert r["loss_rel_diff"] < 1e-5 and r["dhidden_rel_err"] < 1e-5
+            assert (r["dweight_rel_err"] < 1e-5) if r["head"] == "trainable" else "dweight_rel_err" not in r
+    # TFLOP/s count 4 GEMM passes for a trainable head and 3 for a frozen one
+    floor = {(r["mode"], r["head"]): r for r in rows if r["impl"] == "gemm-floor"}
+    for (mode, head), r in floor.items():
+        passes = {"fwd": 1, "bwd": 3 if head == "trainable" else 2, "fwd+bwd": 4 if head == "trainable" else 3}[mode]
+        assert r["tflops"] == pytest.approx(passes * 2 * 128 * 96 * 2003 / (r["ms"] * 1e-3) / 1e12)
+    with open(tmp_path / "bench_ops.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    run_dir = tmp_path / "cpu-quick"
+    assert "| tiny | 128 | trainable | fwd+bwd | trl-chunked |" in (run_dir / "bench_ops.md").read_text()
+    assert "| tiny | 128 | frozen | bwd | liger-fused-linear |" in capsys.readouterr().out
+    pngs = sorted(p.name for p in run_dir.glob("*.png"))
+    assert pngs == sorted(
+        f"bench_ops_{m.replace('+', '_')}_{h}.png" for m in bench_ops.MODES for h in ("trainable", "frozen")
+    )
+    assert all((run_dir / p).stat().st_size > 5000 for p in pngs)
+
+
+def test_triton_rows_under_the_interpreter_agree_with_naive(tmp_path):
+    rows = _run(tmp_path, "--impls", *TRITON_IMPLS, "--modes", "fwd+bwd")
+    assert [(r["impl"], r["head"]) for r in rows] == [(i, h) for h in bench_ops.HEAD_KINDS for i in TRITON_IMPLS]
+    for r in rows:
+        assert r["status"] == "ok", r
+        if r["impl"] != "naive":
+            assert r["loss_rel_diff"] < 1e-5 and r["dhidden_rel_err"] < 1e-5, r
+
+
+def test_rows_say_why_an_impl_did_not_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl.kernels", None)  # `import trl.kernels` now fails
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine without the interpreter
+
+    def oom(x):
+        def loss():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        return loss
+
+    monkeypatch.setitem(ops_impls.IMPLS, "naive", oom)
+    rows = _run(tmp_path, "--heads", "frozen", "--impls", "naive", "fastgrpo-torch", "fastgrpo-triton",
+                "liger-fused-linear", "trl-chunked")  # fmt: skip
+    status = {(r["impl"], r["mode"]): r["status"] for r in rows}
+    assert status == {
+        ("naive", "fwd"): "OOM",
+        ("naive", "bwd"): "OOM",
+        ("naive", "fwd+bwd"): "OOM",
+        ("fastgrpo-torch", "fwd"): "ok",
+        ("fastgrpo-torch", "bwd"): "ok",
+        ("fastgrpo-torch", "fwd+bwd"): "ok",
+        ("fastgrpo-triton", "*"): "skipped: needs CUDA (or TRITON_INTERPRET=1 on CPU)",
+        ("liger-fused-linear", "*"): status[("liger-fused-linear", "*")],
+        ("trl-chunked", "*"): status[("trl-chunked", "*")],
+    }
+    assert status[("liger-fused-linear", "*")].startswith("missing: liger-kernel")
+    assert status[("trl-chunked", "*")].startswith("missing: trl>=1.16")
+
+
+def test_time_budget_and_appending_keep_one_table(tmp_path):
+    _run(tmp_path, "--impls", "fastgrpo-torch", "--modes", "fwd")
+    rows = _run(tmp_path, "--impls", "fastgrpo-torch", "--time-budget", "0")
+    assert [r["status"] for r in rows[2:]] == ["skipped: time budget"] * 2
+    lines = (tmp_path / "bench_ops.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4 and lines[0].startswith("model,N,head,mode,impl,ms")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rows", "0"], "--rows must be >= 1"),
+        (["--tokens", "0"], "--tokens must be >= 1"),
+        (["--pad-frac", "0.7"], "--pad-frac must be in [0, 0.5)"),
+        (["--impls", "cce"], "invalid choice: 'cce'"),
+    ],
+)
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_ops.main(["--quick", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_dispatches_to_the_benchmarks(tmp_path, capsys):
+    assert cli_main(["bench"]) == 2
+    assert "ops" in capsys.readouterr().err
+    argv = ["bench", "ops", "--quick", "--tokens", "64", "--impls", "fastgrpo-torch", "--modes", "fwd"]
+    assert cli_main([*argv, "--heads", "frozen", "--repeats", "1", "--no-plot", "--out", str(tmp_path)]) == 0
+    assert [r["status"] for r in _rows(tmp_path)] == ["ok"]
+
+
+def test_padded_rows_count_only_active_tokens(tmp_path):
+    rows = _run(tmp_path, "--impls", "naive", "fastgrpo-torch", "gemm-floor", "--modes", "fwd+bwd",
+                "--heads", "trainable", "--pad-frac", "0.25")  # fmt: skip
+    active = rows[0]["active_tokens"]
+    assert 0 < active < 128 and all(r["active_tokens"] == active for r in rows)
+    assert rows[1]["loss_rel_diff"] < 1e-5 and rows[1]["dhidden_rel_err"] < 1e-5
+
+
+def test_pytest_benchmark_suite_runs(tmp_path):
+    """The suite in benchmarks/ collects and runs its CPU cases (timing disabled)."""
+    suite = str(REPO / "benchmarks" / "test_ops_bench.py")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), suite,
+           "--benchmark-disable", "-k", "naive and not compile or floor"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "12 passed" in res.stdout
