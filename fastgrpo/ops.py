@@ -3,6 +3,13 @@
 Every argument is checked here, before any kernel runs. ``impl`` picks the backend:
 ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
 PyTorch, any device) or ``"auto"`` (triton on CUDA, torch elsewhere).
+
+``grad_filter_eps`` (all three entry points) is an implementation knob, not loss semantics:
+skip the backward GEMMs of vocabulary tiles whose d loss / d logits is below eps times the
+token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 = exact; 2**-12 suits bf16.
+Only the Triton backward filters: the torch impl's dense chunk GEMMs would gain nothing from
+zeroing entries, so it ignores eps and returns the exact gradient (eps bounds what *may* be
+dropped; dropping nothing is within it).
 """
 
 from __future__ import annotations
@@ -111,11 +118,12 @@ def _check_targets_range(targets, vocab, where=None):
         raise ValueError(f"targets must lie in [0, {vocab}), got values in [{int(t.min())}, {int(t.max())}]")
 
 
-def _logprobs_impl(hidden2d, weight, bias, targets1d, active, temperature, impl):
+def _logprobs_impl(hidden2d, weight, bias, targets1d, active, temperature, impl, grad_filter_eps=0.0):
     if impl == "triton":
         from .kernels import linear_logprobs_triton
 
-        return linear_logprobs_triton(hidden2d, weight, bias, targets1d, active, temperature)
+        return linear_logprobs_triton(hidden2d, weight, bias, targets1d, active, temperature, grad_filter_eps)
+    # The torch impl ignores grad_filter_eps: exact gradients (see the module docstring).
     return linear_logprobs_torch(hidden2d, weight, bias, targets1d, active, temperature)
 
 
@@ -124,6 +132,14 @@ def _check_temperature(temperature):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def _check_grad_filter_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"grad_filter_eps must be a number, got {type(eps).__name__}")
+    if not 0 <= eps < 1:  # also refuses NaN and inf
+        raise ValueError(f"grad_filter_eps must be in [0, 1) (0 = exact, 2**-12 suits bf16), got {eps}")
+    return float(eps)
 
 
 # ----------------------------------------------------------------------------- public
@@ -138,6 +154,7 @@ def chunked_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     impl: str = "auto",
+    grad_filter_eps: float = 0.0,
 ):
     """Per-token log p(target) from hidden states and the lm_head, without full logits.
 
@@ -149,19 +166,31 @@ def chunked_logprobs(
         temperature: logits are divided by it before the softmax (> 0).
         return_entropy: also return the per-token entropy of the softmax.
         impl: "auto", "triton" or "torch".
+        grad_filter_eps: skip the backward GEMMs of vocabulary tiles whose d loss / d logits
+            is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
+            filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Triton only: the torch impl
+            ignores it and returns exact gradients.
 
     Returns:
         logp (``targets.shape``, fp32), or (logp, entropy) with ``return_entropy``; both are
         differentiable w.r.t. hidden, weight and bias.
     """
     _check_temperature(temperature)
+    grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
     _check_head(hidden, weight, targets, bias)
     impl = _resolve_impl(impl, hidden.device)
     _check_targets_range(targets, weight.shape[0])
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     shape = targets.shape
     logp, entropy = _logprobs_impl(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), None, float(temperature), impl
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        targets.reshape(-1),
+        None,
+        float(temperature),
+        impl,
+        grad_filter_eps,
     )
     logp, entropy = logp.view(shape), entropy.view(shape)
     return (logp, entropy) if return_entropy else logp
@@ -190,6 +219,7 @@ def fused_grpo_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     impl: str = "auto",
+    grad_filter_eps: float = 0.0,
 ) -> GRPOLossOutput:
     """GRPO-family loss straight from final hidden states and the lm_head weight.
 
@@ -218,12 +248,17 @@ def fused_grpo_loss(
         use_bias_correction_kl: multiply the KL by the importance ratio.
         sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures.
         impl: "auto", "triton" or "torch".
+        grad_filter_eps: skip the backward GEMMs of vocabulary tiles whose d loss / d logits
+            is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
+            filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Triton only: the torch impl
+            ignores it and returns exact gradients.
 
     Returns:
         GRPOLossOutput(loss, logprobs, entropy, metrics); metrics has ``entropy``,
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``kl``
         (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
     """
+    grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
     params = GRPOLossParams(
         beta=beta,
         epsilon=epsilon,
@@ -249,11 +284,23 @@ def fused_grpo_loss(
         params,
         num_items_in_batch,
         impl,
+        grad_filter_eps,
     )
 
 
 def _fused_grpo_loss(
-    hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, params, num_items_in_batch, impl
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    old_logprobs,
+    ref_logprobs,
+    bias,
+    params,
+    num_items_in_batch,
+    impl,
+    grad_filter_eps=0.0,
 ) -> GRPOLossOutput:
     _check_tensor("hidden", hidden, dims=(3,))
     _check_head(hidden, weight, targets, bias)
@@ -304,6 +351,7 @@ def _fused_grpo_loss(
         active.reshape(-1),
         params.temperature,
         impl,
+        grad_filter_eps,
     )
     logp, entropy = logp.view(B, T), entropy.view(B, T)
     loss, metrics = grpo_loss_from_logprobs(
@@ -316,12 +364,15 @@ class FusedGRPOLoss(torch.nn.Module):
     """``fused_grpo_loss`` with its hyper-parameters held by the module.
 
     Keyword arguments are those of ``fused_grpo_loss`` after ``advantages`` (less the tensors).
+    ``impl`` and ``grad_filter_eps`` (implementation knobs, not loss semantics) are kept on the
+    module; the loss hyper-parameters go into ``self.params``.
     """
 
-    def __init__(self, *, impl: str = "auto", **hyper):
+    def __init__(self, *, impl: str = "auto", grad_filter_eps: float = 0.0, **hyper):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
         unknown = set(hyper) - {f.name for f in dataclasses.fields(GRPOLossParams)}
         if unknown:
             valid = sorted(f.name for f in dataclasses.fields(GRPOLossParams))
@@ -353,7 +404,8 @@ class FusedGRPOLoss(torch.nn.Module):
             self.params,
             num_items_in_batch,
             self.impl,
+            self.grad_filter_eps,
         )
 
     def extra_repr(self) -> str:
-        return f"impl={self.impl!r}, {self.params}"
+        return f"impl={self.impl!r}, grad_filter_eps={self.grad_filter_eps}, {self.params}"

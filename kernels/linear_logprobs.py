@@ -13,6 +13,9 @@ d loss / d logits, and adds its share of dHidden, dWeight and dBias into fp32 ac
 A full-H accumulator per token block does not fit on chip for H in the thousands, so the
 vocabulary reduction of dHidden is split across programs (as Cut Cross-Entropy does).
 Token blocks whose coefficients are all zero (masked, padding) return before any FLOP.
+Optional gradient filtering (``grad_filter_eps`` > 0, as Cut Cross-Entropy does): a tile whose
+d loss / d logits is negligible everywhere skips its dHidden / dWeight GEMMs and atomics, so
+it costs only the logit recompute (criterion in ``_bwd_kernel``).
 """
 
 import os
@@ -204,10 +207,12 @@ def _bwd_kernel(
     stride_wh,
     # constants
     inv_temp,
+    filter_eps,  # fp32 >= 0, read only with HAS_FILTER
     HAS_BIAS: tl.constexpr,
     HAS_DENT: tl.constexpr,
     HAS_DW: tl.constexpr,
     HAS_DB: tl.constexpr,
+    HAS_FILTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -268,41 +273,64 @@ def _bwd_kernel(
             ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
             dz -= g_ent[:, None] * p * tl.where(p > 0, logp + ent[:, None], 0.0)
         dz = tl.where(n_mask[:, None] & v_mask[None, :], dz * inv_temp, 0.0)
-        if HAS_DB:
-            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
-        dz_c = dz.to(h_ptr.dtype.element_ty)
-        if UPCAST:
-            dz_c = dz_c.to(tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            h_mask = offs_h < H
-            w = tl.load(
-                w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-                mask=v_mask[:, None] & h_mask[None, :],
-                other=0.0,
-            )
+        keep = True
+        if HAS_FILTER:
+            # Gradient filtering: skip the tile's dHidden / dWeight / dBias work when every entry
+            # is negligible for its own token,
+            #     |dz_nv| <= eps * (|g_lp_n| + |g_ent_n|) * inv_temp     for all (n, v) in the tile.
+            # The test is on dz itself, not on p as Cut Cross-Entropy's p < eps is, because
+            # - the target's one-hot term makes dz_ny = g_lp_n * (1 - p_y) + ...: a tile holding
+            #   a token's target stays live for that token (unless p_y > 1 - eps, when the
+            #   token's whole gradient is itself below the cut), with no special case;
+            # - the entropy term -g_ent * p * (log p + H) is not bounded by p: p * |log p| is
+            #   8.3 p at p = 2^-12 and H adds up to log V more, so p < eps would drop live work.
+            # |g_lp_n| + |g_ent_n| is the token's coefficient scale (|dz| / inv_temp <= g_lp
+            # + g_ent * p |log p + H|), so eps is a relative cut per token: a dropped entry is at
+            # most eps times its own token's scale whatever its block neighbours carry (a
+            # token with a small advantage is not filtered against one with a large one), and
+            # masked tokens (scale 0, dz 0) never keep a tile alive. Written as "<=" so a NaN
+            # or inf keeps the tile (errors propagate, they are never filtered away). Live tiles
+            # are used whole, negligible entries included: only whole tiles are dropped, which
+            # is where the time goes; zeroing entries inside live tiles would add error and
+            # save nothing.
+            thr = filter_eps * inv_temp * live
+            keep = tl.max(tl.where(tl.abs(dz) <= thr[:, None], 0, 1)) > 0
+        if keep:
+            if HAS_DB:
+                tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
+            dz_c = dz.to(h_ptr.dtype.element_ty)
             if UPCAST:
-                w = w.to(tl.float32)
-            dh = tl.dot(dz_c, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(
-                dh_ptr + offs_n[:, None] * H + offs_h[None, :],
-                dh,
-                mask=n_mask[:, None] & h_mask[None, :],
-            )
-            if HAS_DW:
-                x = tl.load(
-                    h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :] * stride_hh,
-                    mask=n_mask[:, None] & h_mask[None, :],
+                dz_c = dz_c.to(tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                h_mask = offs_h < H
+                w = tl.load(
+                    w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                    mask=v_mask[:, None] & h_mask[None, :],
                     other=0.0,
                 )
                 if UPCAST:
-                    x = x.to(tl.float32)
-                dw = tl.dot(tl.trans(dz_c), x, input_precision=DOT_PRECISION)
+                    w = w.to(tl.float32)
+                dh = tl.dot(dz_c, w, input_precision=DOT_PRECISION)
                 tl.atomic_add(
-                    dw_ptr + offs_v[:, None] * H + offs_h[None, :],
-                    dw,
-                    mask=v_mask[:, None] & h_mask[None, :],
+                    dh_ptr + offs_n[:, None] * H + offs_h[None, :],
+                    dh,
+                    mask=n_mask[:, None] & h_mask[None, :],
                 )
+                if HAS_DW:
+                    x = tl.load(
+                        h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :] * stride_hh,
+                        mask=n_mask[:, None] & h_mask[None, :],
+                        other=0.0,
+                    )
+                    if UPCAST:
+                        x = x.to(tl.float32)
+                    dw = tl.dot(tl.trans(dz_c), x, input_precision=DOT_PRECISION)
+                    tl.atomic_add(
+                        dw_ptr + offs_v[:, None] * H + offs_h[None, :],
+                        dw,
+                        mask=v_mask[:, None] & h_mask[None, :],
+                    )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -428,8 +456,13 @@ def linear_logprobs_bwd(
     inv_temp: float,
     need_dweight: bool,
     need_dbias: bool,
+    grad_filter_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dHidden (N, H), dWeight (V, H) or (0,), dBias (V,) or (0,)) in the input dtype."""
+    """(dHidden (N, H), dWeight (V, H) or (0,), dBias (V,) or (0,)) in the input dtype.
+
+    ``grad_filter_eps`` > 0 skips the GEMMs of tiles whose d loss / d logits is negligible
+    (see ``_bwd_kernel``); 0 computes every tile.
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     c = _launch_constants(hidden.dtype)
@@ -464,10 +497,12 @@ def linear_logprobs_bwd(
             weight.stride(0),
             weight.stride(1),
             inv_temp,
+            grad_filter_eps,
             HAS_BIAS=bias is not None,
             HAS_DENT=grad_entropy is not None,
             HAS_DW=need_dweight,
             HAS_DB=need_dbias,
+            HAS_FILTER=grad_filter_eps > 0,
             DOT_PRECISION=c["DOT_PRECISION"],
             UPCAST=c["UPCAST"],
             BLOCK_N=c["BLOCK_N"],
@@ -486,7 +521,20 @@ def linear_logprobs_bwd(
 
 
 @linear_logprobs_bwd.register_fake
-def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, need_dweight, need_dbias):
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    inv_temp,
+    need_dweight,
+    need_dbias,
+    grad_filter_eps,
+):
     dw = torch.empty_like(weight) if need_dweight else weight.new_empty(0)
     db = weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0)
     return torch.empty_like(hidden), dw, db
@@ -497,10 +545,10 @@ def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, active, inv_temp):
+    def forward(ctx, hidden, weight, bias, targets, active, inv_temp, grad_filter_eps):
         logp, lse, entropy = linear_logprobs_fwd(hidden, weight, bias, targets, active, inv_temp)
         ctx.save_for_backward(hidden, weight, bias, targets, active, lse, entropy)
-        ctx.inv_temp = inv_temp
+        ctx.inv_temp, ctx.grad_filter_eps = inv_temp, grad_filter_eps
         ctx.mark_non_differentiable(lse)
         return logp, entropy, lse
 
@@ -529,8 +577,9 @@ class _LinearLogprobs(torch.autograd.Function):
             ctx.inv_temp,
             need_dw,
             need_db,
+            ctx.grad_filter_eps,
         )
-        return dh, (dw if need_dw else None), (db if need_db else None), None, None, None
+        return dh, (dw if need_dw else None), (db if need_db else None), None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public
@@ -543,6 +592,7 @@ def linear_logprobs_triton(
     targets: torch.Tensor,
     active: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
+    grad_filter_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused lm_head log-probs and entropies; inputs are validated by ``fastgrpo.ops``.
 
@@ -553,9 +603,16 @@ def linear_logprobs_triton(
         targets: (N,) int32/int64 in [0, V) wherever ``active``.
         active: (N,) bool or None; inactive tokens cost no FLOPs and get logp = entropy = 0.
         temperature: logits are divided by it before the softmax.
+        grad_filter_eps: in [0, 1). The backward skips the dHidden / dWeight / dBias GEMMs of a
+            (token block x vocabulary tile) whose every d loss / d logit is at most eps times
+            its token's gradient scale (|d loss / d logp| + |d loss / d entropy|) / temperature:
+            Cut Cross-Entropy's gradient filtering. 0 = exact; 2**-12 suits bf16. The forward
+            is unaffected.
 
     Returns:
         (logp, entropy), each (N,) fp32, differentiable w.r.t. hidden, weight and bias.
     """
-    logp, entropy, _ = _LinearLogprobs.apply(hidden, weight, bias, targets, active, 1.0 / float(temperature))
+    logp, entropy, _ = _LinearLogprobs.apply(
+        hidden, weight, bias, targets, active, 1.0 / float(temperature), float(grad_filter_eps)
+    )
     return logp, entropy
