@@ -13,6 +13,8 @@ d loss / d logits, and adds its share of dHidden, dWeight and dBias into fp32 ac
 A full-H accumulator per token block does not fit on chip for H in the thousands, so the
 vocabulary reduction of dHidden is split across programs (as Cut Cross-Entropy does).
 Token blocks whose coefficients are all zero (masked, padding) return before any FLOP.
+For 16-bit inputs the fp32 accumulators cost the smaller of N x H and V x H plus one bounded
+chunk of the other (``SCRATCH_BYTES``), not a full fp32 copy of both gradients.
 Optional gradient filtering (``grad_filter_eps`` > 0, as Cut Cross-Entropy does): a tile whose
 d loss / d logits is negligible everywhere skips its dHidden / dWeight GEMMs and atomics, so
 it costs only the logit recompute (criterion in ``_bwd_kernel``).
@@ -376,6 +378,15 @@ def _num_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
     return triton.cdiv(v_blocks, triton.cdiv(v_blocks, splits))
 
 
+# Bound on each chunked fp32 gradient accumulator of the backward (see linear_logprobs_bwd).
+SCRATCH_BYTES = 64 << 20
+
+
+def _scratch(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """A zeroed fp32 gradient accumulator (one place, so tests can watch the sizes)."""
+    return torch.zeros(rows, cols, device=device, dtype=torch.float32)
+
+
 def _dummy(ref: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, device=ref.device, dtype=torch.float32)
 
@@ -466,31 +477,27 @@ def linear_logprobs_bwd(
     N, H = hidden.shape
     V = weight.shape[0]
     c = _launch_constants(hidden.dtype)
-    fp32_out = hidden.dtype == torch.float32
+    low_precision = hidden.dtype != torch.float32
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    dw_acc = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) if need_dweight else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dweight else weight.new_empty(0)
     db_acc = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_dbias else None
-    # dHidden accumulates in fp32 one token chunk at a time, so the fp32 scratch stays bounded
-    # (at most 256 MiB) instead of doubling the N x H gradient for 16-bit inputs.
-    chunk = N if fp32_out else max(c["BLOCK_N"], (1 << 26) // max(H, 1) // c["BLOCK_N"] * c["BLOCK_N"])
-    for n0 in range(0, N, chunk):
-        n1 = min(N, n0 + chunk)
-        dh_acc = dh[n0:n1].zero_() if fp32_out else torch.zeros(n1 - n0, H, device=hidden.device)
-        num = triton.cdiv(n1 - n0, c["BLOCK_N"]) * triton.cdiv(V, c["BLOCK_V"])
+
+    def launch(n0, n1, v0, v1, dh_acc, dw_acc):
+        num = triton.cdiv(n1 - n0, c["BLOCK_N"]) * triton.cdiv(v1 - v0, c["BLOCK_V"])
         _bwd_kernel[(num,)](
             hidden[n0:n1],
-            weight,
-            bias if bias is not None else _dummy(hidden),
-            targets[n0:n1],
+            weight[v0:v1],
+            bias[v0:v1] if bias is not None else _dummy(hidden),
+            targets[n0:n1] - v0 if v0 else targets[n0:n1],  # ids local to the vocabulary slice
             lse[n0:n1],
             entropy[n0:n1],
             grad_logp[n0:n1],
             grad_entropy[n0:n1] if grad_entropy is not None else _dummy(hidden),
             dh_acc,
             dw_acc if dw_acc is not None else _dummy(hidden),
-            db_acc if db_acc is not None else _dummy(hidden),
+            db_acc[v0:v1] if db_acc is not None else _dummy(hidden),
             n1 - n0,
-            V,
+            v1 - v0,
             H,
             hidden.stride(0),
             hidden.stride(1),
@@ -512,10 +519,41 @@ def linear_logprobs_bwd(
             num_warps=c["bwd_warps"],
             num_stages=c["stages"],
         )
-        if not fp32_out:
-            dh[n0:n1].copy_(dh_acc)
+
+    # Both gradients accumulate in fp32. For 16-bit inputs one accumulator must span its whole
+    # gradient: the smaller of dHidden (N x H) and dWeight (V x H). The other is accumulated in
+    # chunks of at most SCRATCH_BYTES, each cast into place as soon as its sums are complete.
+    # (fp32 inputs accumulate straight into the outputs.) Same FLOPs and atomics either way.
+    def rows(block):
+        return max(block, SCRATCH_BYTES // (4 * max(H, 1)) // block * block)
+
+    if need_dweight and N <= V:  # vocabulary outer: whole fp32 dHidden, dWeight in chunks
+        dh_acc = _scratch(N, H, hidden.device) if low_precision else dh.zero_()
+        step = rows(c["BLOCK_V"])
+        for v0 in range(0, V, step):
+            v1 = min(V, v0 + step)
+            dw_acc = _scratch(v1 - v0, H, hidden.device) if low_precision else dw[v0:v1].zero_()
+            if N:
+                launch(0, N, v0, v1, dh_acc, dw_acc)
+            if low_precision:
+                dw[v0:v1].copy_(dw_acc)
+            del dw_acc
+        if low_precision:
+            dh.copy_(dh_acc)
+    else:  # tokens outer: dHidden in chunks, whole fp32 dWeight (if any)
+        dw_acc = None
+        if need_dweight:
+            dw_acc = _scratch(V, H, hidden.device) if low_precision else dw.zero_()
+        step = rows(c["BLOCK_N"])
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            dh_acc = _scratch(n1 - n0, H, hidden.device) if low_precision else dh[n0:n1].zero_()
+            launch(n0, n1, 0, V, dh_acc, dw_acc)
+            if low_precision:
+                dh[n0:n1].copy_(dh_acc)
             del dh_acc
-    dw = dw_acc.to(weight.dtype) if dw_acc is not None else weight.new_empty(0)
+        if need_dweight and low_precision:
+            dw.copy_(dw_acc)
     db = db_acc.to(bias.dtype) if db_acc is not None else weight.new_empty(0)
     return dh, dw, db
 

@@ -7,7 +7,7 @@ import fastgrpo
 from fastgrpo.chunked import linear_logprobs_torch
 from fastgrpo.reference import reference_logprobs
 
-from helpers import DEVICE, DTYPES, IMPLS, leaf, rel_err
+from helpers import DEVICE, DTYPES, IMPLS, TRITON_OK, leaf, rel_err
 
 
 def _impl_fn(impl):
@@ -114,3 +114,48 @@ def test_public_chunked_logprobs_shapes_tied_embedding(impl):
     assert emb.weight.grad is not None and h.grad is not None
     only = fastgrpo.chunked_logprobs(h, emb.weight, y, impl=impl)
     assert isinstance(only, torch.Tensor) and torch.allclose(only, logp)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "N, V, frozen",
+    [(37, 1003, False), (300, 203, False), (300, 1003, True)],
+    ids=["vocab-outer", "tokens-outer", "frozen-head"],
+)
+def test_backward_accumulates_in_bounded_chunks(monkeypatch, dtype, N, V, frozen):
+    """The backward's fp32 accumulators: the smaller gradient whole, the other in SCRATCH_BYTES
+    chunks (several here, none tile-aligned), fp32 inputs none; the gradients stay exact."""
+    import importlib
+
+    kernel = importlib.import_module("fastgrpo.kernels.linear_logprobs")
+    H = 72
+    c = kernel._launch_constants(dtype)
+    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 4 * H * (c["BLOCK_N"] + c["BLOCK_V"] + 5))
+    step = {
+        d: max(c[b], (c["BLOCK_N"] + c["BLOCK_V"] + 5) // c[b] * c[b]) for d, b in (("N", "BLOCK_N"), ("V", "BLOCK_V"))
+    }
+    shapes, real = [], kernel._scratch
+    monkeypatch.setattr(kernel, "_scratch", lambda r, k, d: shapes.append((r, k)) or real(r, k, d))
+
+    h, w, b, y, g_lp, g_ent = _inputs(N, H, V, dtype, seed=4, bias=True)
+    active = torch.arange(N, device=DEVICE) % 7 != 3
+    hh, ww, bb = leaf(h), (w if frozen else leaf(w)), leaf(b)
+    logp, ent = kernel.linear_logprobs_triton(hh, ww, bb, y, active)
+    (logp * g_lp + ent * g_ent).sum().backward()
+    got = (hh.grad, None if frozen else ww.grad, bb.grad)
+    exact = _reference(h, w, b, y, g_lp, g_ent, active, 1.0, torch.float64)[2:]
+    same = _reference(h, w, b, y, g_lp, g_ent, active, 1.0, dtype)[2:]
+    for name, x, r, s in zip(("dhidden", "dweight", "dbias"), got, exact, same, strict=True):
+        if x is not None:
+            budget = 2e-5 if dtype == torch.float32 else 1.5 * rel_err(s, r) + 2e-3
+            assert rel_err(x, r) <= budget, name
+
+    if dtype == torch.float32:
+        assert shapes == []  # fp32 sums straight into the gradients
+    elif frozen or N > V:  # dHidden in token chunks (+ the whole dWeight when trainable)
+        chunks = [(min(step["N"], N - n0), H) for n0 in range(0, N, step["N"])]
+        assert shapes == ([] if frozen else [(V, H)]) + chunks and len(chunks) > 1
+    else:  # the whole dHidden, dWeight in vocabulary chunks
+        chunks = [(min(step["V"], V - v0), H) for v0 in range(0, V, step["V"])]
+        assert shapes == [(N, H)] + chunks and len(chunks) > 1
