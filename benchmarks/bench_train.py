@@ -1,40 +1,69 @@
-"""One ``fastgrpo train`` update step at long completion lengths: peak memory and tokens per second.
+"""``fastgrpo bench train``: one ``fastgrpo train`` update step at long completion lengths, peak memory and tokens/s.
 
 A model of a real architecture's shape is built from its config with random weights (no download:
 memory and speed do not depend on the values), G synthetic rollouts per step with completion lengths
 spread over [L/4, L] (one of them L), and ``fastgrpo.update.Updater`` runs the same micro-batching,
-packing, checkpointing, LoRA and fused loss as ``fastgrpo train``. Each length is run twice and the
-second step is measured (the first compiles kernels and allocates optimizer state).
+packing, checkpointing, LoRA and fused loss as ``fastgrpo train``. Each ``--lengths`` value is run
+twice and the second step is measured (the first compiles kernels and allocates optimizer state).
 
-    python benchmarks/bench_train.py --model qwen2.5-1.5b --lengths 1024 4096 16384 32768 --find-max
-    python benchmarks/bench_train.py --model qwen2.5-7b --use-peft --lengths 16384 65536 --find-max
-    python benchmarks/bench_train.py --quick          # CPU: tiny model, proves the script works
+    fastgrpo bench train --model qwen2.5-1.5b --lengths 1024 4096 16384 32768 --find-max
+    fastgrpo bench train --model qwen2.5-7b --use-peft --lengths 16384 65536 --find-max --time-budget 420
+    fastgrpo bench train --quick          # CPU: tiny model, proves the script works
+    (or ``python benchmarks/bench_train.py ...``)
 
-Peak memory is ``torch.cuda.max_memory_allocated`` over the measured step (CUDA) or the process's
-peak RSS (CPU, monotone over the whole run, so only the CUDA figures compare modes). Out of memory
-is a result ("OOM"), not a crash. ``--find-max`` doubles the length past the last one that fits,
-then bisects to ``--granularity`` tokens.
+Peak memory is ``torch.cuda.max_memory_allocated`` over the measured step (CUDA, reset before it)
+or the process's peak RSS (CPU: monotone over the whole run, so only the CUDA figures compare
+lengths and modes; the column and the plot say which). Out of memory is a result ("OOM"), not a
+crash; any other error is raised. ``--find-max`` starts from the longest ``--lengths`` value that
+fit (and the shortest that did not), doubles the length until one runs out of memory, then
+bisects to ``--granularity`` tokens. Each probe is ONE update step, measured: the updater is
+already warm from the ``--lengths`` steps (if none fit, the first probe runs a warm step first).
+
+On CUDA, ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` is set unless the user set
+``PYTORCH_CUDA_ALLOC_CONF`` or ``PYTORCH_ALLOC_CONF``: segments that grow in place waste less
+memory to fragmentation when every step allocates differently sized tensors, so lengths near the
+limit fit (and OOM probes leave less behind). The setting in effect is a column of every row.
+
+Output (see ``_common``): the Markdown table on stdout; one row per (packing mode, length), per
+find-max probe (``kind`` "probe") and per find-max result (``kind`` "find-max", ``completion_length``
+the longest that fits, ``first_oom`` the shortest that did not) appended to
+``<out>/bench_train.jsonl`` and ``.csv`` as soon as it is measured, so a killed run keeps its
+rows; at the end ``<out>/<device>/bench_train_<model>[_lora][_packed|_padded].md`` and ``.png``
+(``cpu-quick/`` with ``--quick``; the packing suffix only with ``--packing on|off``).
+``--time-budget S``: no length or probe is started once S seconds have passed, nor when the
+nearest step measured so far, scaled by the square of the token ratio (attention grows
+quadratically), says it would end past S; such rows say "skipped: time budget" (with the
+predicted seconds), a find-max cut short says "stopped: time budget" (its length a lower bound),
+and the run still writes its table and plot. A step already running is not stopped: leave room
+for the longest one.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
+import importlib.util
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-from fastgrpo.benchmarks._common import environment
+from fastgrpo.benchmarks import _common as C
 
 from fastgrpo.config import build_config
 from fastgrpo.generation import Rollouts
 from fastgrpo.loss import GRPOLossParams
-from fastgrpo.memory import memory_plan
+from fastgrpo.memory import format_plan, memory_plan
 from fastgrpo.modeling import prepare_model
 from fastgrpo.tracking import peak_memory_gb
 from fastgrpo.update import Batch, Updater
+
+NAME = "bench_train"
+SKIPPED = "skipped: time budget"
+ALLOC_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+EXPANDABLE = "expandable_segments:True"
+_clock = time.perf_counter  # step times and the time budget (tests replace it)
 
 # Shapes of public checkpoints' config.json files (the weights are never needed).
 MODELS = {
@@ -47,6 +76,43 @@ MODELS = {
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }  # fmt: skip
+
+# Defaults of the options that --quick changes: (full run, --quick).
+DEFAULTS = dict(
+    model=("qwen2.5-1.5b", "tiny"),
+    lengths=([1024, 4096, 16384, 32768, 65536], [64, 160]),
+    G=(8, 4),
+    prompt_len=(256, 16),
+    granularity=(1024, 64),
+    max_length=(262144, 256),
+)
+
+CSV_FIELDS = [
+    "kind", "packing", "completion_length", "tokens", "micro_batches", "peak_gib", "step_s", "tokens_per_s",
+    "status", "steps", "first_oom", "probes", "predicted_s", "peak_memory", "trainable_parameters", "parameters",
+]  # fmt: skip
+
+
+def peft_available() -> bool:
+    return importlib.util.find_spec("peft") is not None
+
+
+def use_expandable_segments() -> str:
+    """Turn on the CUDA allocator's expandable segments unless the user configured the allocator;
+    returns the configuration in effect. Call before the first CUDA allocation (``environment()``
+    already initializes CUDA); if CUDA is initialized already, the allocator is told directly."""
+    for var in ALLOC_VARS:
+        if os.environ.get(var):
+            return f"{var}={os.environ[var]}"
+    os.environ[ALLOC_VARS[0]] = EXPANDABLE
+    if torch.cuda.is_initialized():  # too late for the variable: a caller used CUDA before main()
+        try:
+            setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9
+            (setter or torch.cuda.memory._set_allocator_settings)(EXPANDABLE)
+        except (AttributeError, RuntimeError) as e:
+            print(f"note: could not enable {EXPANDABLE} after CUDA initialization: {e}", file=sys.stderr)
+            return f"unset (CUDA was initialized first: {type(e).__name__})"
+    return f"{ALLOC_VARS[0]}={EXPANDABLE}"
 
 
 def build_model(name: str, dtype: torch.dtype, device: torch.device, attn: str):
@@ -61,11 +127,21 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, attn: str):
         return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
 
 
-def synthetic_batch(G: int, prompt_len: int, length: int, vocab: int, device, seed: int) -> Batch:
-    """G rollouts: prompts of ``prompt_len`` tokens, completion lengths uniform in [L/4, L], the first L."""
+def completion_lengths(G: int, length: int, seed: int) -> tuple[torch.Generator, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(1, length // 4), length + 1, (G,), generator=g)
     lengths[0] = length
+    return g, lengths
+
+
+def token_count(args, length: int) -> int:
+    """Prompt plus completion tokens of the synthetic batch at ``length`` (without building it)."""
+    return args.G * args.prompt_len + int(completion_lengths(args.G, length, args.seed)[1].sum())
+
+
+def synthetic_batch(G: int, prompt_len: int, length: int, vocab: int, device, seed: int) -> Batch:
+    """G rollouts: prompts of ``prompt_len`` tokens, completion lengths uniform in [L/4, L], the first L."""
+    g, lengths = completion_lengths(G, length, seed)
     completion_mask = torch.arange(length)[None] < lengths[:, None]
     rollouts = Rollouts(
         torch.randint(0, vocab, (G, prompt_len), generator=g),
@@ -79,112 +155,202 @@ def synthetic_batch(G: int, prompt_len: int, length: int, vocab: int, device, se
     return Batch(rollouts, completion_mask.to(device), advantages, {})
 
 
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+class Budget:
+    """``--time-budget``: whether a step may start, from the time spent and the steps measured so far."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.start = seconds, _clock()
+        self.measured: dict[str, list[tuple[int, float]]] = {}  # packing mode -> [(tokens, step seconds)]
+
+    def record(self, mode: str, tokens: int, step_s: float) -> None:
+        self.measured.setdefault(mode, []).append((tokens, step_s))
+
+    def predict(self, mode: str, tokens: int) -> float | None:
+        """Seconds of one step: the nearest measured step below scaled by the token ratio squared, else
+        the nearest above scaled linearly; this mode's steps if any, else any mode's. None: nothing yet."""
+        steps = self.measured.get(mode) or [m for ms in self.measured.values() for m in ms]
+        below = [m for m in steps if m[0] <= tokens]
+        if below:
+            t, s = max(below)
+            return s * (tokens / t) ** 2
+        if steps:
+            t, s = min(steps)
+            return s * tokens / t
+        return None
+
+    def allows(self, predicted_s: float | None = None) -> bool:
+        return self.seconds is None or _clock() - self.start + (predicted_s or 0.0) < self.seconds
 
 
-def run_length(updater: Updater, model, args, length: int, device) -> dict:
-    """Two update steps at one length; the second is measured."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    batch = synthetic_batch(args.G, args.prompt_len, length, vocab, device, args.seed)
-    tokens = int(batch.rollouts.prompt_mask.sum() + batch.rollouts.completion_mask.sum())
-    row = {"completion_length": length, "tokens": tokens}
-    try:
-        for _ in range(2):  # the second step is measured
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            metrics = updater.update(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-        row.update(status="ok", step_s=dt, tokens_per_s=tokens / dt, micro_batches=int(metrics["micro_batches"]))
-        row["peak_gib"] = peak_memory_gb(device)
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        row["status"] = "OOM"
-    finally:
-        updater.optimizer.zero_grad(set_to_none=True)
-        del batch
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return row
+class ModeRun:
+    """One packing mode's model and updater; runs and measures steps at one length."""
+
+    def __init__(self, args, device, dtype, packed: bool, budget: Budget):
+        self.args, self.device, self.budget = args, device, budget
+        self.mode = "on" if packed else "off"
+        cfg = build_config((dict(
+            model="bench", padding_free=packed, gradient_checkpointing=not args.no_checkpointing,
+            offload_activations=args.offload, use_liger_body=args.liger, use_peft=args.use_peft,
+            lora_r=args.lora_r, per_device_train_batch_size=args.rows,
+            gradient_accumulation_steps=max(1, args.G // args.rows), max_tokens_per_microbatch=args.max_tokens,
+            num_generations=args.G, max_completion_length=max(args.lengths), max_prompt_length=args.prompt_len,
+            beta=args.beta, learning_rate=1e-6, loss_impl=args.loss_impl,
+        ), "bench"))  # fmt: skip
+        model = build_model(args.model, dtype, device, args.attn)
+        self.model, self.info = prepare_model(model, cfg, device)
+        self.plan = memory_plan(self.model, cfg, self.info)
+        params = GRPOLossParams(loss_type="dapo", beta=args.beta, epsilon=0.2, epsilon_high=0.28)
+
+        def fail(what, *_):
+            raise RuntimeError(what)
+
+        self.updater = Updater(self.model, None, params, cfg, fail)
+        self.vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.warm = False  # a step has completed: kernels compiled, optimizer state allocated
+        self.fields = dict(
+            trainable_parameters=self.info["trainable_parameters"],
+            parameters=self.info["parameters"],
+            liger_body=self.info["liger_body"],
+        )
+
+    def run(self, length: int, kind: str, steps: int) -> dict:
+        """``steps`` update steps at ``length`` (the last one measured), unless the budget says no."""
+        args, device = self.args, self.device
+        tokens = token_count(args, length)
+        row = dict(kind=kind, packing=self.mode, completion_length=length, tokens=tokens, **self.fields)
+        predicted = self.budget.predict(self.mode, tokens)
+        predicted = None if predicted is None else steps * predicted
+        if not self.budget.allows(predicted):
+            return row | dict(status=SKIPPED, predicted_s=predicted)
+        batch = synthetic_batch(args.G, args.prompt_len, length, self.vocab, device, args.seed)
+        try:
+            for _ in range(steps):  # the last step is measured
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = _clock()
+                metrics = self.updater.update(batch)
+                C.synchronize(device)
+                dt = _clock() - t0
+                self.warm = True
+            row.update(status="ok", steps=steps, step_s=dt, tokens_per_s=tokens / dt, peak_gib=peak_memory_gb(device))
+            row["micro_batches"] = int(metrics["micro_batches"])
+            self.budget.record(self.mode, tokens, dt)
+        except Exception as e:
+            if not C.is_oom(e):
+                raise
+            row.update(status="OOM", steps=steps)
+        finally:
+            self.updater.optimizer.zero_grad(set_to_none=True)
+            del batch
+            C.free_memory(device)
+        return row
+
+    def close(self) -> None:
+        del self.updater, self.model
+        C.free_memory(self.device)
 
 
-def find_max(updater, model, args, device, fits: int | None) -> int | None:
-    """Longest completion length that fits, to ``args.granularity`` tokens."""
-    lo, hi = fits or 0, None
-    length = max(args.granularity, 2 * lo) if lo else args.granularity
+def find_max(run: ModeRun, length_rows: list[dict], emit) -> dict:
+    """Longest completion length that fits, to ``--granularity`` tokens; every probe is a row."""
+    args, g = run.args, run.args.granularity
+    lo = max((r["completion_length"] for r in length_rows if r["status"] == "ok"), default=0)
+    hi = min((r["completion_length"] for r in length_rows if r["status"] == "OOM" and r["completion_length"] > lo),
+             default=None)  # fmt: skip
+    probes, stopped = 0, False
+
+    def probe(length: int) -> bool | None:
+        nonlocal probes, stopped
+        row = emit(run.run(length, "probe", steps=1 if run.warm else 2))
+        if row["status"] == SKIPPED:
+            stopped = True
+            return None
+        probes += 1
+        return row["status"] == "ok"
+
+    length = max(g, 2 * lo) if lo else g
     while hi is None and length <= args.max_length:
-        if run_length(updater, model, args, length, device)["status"] == "ok":
+        fits = probe(length)
+        if fits is None:
+            break
+        if fits:
             lo, length = length, 2 * length
         else:
             hi = length
-    hi = hi or args.max_length + args.granularity
-    while hi - lo > args.granularity:
-        mid = (lo + hi) // 2 // args.granularity * args.granularity
-        if mid in (lo, hi):
+    bound = hi or args.max_length + g
+    while not stopped and bound - lo > g:
+        mid = (lo + bound) // 2 // g * g
+        if mid in (lo, bound):
             break
-        if run_length(updater, model, args, mid, device)["status"] == "ok":
+        fits = probe(mid)
+        if fits is None:
+            break
+        if fits:
             lo = mid
         else:
-            hi = mid
-    return lo or None
+            hi = bound = mid
+    status = ("stopped: time budget" if lo else SKIPPED) if stopped else ("ok" if lo else "none fits")
+    return dict(kind="find-max", packing=run.mode, completion_length=lo or None, first_oom=hi, probes=probes,
+                status=status, **run.fields)  # fmt: skip
 
 
-def bench_mode(args, device, dtype, packed: bool) -> dict:
-    cfg = build_config((dict(
-        model="bench", padding_free=packed, gradient_checkpointing=not args.no_checkpointing,
-        offload_activations=args.offload, use_liger_body=args.liger, use_peft=args.use_peft, lora_r=args.lora_r,
-        per_device_train_batch_size=args.rows, gradient_accumulation_steps=max(1, args.G // args.rows),
-        max_tokens_per_microbatch=args.max_tokens, num_generations=args.G, max_completion_length=max(args.lengths),
-        max_prompt_length=args.prompt_len, beta=args.beta, learning_rate=1e-6, loss_impl=args.loss_impl,
-    ), "bench"))  # fmt: skip
-    model = build_model(args.model, dtype, device, args.attn)
-    model, info = prepare_model(model, cfg, device)
-    params = GRPOLossParams(loss_type="dapo", beta=args.beta, epsilon=0.2, epsilon_high=0.28)
-
-    def fail(what, *_):
-        raise RuntimeError(what)
-
-    updater = Updater(model, None, params, cfg, fail)
-    rows = [run_length(updater, model, args, n, device) for n in args.lengths]
-    fits = max((r["completion_length"] for r in rows if r["status"] == "ok"), default=None)
-    out = {"packed": packed, "info": info, "rows": rows, "plan_at_max_length": memory_plan(model, cfg, info)}
-    if args.find_max:
-        out["max_completion_length"] = find_max(updater, model, args, device, fits)
-    del updater, model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+def bench_mode(args, device, dtype, packed: bool, budget: Budget, emit) -> dict | None:
+    """The ``--lengths`` rows of one packing mode, then its find-max rows; the mode's model facts."""
+    mode = "on" if packed else "off"
+    if not budget.allows():  # not even the model is built
+        for n in args.lengths:
+            emit(dict(kind="length", packing=mode, completion_length=n, tokens=token_count(args, n), status=SKIPPED))
+        if args.find_max:
+            emit(dict(kind="find-max", packing=mode, completion_length=None, status=SKIPPED))
+        return None
+    print(f"packing {mode}: building {args.model} ...", file=sys.stderr, flush=True)
+    run = ModeRun(args, device, dtype, packed, budget)
+    try:
+        rows = [emit(run.run(n, "length", steps=2)) for n in args.lengths]
+        if args.find_max:
+            emit(find_max(run, rows, emit))
+        return dict(packing=mode, info=run.info, plan=run.plan)
+    finally:
+        run.close()
 
 
-def markdown(results: list[dict]) -> str:
-    lines = ["| packing | completion L | tokens | micro-batches | peak GiB | step s | tokens/s |", "|---" * 7 + "|"]
-    for res in results:
-        for r in res["rows"]:
-            ok = r["status"] == "ok"
-            cells = [
-                "on" if res["packed"] else "off", r["completion_length"], r["tokens"],
-                r.get("micro_batches", "-"), f"{r['peak_gib']:.2f}" if ok else r["status"],
-                f"{r['step_s']:.3f}" if ok else "-", f"{r['tokens_per_s']:.0f}" if ok else "-",
-            ]  # fmt: skip
-            lines.append("| " + " | ".join(map(str, cells)) + " |")
-        if "max_completion_length" in res:
-            lines.append(f"| {'on' if res['packed'] else 'off'} | longest that fits: {res['max_completion_length']} |")
-    return "\n".join(lines)
+def plot(rows: list[dict], path: Path, device: torch.device, meta: dict) -> Path | None:
+    mem, speed = {}, {}
+    for r in rows:
+        if r["status"] != "ok" or r["kind"] not in ("length", "probe"):
+            continue
+        label = f"packing {r['packing']}" + (" (find-max probes)" if r["kind"] == "probe" else "")
+        mem.setdefault(label, []).append((r["completion_length"], r["peak_gib"]))
+        speed.setdefault(label, []).append((r["completion_length"], r["tokens_per_s"]))
+    if not mem:
+        return None
+    what = "peak allocated" if device.type == "cuda" else "process peak RSS, monotone over the run"
+    panels = [
+        dict(title="peak memory (GiB) vs completion length", xlabel="completion length L", ylabel=f"GiB ({what})",
+             series=mem),
+        dict(title="tokens/s vs completion length", xlabel="completion length L", ylabel="tokens/s", series=speed),
+    ]  # fmt: skip
+    peft = f", LoRA r={meta['lora_r']}" if meta["use_peft"] else ""
+    title = (
+        f"update step, {meta['model']}{peft}, G={meta['G']}, {meta['dtype']} on {meta['device']} "
+        f"({meta['git_commit'][:10]})"
+    )
+    return C.line_plots(path, panels, title)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="qwen2.5-1.5b")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536])
-    p.add_argument("--G", type=int, default=8, help="completions per step (one group)")
-    p.add_argument("--prompt-len", type=int, default=256)
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="fastgrpo bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+    def default(name):
+        full, quick = DEFAULTS[name]
+        return f"default: {full} ({quick} with --quick)"
+
+    p.add_argument("--model", choices=sorted(MODELS), help=default("model"))
+    p.add_argument("--lengths", type=int, nargs="+", help="completion lengths L; " + default("lengths"))
+    p.add_argument("--G", type=int, help="completions per step (one group); " + default("G"))
+    p.add_argument("--prompt-len", type=int, help=default("prompt_len"))
     p.add_argument("--rows", type=int, default=2, help="sequences per micro-batch (per_device_train_batch_size)")
     p.add_argument("--max-tokens", type=int, help="max_tokens_per_microbatch (overrides --rows grouping)")
     p.add_argument("--packing", choices=["on", "off", "both"], default="both")
@@ -197,36 +363,109 @@ def main(argv=None) -> None:
     p.add_argument("--attn", default="sdpa_varlen", help="attn_implementation")
     p.add_argument("--loss-impl", default="auto")
     p.add_argument("--find-max", action="store_true", help="also find the longest completion length that fits")
-    p.add_argument("--max-length", type=int, default=262144, help="--find-max stops here")
-    p.add_argument("--granularity", type=int, default=1024)
+    p.add_argument("--max-length", type=int, help="--find-max stops here; " + default("max_length"))
+    p.add_argument("--granularity", type=int, help="--find-max resolution in tokens; " + default("granularity"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, help="seconds; lengths and probes past it are skipped (rows say so)")
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, lengths 64 and 160, G=4")
-    p.add_argument("--out", type=Path, help="write bench_train.json and bench_train.md here")
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results in a checkout)")
+    p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.lengths, args.G, args.prompt_len, args.granularity = "tiny", [64, 160], 4, 16, 64
-        args.max_length = min(args.max_length, 256)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name, (full, quick) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name in ("G", "prompt_len", "rows", "granularity", "max_length", "lora_r"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.lengths) < 1:
+        p.error("--lengths must be >= 1")
     if args.beta > 0 and not args.use_peft:
         p.error("--beta > 0 needs --use-peft here (a full-parameter reference copy is not built)")
-    meta = environment(device)
-    meta.update(
-        model=args.model, dtype=str(dtype).removeprefix("torch."), args={k: str(v) for k, v in vars(args).items()}
+    if args.use_peft and not peft_available():
+        p.error("--use-peft needs peft, which is not installed: pip install 'fastgrpo[lora]'")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = torch.device("cuda" if not args.quick and torch.cuda.is_available() else "cpu")
+    alloc_conf = use_expandable_segments() if device.type == "cuda" else None  # before CUDA is initialized
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    meta = C.environment(device) | dict(
+        model=args.model,
+        dtype=str(dtype).removeprefix("torch."),
+        G=args.G,
+        prompt_len=args.prompt_len,
+        rows=args.rows,
+        max_tokens=args.max_tokens,
+        use_peft=args.use_peft,
+        lora_r=args.lora_r if args.use_peft else None,
+        offload=args.offload,
+        liger=args.liger,
+        checkpointing=not args.no_checkpointing,
+        beta=args.beta,
+        attn=args.attn,
+        loss_impl=args.loss_impl,
+        seed=args.seed,
+        granularity=args.granularity,
+        max_length=args.max_length,
+        time_budget=args.time_budget,
+        quick=args.quick,
+        cuda_alloc_conf=alloc_conf,
+        args=shlex.join(argv),
     )
+    out = args.out or C.default_out_dir()
+    run_dir = out / ("cpu-quick" if args.quick else C.slug(meta["device"]))
+    suffix = {"both": "", "on": "_packed", "off": "_padded"}[args.packing]  # runs of one mode do not overwrite
+    stem = f"{NAME}_{args.model}{'_lora' if args.use_peft else ''}{suffix}"
+    peak_what = "cuda max allocated" if device.type == "cuda" else "process peak RSS"
     print(f"# update step, {args.model} on {meta['device']}, commit {meta['git_commit']}", flush=True)
+
+    rows: list[dict] = []
+
+    def emit(row: dict) -> dict:  # as each row lands: a killed run keeps its rows
+        if row.get("peak_gib") is not None:
+            row["peak_memory"] = peak_what
+        rows.append(row)
+        C.append_rows(out, NAME, [row], meta, CSV_FIELDS)
+        timing = f", {row['step_s']:.3f} s, {row['peak_gib']:.2f} GiB" if row.get("step_s") is not None else ""
+        print(f"packing {row['packing']} {row['kind']} L={row['completion_length']}: {row['status']}{timing}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return row
+
+    budget = Budget(args.time_budget)
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.packing]
-    results = [bench_mode(args, device, dtype, packed) for packed in modes]
-    table = markdown(results)
+    facts = [bench_mode(args, device, dtype, packed, budget, emit) for packed in modes]
+
+    peak_header = "peak GiB" if device.type == "cuda" else "peak RSS GiB"
+    columns = [
+        ("packing", "packing", "{}"), ("kind", "kind", "{}"), ("completion_length", "completion L", "{}"),
+        ("tokens", "tokens", "{}"), ("micro_batches", "micro-batches", "{}"), ("peak_gib", peak_header, "{:.2f}"),
+        ("step_s", "step s", "{:.3f}"), ("tokens_per_s", "tokens/s", "{:.0f}"), ("status", "status", "{}"),
+        ("first_oom", "first OOM", "{}"), ("predicted_s", "predicted s", "{:.0f}"),
+    ]  # fmt: skip
+    table = C.markdown_table(rows, columns)
     print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench_train_{args.model}{'_lora' if args.use_peft else ''}"
-        (args.out / f"{stem}.json").write_text(json.dumps({"metadata": meta, "results": results}, indent=2) + "\n")
-        (args.out / f"{stem}.md").write_text(f"# {stem}\n\n`{meta['command']}`\n\n{meta['device']}, torch "
-                                             f"{meta['torch']}, commit {meta['git_commit']}\n\n{table}\n")  # fmt: skip
-        print(f"wrote {args.out / stem}.json/.md", file=sys.stderr)
+    notes = [
+        f"Peak memory: {peak_what}. find-max rows: completion L = longest that fits (a lower bound when stopped "
+        "by the time budget), first OOM = shortest that did not ('-': none up to --max-length); probes are one "
+        "measured step each."
+    ]
+    for f in filter(None, facts):
+        liger = ", ".join(f["info"]["liger_body"]) or "none"
+        notes.append(
+            f"packing {f['packing']}: {f['info']['parameters']:,} parameters ({f['info']['trainable_parameters']:,} "
+            f"trainable), Liger body: {liger}; {format_plan(f['plan'])} (L = {max(args.lengths)})"
+        )
+    title = f"Update step: {args.model}{' LoRA' if args.use_peft else ''}, G={args.G}, {meta['dtype']}"
+    path = C.write_run(run_dir, stem, title, meta, table + "\n\n" + "\n\n".join(notes))
+    print(f"appended {len(rows)} rows to {out / NAME}.jsonl/.csv; wrote {path}", file=sys.stderr)
+    if not args.no_plot:
+        png = plot(rows, run_dir / f"{stem}.png", device, meta)
+        print(f"wrote {png}" if png else "no plot: no step was measured", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -79,15 +79,29 @@ bench_rc=${PIPESTATUS[0]}
 record bench "$bench_rc"
 
 # ------------------------------------------------------------------ update-step benchmark (issue 4)
+# Rows land in $OUT/bench_train.{jsonl,csv} as each is measured; tables and plots go to
+# $OUT/<gpu>/bench_train_<model>[_lora]_<packed|padded>.{md,png}. Each invocation starts no step
+# after TRAIN_BUDGET s (default 420; a step predicted to end past it is skipped too), so each one
+# stays under ~500 s and fits one 600 s device call: pick them with TRAIN_BENCHES (a space-separated
+# subset of "1.5b_packed 1.5b_padded 7b_lora", the default being all three).
 train_rc=0
 if [ "${SKIP_TRAIN_BENCH:-0}" != 1 ]; then
-    python benchmarks/bench_train.py --model qwen2.5-1.5b --lengths 1024 4096 16384 32768 \
-        --find-max --max-length 131072 --granularity 4096 --out "$OUT" 2>&1 | tee "$OUT/train_1.5b.txt"
-    rc=${PIPESTATUS[0]}; record bench_train_1.5b "$rc"; [ "$rc" -eq 0 ] || train_rc=$rc
-    python benchmarks/bench_train.py --model qwen2.5-7b --use-peft --beta 0.04 --packing on \
-        --lengths 16384 65536 --find-max --max-length 262144 --granularity 8192 --out "$OUT" 2>&1 |
-        tee "$OUT/train_7b_lora.txt"
-    rc=${PIPESTATUS[0]}; record bench_train_7b_lora "$rc"; [ "$rc" -eq 0 ] || train_rc=$rc
+    for b in ${TRAIN_BENCHES:-1.5b_packed 1.5b_padded 7b_lora}; do
+        case "$b" in
+        1.5b_packed | 1.5b_padded)
+            packing=on; [ "$b" = 1.5b_padded ] && packing=off
+            args=(--model qwen2.5-1.5b --packing "$packing" --lengths 1024 4096 16384 32768
+                --find-max --max-length 131072 --granularity 4096) ;;
+        7b_lora)
+            args=(--model qwen2.5-7b --use-peft --beta 0.04 --packing on --lengths 16384 65536
+                --find-max --max-length 262144 --granularity 8192) ;;
+        *)
+            echo "unknown TRAIN_BENCHES entry: $b" >&2; record "bench_train_$b" 2; train_rc=2; continue ;;
+        esac
+        python benchmarks/bench_train.py "${args[@]}" --time-budget "${TRAIN_BUDGET:-420}" --out "$OUT" 2>&1 |
+            tee "$OUT/train_$b.txt"
+        rc=${PIPESTATUS[0]}; record "bench_train_$b" "$rc"; [ "$rc" -eq 0 ] || train_rc=$rc
+    done
 fi
 
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
