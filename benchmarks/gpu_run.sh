@@ -1,107 +1,118 @@
 #!/usr/bin/env bash
-# GPU checks in one go, run from anywhere in the repo on a CUDA machine with $OUT set:
+# GPU checks and benchmarks, in stages that each fit one 600 s device call:
 #
-#   OUT=/path/to/results bash benchmarks/gpu_run.sh [extra bench_fused_vs_naive.py args...]
+#   bash benchmarks/gpu_wheels.sh && git rev-parse HEAD >COMMIT   # here: peers as wheels, the commit
+#   OUT=/path/to/out bash benchmarks/gpu_run.sh [STAGE...]           # there, carrying .whl and COMMIT
 #
-# Writes to $OUT: env.txt (GPU, versions, commit), pip_install.txt, gpu_tests.txt (pytest -m gpu),
-# bench.txt + fused_vs_naive.{json,md} (loss benchmark), train_*.txt + bench_train_*.{json,md} (update-step
-# benchmark: Qwen2.5-1.5B full-parameter and Qwen2.5-7B LoRA shapes, packing on/off, longest length
-# that fits; skip with SKIP_TRAIN_BENCH=1) and exit_codes.txt. A failing test run does not
-# stop the benchmark; the script exits non-zero if either failed. The image has torch preinstalled
-# and no network: the package is installed editable with --no-deps --no-build-isolation --no-index
-# (`kernels/` only exists as `fastgrpo.kernels` through that install, so it must succeed).
+# Stages (default: tests ops-7b):
+#   tests        the GPU tests plus the kernel test files, compiled natively (awkward shapes, all dtypes)
+#   ops-7b       fastgrpo bench ops, Qwen2.5-7B head, N = 4K/16K/64K, both heads, all modes
+#   ops-1.5b     the same for Qwen2.5-1.5B          ops-8b   the same for Llama-3-8B
+#   train        fastgrpo bench train (TRAIN_BENCHES: "1.5b_packed 1.5b_padded 7b_lora")
+#   ops-quick    the CPU smoke run of bench ops (checks this script anywhere)
+#
+# Every stage writes under $OUT/results (rows appended to bench_*.jsonl/.csv, tables and plots under
+# $OUT/results/<gpu>/), logs to $OUT/<stage>.txt, then packs $OUT/results into $OUT/results.tgz (the
+# device tool returns at most 8 files). env.txt records the GPU, versions and commit. The image has
+# torch and no network: fastgrpo is installed editable with --no-deps, and the peers (Liger-Kernel,
+# TRL) come from .whl/ when it was carried. Exits non-zero if any stage failed; later stages still run.
 set -uo pipefail
 : "${OUT:?set OUT to an output folder}"
-mkdir -p "$OUT"
+mkdir -p "$OUT/results"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-
-commit() {
-    git rev-parse HEAD 2>/dev/null && return
-    if [ -s COMMIT ]; then head -n1 COMMIT; else echo unknown; fi
-}
+STAGE_BUDGET=${STAGE_BUDGET:-450} # seconds of benchmarking per stage before it stops starting configs
 
 record() { echo "$1=$2" | tee -a "$OUT/exit_codes.txt"; }
-: >"$OUT/exit_codes.txt"
 
-# ------------------------------------------------------------------ environment
+# ------------------------------------------------------------------ peers and package
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >"$OUT/wheels.txt" 2>&1
+    record wheels $?
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/pip_install.txt" 2>&1
+pip_rc=$?
+python -c "import fastgrpo.kernels, fastgrpo.benchmarks.bench_ops" >>"$OUT/pip_install.txt" 2>&1
+import_rc=$?
+record install "$pip_rc/$import_rc"
+if [ "$pip_rc" -ne 0 ] || [ "$import_rc" -ne 0 ]; then
+    tail -n 30 "$OUT/pip_install.txt"
+    exit 1
+fi
+
 {
     echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(commit)"
-    echo "repo: $(pwd)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || head -n1 COMMIT 2>/dev/null || echo unknown)"
     python - <<'EOF'
-import importlib.metadata as md
-import sys
-
-print("python:", sys.version.split()[0], sys.executable)
-for pkg in ("torch", "triton", "transformers", "pytest"):
+import importlib.metadata as md, sys
+import torch
+print("python:", sys.version.split()[0])
+for pkg in ("torch", "triton", "transformers", "liger-kernel", "trl", "peft", "pytest-benchmark"):
     try:
         print(f"{pkg}: {md.version(pkg)}")
     except md.PackageNotFoundError:
         print(f"{pkg}: not installed")
-import torch
-
-print("torch.version.cuda:", torch.version.cuda, "| cuda available:", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("device:", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+print("cuda:", torch.version.cuda, "| device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 EOF
-    echo
-    nvidia-smi || echo "nvidia-smi failed (rc=$?)"
-    echo
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit \
-        --format=csv || true
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# ------------------------------------------------------------------ install (must work)
-python -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/pip_install.txt" 2>&1
-pip_rc=$?
-record pip_install "$pip_rc"
-python -c "import fastgrpo, fastgrpo.kernels; print('fastgrpo from', fastgrpo.__file__)" 2>&1 |
-    tee -a "$OUT/pip_install.txt"
-import_rc=${PIPESTATUS[0]}
-record import "$import_rc"
-if [ "$pip_rc" -ne 0 ] || [ "$import_rc" -ne 0 ]; then
-    tail -n 30 "$OUT/pip_install.txt"
-    echo "install failed: see $OUT/pip_install.txt" >&2
-    exit 1
-fi
+# ------------------------------------------------------------------ stages
+ops() { # ops <model>
+    python -m fastgrpo.cli bench ops --models "$1" --time-budget "$STAGE_BUDGET" --out "$OUT/results"
+}
 
-# ------------------------------------------------------------------ GPU tests (keep going on failure)
-python -m pytest -m gpu -q tests 2>&1 | tee "$OUT/gpu_tests.txt"
-tests_rc=${PIPESTATUS[0]}
-record gpu_tests "$tests_rc"
+gpu_tests() { # the @gpu tests, then the kernel suites natively (they run on CUDA when it is there)
+    python -m pytest -q -m gpu tests
+    local a=$?
+    python -m pytest -q tests/test_linear_logprobs.py tests/test_grpo_loss.py tests/test_grad_filter.py
+    local b=$?
+    [ "$a" -eq 0 ] && [ "$b" -eq 0 ]
+}
 
-# ------------------------------------------------------------------ benchmark
-python benchmarks/bench_fused_vs_naive.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"
-bench_rc=${PIPESTATUS[0]}
-record bench "$bench_rc"
-
-# ------------------------------------------------------------------ update-step benchmark (issue 4)
-# Rows land in $OUT/bench_train.{jsonl,csv} as each is measured; tables and plots go to
-# $OUT/<gpu>/bench_train_<model>[_lora]_<packed|padded>.{md,png}. Each invocation starts no step
-# after TRAIN_BUDGET s (default 420; a step predicted to end past it is skipped too), so each one
-# stays under ~500 s and fits one 600 s device call: pick them with TRAIN_BENCHES (a space-separated
-# subset of "1.5b_packed 1.5b_padded 7b_lora", the default being all three).
-train_rc=0
-if [ "${SKIP_TRAIN_BENCH:-0}" != 1 ]; then
+train() {
+    local rc=0 b args
     for b in ${TRAIN_BENCHES:-1.5b_packed 1.5b_padded 7b_lora}; do
         case "$b" in
         1.5b_packed | 1.5b_padded)
-            packing=on; [ "$b" = 1.5b_padded ] && packing=off
+            local packing=on
+            [ "$b" = 1.5b_padded ] && packing=off
             args=(--model qwen2.5-1.5b --packing "$packing" --lengths 1024 4096 16384 32768
                 --find-max --max-length 131072 --granularity 4096) ;;
         7b_lora)
             args=(--model qwen2.5-7b --use-peft --beta 0.04 --packing on --lengths 16384 65536
                 --find-max --max-length 262144 --granularity 8192) ;;
         *)
-            echo "unknown TRAIN_BENCHES entry: $b" >&2; record "bench_train_$b" 2; train_rc=2; continue ;;
+            echo "unknown TRAIN_BENCHES entry: $b" >&2
+            rc=2
+            continue ;;
         esac
-        python benchmarks/bench_train.py "${args[@]}" --time-budget "${TRAIN_BUDGET:-420}" --out "$OUT" 2>&1 |
-            tee "$OUT/train_$b.txt"
-        rc=${PIPESTATUS[0]}; record "bench_train_$b" "$rc"; [ "$rc" -eq 0 ] || train_rc=$rc
+        python -m fastgrpo.cli bench train "${args[@]}" --time-budget "${TRAIN_BUDGET:-420}" \
+            --out "$OUT/results" || rc=$?
     done
-fi
+    return "$rc"
+}
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
+status=0
+for stage in "${@:-tests ops-7b}"; do
+    for s in $stage; do
+        case "$s" in
+        tests) gpu_tests ;;
+        ops-quick) python -m fastgrpo.cli bench ops --quick --tokens 256 --out "$OUT/results" ;;
+        ops-7b) ops qwen2.5-7b ;;
+        ops-1.5b) ops qwen2.5-1.5b ;;
+        ops-8b) ops llama3-8b ;;
+        train) train ;;
+        *) echo "unknown stage: $s" >&2; false ;;
+        esac 2>&1 | tee "$OUT/$s.txt"
+        rc=${PIPESTATUS[0]}
+        record "$s" "$rc"
+        [ "$rc" -eq 0 ] || status=1
+        tar -czf "$OUT/results.tgz" -C "$OUT" results
+    done
+done
+exit "$status"

@@ -113,8 +113,20 @@ def _naive(x: Inputs):
     return lambda: _naive_loss(*_tensors(x))
 
 
+_compiled_naive = None
+
+
 def _naive_compiled(x: Inputs):
-    compiled = torch.compile(_naive_loss, dynamic=False)
+    global _compiled_naive
+    if _compiled_naive is None:
+        # One compiled function for every shape and head of a run (default dynamic-shape
+        # policy, as users call it). Dynamo counts recompiles per code object and silently runs
+        # eagerly past its limit, which would mislabel the row: raise the limit instead.
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
+        _compiled_naive = torch.compile(_naive_loss)
+    compiled = _compiled_naive
     return lambda: compiled(*_tensors(x))
 
 
