@@ -37,7 +37,12 @@ def version(pkg: str) -> str | None:
 
 
 def git_commit() -> str:
-    """HEAD, or the COMMIT file a copied tree carries (the GPU machine's copy has no .git)."""
+    """HEAD, or the COMMIT file a copied tree carries (the GPU machine's copy has no .git).
+
+    Only a source checkout asks git: an installed package may sit inside someone else's repository.
+    """
+    if not (REPO / "pyproject.toml").is_file():
+        return f"fastgrpo {version('fastgrpo')}"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:

@@ -14,9 +14,11 @@ after a reset; gradients included), TFLOP/s counting 2*N*H*V per GEMM pass of th
 (4 passes fwd+bwd for a trainable head, 3 frozen), the time ratio to the bare GEMMs measured in
 the same run, the memory floor (dHidden + dWeight) and the ratio to it, and the loss/gradient
 error against naive (or fastgrpo-torch where naive does not fit). Modes: ``fwd`` (training
-forward, graph kept), ``bwd`` (backward of a retained graph), ``fwd+bwd``. Note that
-Liger's fused-linear loss computes its gradients during the forward, so only its fwd+bwd
-row compares. Out of memory and a missing peer are results in the row, never a crash.
+forward, graph kept), ``bwd`` (backward of a retained graph), ``fwd+bwd``. Liger's
+fused-linear loss computes its gradients during the forward: its bwd row says n/a and its fwd
+row is held to the fwd+bwd floor. Liger's Triton loss runs out of place in the bwd row (its
+in-place backward overwrites the logits a repeated backward reads). Out of memory, a missing
+peer and a time budget running out are results in the row, never a crash.
 
 Rows are appended to ``<out>/bench_ops.jsonl`` and ``.csv`` with device, versions and commit;
 the run's table and plots (time and memory against N per implementation) go to ``<out>/<device>/``.
@@ -31,7 +33,17 @@ from pathlib import Path
 
 import torch
 from fastgrpo.benchmarks import _common as C
-from fastgrpo.benchmarks.ops_impls import FLOOR, IMPLS, REFERENCES, Missing, floor_fns, floor_passes, make_inputs
+from fastgrpo.benchmarks.ops_impls import (
+    FLOOR,
+    GRADS_IN_FORWARD,
+    IMPLS,
+    REFERENCES,
+    Missing,
+    floor_fns,
+    floor_passes,
+    make_inputs,
+    raise_recompile_limit,
+)
 
 # Output heads of public checkpoints: (H, V).
 HEADS = {
@@ -42,7 +54,7 @@ HEADS = {
 }
 MODES = ("fwd", "bwd", "fwd+bwd")
 HEAD_KINDS = ("trainable", "frozen")
-ALL_IMPLS = (*IMPLS, FLOOR)
+ALL_IMPLS = (FLOOR, *IMPLS)  # the floor first: its times are known before any budget runs out
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NAME = "bench_ops"
 
@@ -76,9 +88,16 @@ CSV_FIELDS = [
 ]
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+def rel_err(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """||a - b|| / ||b|| in float64, chunk by chunk: ``b`` may live on the CPU, and no float64 copy
+    of a whole gradient is ever made on the device."""
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    num = den = 0.0
+    for s in range(0, a.numel(), chunk):
+        ac, bc = a[s : s + chunk].double(), b[s : s + chunk].to(a.device).double()
+        num += float((ac - bc).square().sum())
+        den += float(bc.square().sum())
+    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
 def mode_closure(loss_fn, mode: str, grad_inputs):
@@ -96,34 +115,60 @@ def mode_closure(loss_fn, mode: str, grad_inputs):
     return lambda: torch.autograd.grad(loss, grad_inputs, retain_graph=True)
 
 
-def measure(make, device: torch.device, args) -> tuple[dict, object]:
-    """Build a mode's closure, warm it up, read its peak memory over the inputs, then time it."""
-    res: dict = {}
+def measure_memory(make, device: torch.device):
+    """Build a mode's closure, warm it up (compile, autotune), then call it once more for its peak.
+
+    Returns (fn, outputs, peak MiB above what was live before ``make``, first-call seconds): the
+    closure's retained state (bwd: the forward's graph; the floor: its buffers) counts.
+    """
     C.free_memory(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     t0 = time.perf_counter()
     fn = make()
-    fn()  # compile / autotune outside the measurements
+    fn()
     C.synchronize(device)
-    res["first_call_s"] = time.perf_counter() - t0
-    # Above the inputs: the closure's retained state (bwd: the forward's graph) counts too.
-    out, res["peak_extra_mib"] = C.peak_extra_mib(fn, device, base)
-    res["ms"], res["p20_ms"], res["p80_ms"] = C.time_ms(
-        fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_repeats=args.repeats
-    )
-    return res, out
+    first_call_s = time.perf_counter() - t0
+    out, peak = C.peak_extra_mib(fn, device, base)
+    return fn, out, peak, first_call_s
 
 
-def run_impl(impl, x, mode, device, args):
-    """One row's measurements; never raises. Returns (fields, outputs of the call or None)."""
+def compare(out, ref) -> dict:
+    """Errors of a fwd+bwd call's (loss, dHidden[, dWeight]) against the reference's CPU copies."""
+    name, expected = ref
+    keys = ("loss_rel_diff", "dhidden_rel_err", "dweight_rel_err")
+    fields = {key: rel_err(a, b) for key, a, b in zip(keys, out, expected, strict=False)}
+    return fields | {"vs": name}
+
+
+def run_impl(impl, x, mode, device, args, ref):
+    """One row's fields; never raises (OOM and every other failure are the row's status).
+
+    A fwd+bwd call's outputs are checked against ``ref`` right after the memory call and then
+    dropped, so nothing but the inputs is on the device while the row is timed. Returns
+    (fields, CPU copies of the outputs when this impl becomes the reference, else None).
+    """
+    fields, mine = {}, None
     try:
         if impl == FLOOR:
-            fns = floor_fns(x, args.floor_chunk)
-            return measure(lambda: fns[mode], device, args)
-        build = IMPLS[impl]
-        return measure(lambda: mode_closure(build(x), mode, x.grad_inputs), device, args)
-    except Exception as e:  # OOM and every other failure are the row's result
-        return {"status": C.failure(e)}, None
+            make = lambda: floor_fns(x, args.floor_chunk)[mode]  # noqa: E731 (its buffers count)
+        else:
+            make = lambda: mode_closure(IMPLS[impl](x, mode), mode, x.grad_inputs)  # noqa: E731
+        fn, out, fields["peak_extra_mib"], fields["first_call_s"] = measure_memory(make, device)
+        if mode == "fwd+bwd" and impl != FLOOR:
+            try:
+                if ref is not None:
+                    fields |= compare(out, ref)
+                elif impl in REFERENCES:
+                    mine = (impl, tuple(t.detach().cpu() for t in out))
+            except Exception as e:  # a failed check is reported, the timing still runs
+                fields["vs"] = f"check failed: {C.failure(e)}"
+        out = None
+        fields["ms"], fields["p20_ms"], fields["p80_ms"] = C.time_ms(
+            fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_repeats=args.repeats
+        )
+        return fields, mine
+    except Exception as e:
+        return fields | {"status": C.failure(e)}, None
     finally:
         C.free_memory(device)
 
@@ -133,7 +178,7 @@ def unavailable(impl, x) -> str | None:
     if impl == FLOOR:
         return None
     try:
-        IMPLS[impl](x)
+        IMPLS[impl](x, "fwd+bwd")
     except Missing as e:
         return str(e)
     except Exception:  # a real failure: let the measured rows report it
@@ -141,14 +186,15 @@ def unavailable(impl, x) -> str | None:
     return None
 
 
-def bench_config(model, N, head, x, device, args) -> list[dict]:
-    """All rows of one (head shape, N, trainable/frozen): every impl in every mode, then ratios."""
+def bench_config(model, N, head, x, device, args, deadline=None) -> list[dict]:
+    """All rows of one (head shape, N, trainable/frozen): the floor first, every impl in every mode,
+    then the ratios. Past ``deadline`` (time.monotonic) no new row starts."""
     H, V = HEADS[model]
     trainable = head == "trainable"
     x.weight.requires_grad_(trainable)
     active = int(x.mask.sum())
-    elt = x.hidden.element_size()
-    mem_floor = (active * H + (V * H if trainable else 0)) * elt / 2**20
+    # dHidden covers every position (padding included); dWeight only for a trainable head.
+    mem_floor = (N * H + (V * H if trainable else 0)) * x.hidden.element_size() / 2**20
     base = dict(model=model, H=H, V=V, N=N, head=head, dtype=str(x.hidden.dtype).removeprefix("torch."))
     rows, ref = [], None
     for impl in (i for i in ALL_IMPLS if i in args.impls):
@@ -158,27 +204,26 @@ def bench_config(model, N, head, x, device, args) -> list[dict]:
             continue
         for mode in (m for m in MODES if m in args.modes):
             row = dict(base, impl=impl, mode=mode, active_tokens=active, status="ok")
-            fields, out = run_impl(impl, x, mode, device, args)
+            rows.append(row)
+            if impl in GRADS_IN_FORWARD and mode == "bwd":
+                row["status"] = "n/a: gradients are computed in the forward"
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                row["status"] = "skipped: time budget"
+                continue
+            fields, mine = run_impl(impl, x, mode, device, args, ref)
             row.update(fields)
+            ref = ref or mine
             if mode != "fwd" and "ms" in row:
                 row["mem_floor_mib"] = mem_floor
-            if out is not None and mode == "fwd+bwd" and impl != FLOOR:
-                if ref is None and impl in REFERENCES:
-                    ref = (impl, out)
-                elif ref is not None:
-                    row["vs"] = ref[0]
-                    names = ("loss_rel_diff", "dhidden_rel_err", "dweight_rel_err")
-                    for key, a, b in zip(names, out, ref[1], strict=False):
-                        row[key] = rel_err(a, b)
-            out = None
-            rows.append(row)
     floor = {r["mode"]: r["ms"] for r in rows if r["impl"] == FLOOR and r.get("ms")}
     for r in rows:
         if r.get("ms"):
-            flops = floor_passes(r["mode"], trainable) * 2 * active * H * V
-            r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
-            if r["mode"] in floor:
-                r["x_floor"] = r["ms"] / floor[r["mode"]]
+            # A forward that also computes the gradients is held to the whole fwd+bwd floor.
+            mode = "fwd+bwd" if r["impl"] in GRADS_IN_FORWARD else r["mode"]
+            r["tflops"] = floor_passes(mode, trainable) * 2 * active * H * V / (r["ms"] * 1e-3) / 1e12
+            if mode in floor:
+                r["x_floor"] = r["ms"] / floor[mode]
         if r.get("peak_extra_mib") is not None and r.get("mem_floor_mib"):
             r["x_mem_floor"] = r["peak_extra_mib"] / r["mem_floor_mib"]
     return rows
@@ -231,7 +276,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed calls on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --quick)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, help="seconds; configurations past it are skipped (rows say so)")
+    p.add_argument("--time-budget", type=float, help="seconds; no row starts past it (skipped rows say so)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -263,11 +308,13 @@ def main(argv=None) -> int:
     out = args.out or C.default_out_dir()
     run_dir = out / ("cpu-quick" if args.quick else C.slug(meta["device"]))
     print(f"# GRPO loss ops on {meta['device']} ({meta['dtype']}), commit {meta['git_commit']}", flush=True)
+    raise_recompile_limit()
     start, rows = time.monotonic(), []
+    deadline = None if args.time_budget is None else start + args.time_budget
     for model in args.models:
         H, V = HEADS[model]
         for N in args.tokens:
-            over = args.time_budget is not None and time.monotonic() - start > args.time_budget
+            over = deadline is not None and time.monotonic() > deadline
             x = None
             try:
                 if not over:
@@ -280,7 +327,7 @@ def main(argv=None) -> int:
                     status = "skipped: time budget" if over is True else f"inputs: {over}"
                     new = [dict(model=model, H=H, V=V, N=N, head=head, impl="*", mode="*", status=status)]
                 else:
-                    new = bench_config(model, N, head, x, device, args)
+                    new = bench_config(model, N, head, x, device, args, deadline)
                 rows += new
                 C.append_rows(out, NAME, new, meta, CSV_FIELDS)  # as they land: a killed run keeps its rows
             del x
@@ -292,7 +339,10 @@ def main(argv=None) -> int:
     print(f"appended {len(rows)} rows to {out / NAME}.jsonl/.csv; wrote {path}", file=sys.stderr)
     for p in plots:
         print(f"wrote {p}", file=sys.stderr)
-    return 0
+    ran = any(r["status"] == "ok" and r["impl"] != FLOOR for r in rows)
+    if not ran:
+        print("fastgrpo bench ops: no implementation row ran (see the status column)", file=sys.stderr)
+    return 0 if ran else 1
 
 
 if __name__ == "__main__":

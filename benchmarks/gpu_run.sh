@@ -11,35 +11,42 @@
 #   train        fastgrpo bench train (TRAIN_BENCHES: "1.5b_packed 1.5b_padded 7b_lora")
 #   ops-quick    the CPU smoke run of bench ops (checks this script anywhere)
 #
-# Every stage writes under $OUT/results (rows appended to bench_*.jsonl/.csv, tables and plots under
-# $OUT/results/<gpu>/), logs to $OUT/<stage>.txt, then packs $OUT/results into $OUT/results.tgz (the
-# device tool returns at most 8 files). env.txt records the GPU, versions and commit. The image has
+# Every stage writes to $RESULTS (default /tmp/fastgrpo-results: rows appended to bench_*.jsonl/.csv,
+# tables and plots under <gpu>/, one log per stage), packed into $OUT/results.tgz every 30 s and after
+# each stage, so a call cut off at its limit still returns what it measured; $OUT holds only that,
+# env.txt (GPU, versions, commit) and exit_codes.txt (the device tool returns at most 8 files). The image has
 # torch and no network: fastgrpo is installed editable with --no-deps, and the peers (Liger-Kernel,
 # TRL) come from .whl/ when it was carried. Exits non-zero if any stage failed; later stages still run.
 set -uo pipefail
 : "${OUT:?set OUT to an output folder}"
-mkdir -p "$OUT/results"
+RESULTS=${RESULTS:-/tmp/fastgrpo-results}
+mkdir -p "$OUT" "$RESULTS"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-STAGE_BUDGET=${STAGE_BUDGET:-450} # seconds of benchmarking per stage before it stops starting configs
+STAGE_BUDGET=${STAGE_BUDGET:-420} # seconds per ops stage after which no new row starts
 
 record() { echo "$1=$2" | tee -a "$OUT/exit_codes.txt"; }
+pack() { tar -czf "$OUT/results.tgz.part" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" &&
+    mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
+(while sleep 30; do pack; done) &
+packer=$!
+trap 'kill $packer 2>/dev/null; pack' EXIT
 
 # ------------------------------------------------------------------ peers and package
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        >"$OUT/wheels.txt" 2>&1
+        >"$RESULTS/wheels.txt" 2>&1
     record wheels $?
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/pip_install.txt" 2>&1
+python -m pip install --no-deps --no-build-isolation --no-index -e . >"$RESULTS/pip_install.txt" 2>&1
 pip_rc=$?
-python -c "import fastgrpo.kernels, fastgrpo.benchmarks.bench_ops" >>"$OUT/pip_install.txt" 2>&1
+python -c "import fastgrpo.kernels, fastgrpo.benchmarks.bench_ops" >>"$RESULTS/pip_install.txt" 2>&1
 import_rc=$?
 record install "$pip_rc/$import_rc"
 if [ "$pip_rc" -ne 0 ] || [ "$import_rc" -ne 0 ]; then
-    tail -n 30 "$OUT/pip_install.txt"
+    tail -n 30 "$RESULTS/pip_install.txt"
     exit 1
 fi
 
@@ -59,11 +66,12 @@ print("cuda:", torch.version.cuda, "| device:", torch.cuda.get_device_name(0) if
 EOF
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
 } >"$OUT/env.txt" 2>&1
+cp "$OUT/env.txt" "$RESULTS/env.txt"
 cat "$OUT/env.txt"
 
 # ------------------------------------------------------------------ stages
 ops() { # ops <model>
-    python -m fastgrpo.cli bench ops --models "$1" --time-budget "$STAGE_BUDGET" --out "$OUT/results"
+    python -m fastgrpo.cli bench ops --models "$1" --time-budget "$STAGE_BUDGET" --out "$RESULTS"
 }
 
 gpu_tests() { # the @gpu tests, then the kernel suites natively (they run on CUDA when it is there)
@@ -92,7 +100,7 @@ train() {
             continue ;;
         esac
         python -m fastgrpo.cli bench train "${args[@]}" --time-budget "${TRAIN_BUDGET:-420}" \
-            --out "$OUT/results" || rc=$?
+            --out "$RESULTS" || rc=$?
     done
     return "$rc"
 }
@@ -102,17 +110,17 @@ for stage in "${@:-tests ops-7b}"; do
     for s in $stage; do
         case "$s" in
         tests) gpu_tests ;;
-        ops-quick) python -m fastgrpo.cli bench ops --quick --tokens 256 --out "$OUT/results" ;;
+        ops-quick) python -m fastgrpo.cli bench ops --quick --tokens 256 --out "$RESULTS" ;;
         ops-7b) ops qwen2.5-7b ;;
         ops-1.5b) ops qwen2.5-1.5b ;;
         ops-8b) ops llama3-8b ;;
         train) train ;;
         *) echo "unknown stage: $s" >&2; false ;;
-        esac 2>&1 | tee "$OUT/$s.txt"
+        esac 2>&1 | tee "$RESULTS/$s.txt"
         rc=${PIPESTATUS[0]}
         record "$s" "$rc"
         [ "$rc" -eq 0 ] || status=1
-        tar -czf "$OUT/results.tgz" -C "$OUT" results
+        pack
     done
 done
 exit "$status"

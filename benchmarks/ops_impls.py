@@ -28,6 +28,11 @@ GRAD_FILTER_EPS = 2.0**-12  # bf16's resolution near 1, Cut Cross-Entropy's defa
 TRL_VOCAB_CHUNK = 32768  # TRL's GRPOTrainer default for the chunked log-prob path
 
 
+# Implementations whose forward already computes the gradients (the backward only scales them):
+# their bwd row is not measured and their fwd row is held to the whole fwd+bwd floor.
+GRADS_IN_FORWARD = frozenset({"liger-fused-linear"})
+
+
 class Missing(Exception):
     """The implementation cannot run here (package not installed, needs CUDA)."""
 
@@ -97,8 +102,8 @@ def _needs_triton(device: torch.device) -> None:
         raise Missing("skipped: needs CUDA (or TRITON_INTERPRET=1 on CPU)")
 
 
-def _fastgrpo(impl: str, **extra) -> Callable[[Inputs], Callable[[], torch.Tensor]]:
-    def build(x: Inputs):
+def _fastgrpo(impl: str, **extra) -> Callable[[Inputs, str], Callable[[], torch.Tensor]]:
+    def build(x: Inputs, mode: str):
         if impl == "triton":
             _needs_triton(x.hidden.device)
         args = (x.hidden, x.weight, x.targets, x.mask, x.advantages)
@@ -109,28 +114,30 @@ def _fastgrpo(impl: str, **extra) -> Callable[[Inputs], Callable[[], torch.Tenso
     return build
 
 
-def _naive(x: Inputs):
+def _naive(x: Inputs, mode: str):
     return lambda: _naive_loss(*_tensors(x))
+
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Once per process, before anything compiles: Dynamo counts recompiles per code object and
+    silently runs eagerly past its limit, which would mislabel the compiled rows of a long run."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
 
 
 _compiled_naive = None
 
 
-def _naive_compiled(x: Inputs):
+def _naive_compiled(x: Inputs, mode: str):
     global _compiled_naive
-    if _compiled_naive is None:
-        # One compiled function for every shape and head of a run (default dynamic-shape
-        # policy, as users call it). Dynamo counts recompiles per code object and silently runs
-        # eagerly past its limit, which would mislabel the row: raise the limit instead.
-        config = torch._dynamo.config
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), 64))
+    if _compiled_naive is None:  # one compiled function for every shape and head of a run
         _compiled_naive = torch.compile(_naive_loss)
     compiled = _compiled_naive
     return lambda: compiled(*_tensors(x))
 
 
-def _liger_fused_linear(x: Inputs):
+def _liger_fused_linear(x: Inputs, mode: str):
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except ImportError as e:
@@ -150,7 +157,7 @@ def _liger_fused_linear(x: Inputs):
     )[0]
 
 
-def _liger_triton(x: Inputs):
+def _liger_triton(x: Inputs, mode: str):
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
     except ImportError as e:
@@ -173,13 +180,16 @@ def _liger_triton(x: Inputs):
             eps_high=PARAMS.upper,
             loss_type=PARAMS.loss_type,
             reduce=True,
+            # In-place (Liger's default) writes d logits over the saved logits, so the bwd row's
+            # repeated backward of one graph needs the out-of-place variant (one more logits buffer).
+            inplace=mode != "bwd",
         )
         return loss
 
     return loss_fn
 
 
-def _trl_chunked(x: Inputs):
+def _trl_chunked(x: Inputs, mode: str):
     try:
         from trl.kernels import ChunkedLogProbFunction
     except ImportError as e:
@@ -197,9 +207,9 @@ def _trl_chunked(x: Inputs):
     return loss_fn
 
 
-# name -> builder(inputs) -> loss closure. The order is the run order: naive first, since it is
+# name -> builder(inputs, mode) -> loss closure. The order is the run order: naive first, since it is
 # the yardstick the others are checked against (fastgrpo-torch where naive does not fit).
-IMPLS: dict[str, Callable[[Inputs], Callable[[], torch.Tensor]]] = {
+IMPLS: dict[str, Callable[[Inputs, str], Callable[[], torch.Tensor]]] = {
     "naive": _naive,
     "fastgrpo-torch": _fastgrpo("torch"),
     "fastgrpo-triton": _fastgrpo("triton"),

@@ -296,6 +296,9 @@ def _bwd_kernel(
             # is where the time goes; zeroing entries inside live tiles would add error and
             # save nothing.
             thr = filter_eps * inv_temp * live
+            # A non-finite scale (inf or NaN upstream gradient) would make every |dz| <= thr
+            # hold; -1 keeps such a token's tiles so the error reaches the gradients.
+            thr = tl.where(thr < float("inf"), thr, -1.0)
             keep = tl.max(tl.where(tl.abs(dz) <= thr[:, None], 0, 1)) > 0
         if keep:
             if HAS_DB:
@@ -373,7 +376,7 @@ def _launch_constants(dtype: torch.dtype) -> dict:
 def _num_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
     # Aim for two programs per SM; on CPU (the interpreter) a few splits exercise the merge.
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    splits = max(1, min(v_blocks, triton.cdiv(target, n_blocks)))
+    splits = max(1, min(v_blocks, triton.cdiv(target, max(n_blocks, 1))))
     # Re-derive so no split is empty.
     return triton.cdiv(v_blocks, triton.cdiv(v_blocks, splits))
 

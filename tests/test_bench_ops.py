@@ -24,9 +24,9 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "bench_ops.jsonl").read_text().splitlines()]
 
 
-def _run(out, *extra):
+def _run(out, *extra, rc=0):
     argv = ["--quick", "--tokens", "128", "--repeats", "1", "--out", str(out), *extra]
-    assert bench_ops.main(argv) == 0
+    assert bench_ops.main(argv) == rc
     return _rows(out)
 
 
@@ -36,9 +36,15 @@ def test_quick_run_every_cpu_impl_mode_and_head(tmp_path, capsys):
     assert {(r["impl"], r["mode"], r["head"]) for r in rows} == {
         (i, m, h) for i in CPU_IMPLS for m in bench_ops.MODES for h in bench_ops.HEAD_KINDS
     }
+    floor_ms = {(r["mode"], r["head"]): r["ms"] for r in rows if r["impl"] == "gemm-floor"}
     for r in rows:
+        if r["impl"] == "liger-fused-linear" and r["mode"] == "bwd":  # its forward computes the gradients
+            assert r["status"] == "n/a: gradients are computed in the forward" and "ms" not in r
+            continue
         assert r["status"] == "ok", r
-        assert r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["tflops"] > 0 and r["x_floor"] > 0
+        assert r["p20_ms"] <= r["ms"] <= r["p80_ms"]
+        held_to = "fwd+bwd" if r["impl"] == "liger-fused-linear" else r["mode"]
+        assert r["x_floor"] == pytest.approx(r["ms"] / floor_ms[held_to, r["head"]])
         assert r["device"] and r["torch"] == torch.__version__ and r["git_commit"] and r["trl"] and r["liger-kernel"]
         assert r["N"] == r["active_tokens"] == 128 and (r["H"], r["V"]) == bench_ops.HEADS["tiny"]
         if r["impl"] == "gemm-floor":
@@ -52,6 +58,12 @@ def test_quick_run_every_cpu_impl_mode_and_head(tmp_path, capsys):
     for (mode, head), r in floor.items():
         passes = {"fwd": 1, "bwd": 3 if head == "trainable" else 2, "fwd+bwd": 4 if head == "trainable" else 3}[mode]
         assert r["tflops"] == pytest.approx(passes * 2 * 128 * 96 * 2003 / (r["ms"] * 1e-3) / 1e12)
+    fused_linear_fwd = next(r for r in rows if r["impl"] == "liger-fused-linear" and r["mode"] == "fwd")
+    assert fused_linear_fwd["tflops"] == pytest.approx(
+        floor["fwd+bwd", fused_linear_fwd["head"]]["tflops"]
+        * floor["fwd+bwd", fused_linear_fwd["head"]]["ms"]
+        / fused_linear_fwd["ms"]
+    )
     with open(tmp_path / "bench_ops.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     run_dir = tmp_path / "cpu-quick"
@@ -78,7 +90,7 @@ def test_rows_say_why_an_impl_did_not_run(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine without the interpreter
 
-    def oom(x):
+    def oom(x, mode):
         def loss():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
@@ -105,7 +117,7 @@ def test_rows_say_why_an_impl_did_not_run(tmp_path, monkeypatch):
 
 def test_time_budget_and_appending_keep_one_table(tmp_path):
     _run(tmp_path, "--impls", "fastgrpo-torch", "--modes", "fwd")
-    rows = _run(tmp_path, "--impls", "fastgrpo-torch", "--time-budget", "0")
+    rows = _run(tmp_path, "--impls", "fastgrpo-torch", "--time-budget", "0", rc=1)  # 1: no row ran
     assert [r["status"] for r in rows[2:]] == ["skipped: time budget"] * 2
     lines = (tmp_path / "bench_ops.csv").read_text().splitlines()
     assert len(lines) == 1 + 4 and lines[0].startswith("model,N,head,mode,impl,ms")
@@ -139,7 +151,8 @@ def test_padded_rows_count_only_active_tokens(tmp_path):
                 "--heads", "trainable", "--pad-frac", "0.25")  # fmt: skip
     active = rows[0]["active_tokens"]
     assert 0 < active < 128 and all(r["active_tokens"] == active for r in rows)
-    assert rows[1]["loss_rel_diff"] < 1e-5 and rows[1]["dhidden_rel_err"] < 1e-5
+    fused = next(r for r in rows if r["impl"] == "fastgrpo-torch")
+    assert fused["vs"] == "naive" and fused["loss_rel_diff"] < 1e-5 and fused["dhidden_rel_err"] < 1e-5
 
 
 def test_pytest_benchmark_suite_runs(tmp_path):
@@ -150,3 +163,37 @@ def test_pytest_benchmark_suite_runs(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "12 passed" in res.stdout
+
+
+def test_peak_memory_counts_what_the_closure_retains(monkeypatch):
+    """CUDA accounting with a fake allocator: the peak is taken above what was live before the
+    closure was built, so a bwd closure's retained forward graph (or the floor's buffers) counts,
+    as do the transient peak inside the call and the outputs it returns."""
+    mib = 2**20
+    state = dict(allocated=1000 * mib, peak=1000 * mib)  # the inputs
+
+    def alloc(n):
+        state["allocated"] += n
+        state["peak"] = max(state["peak"], state["allocated"])
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cuda, "empty_cache", lambda: None)
+
+    def make():
+        alloc(300 * mib)  # retained: the forward's saved tensors
+
+        def fn():
+            alloc(50 * mib)  # transient workspace
+            alloc(-50 * mib)
+            alloc(20 * mib)  # the returned gradients
+            return "grads"
+
+        return fn
+
+    fn, out, peak, first_call_s = bench_ops.measure_memory(make, torch.device("cuda"))
+    # retained graph + the warm call's outputs (this fake never frees them) + the transient peak
+    assert out == "grads" and peak == 300 + 20 + 50 and first_call_s >= 0

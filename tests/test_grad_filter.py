@@ -375,3 +375,37 @@ def test_torch_impl_ignores_eps_and_stays_exact():
         ).loss.backward()
         grads.append(h.grad)
     assert torch.equal(*grads)
+
+
+def test_non_finite_upstream_gradient_is_never_filtered_away():
+    """An inf d loss / d logp makes every |dz| <= eps * scale hold; the tiles must still run so
+    the non-finite gradient shows, as it does without the filter."""
+    h, w, b, y, active, g_lp, g_ent = _flat_inputs(torch.float32, seed=5, bias=False)
+    g_lp[3] = float("inf")
+    assert bool(active[3])
+    _, _, dh0, dw0, _ = _run(h, w, b, y, active, g_lp, g_ent, 1.0, 0.0)
+    assert not torch.isfinite(dw0).all() and not torch.isfinite(dh0[3]).all()
+    for eps in (BF16_EPS, 0.5):
+        _, _, dh, dw, _ = _run(h, w, b, y, active, g_lp, g_ent, 1.0, eps)
+        # every vocabulary row token 3 touches is non-finite, exactly as without the filter
+        assert torch.equal(torch.isfinite(dw), torch.isfinite(dw0)), eps
+        assert torch.equal(torch.isfinite(dh), torch.isfinite(dh0)), eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_filter_is_independent_of_the_vocabulary_chunking(monkeypatch, dtype):
+    """The backward's vocabulary chunks (SCRATCH_BYTES) change neither the tiles' filter decisions
+    nor the sums: a many-chunk run equals the single-chunk run bit for bit."""
+    import importlib
+
+    kernel = importlib.import_module("fastgrpo.kernels.linear_logprobs")
+    h, w, y = _peaked_head(N, seed=6)
+    g = torch.Generator().manual_seed(7)
+    g_lp, g_ent = torch.randn(N, generator=g).to(DEVICE), torch.randn(N, generator=g).to(DEVICE)
+    h, w, y = h.to(DEVICE, dtype), w.to(DEVICE, dtype), y.to(DEVICE)
+    active = torch.arange(N, device=DEVICE) % 5 != 1
+    one = _run(h, w, None, y, active, g_lp, g_ent, 1.0, 2.0**-5)
+    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 4 * H * _tiles(dtype)[1])  # one vocabulary tile a chunk
+    many = _run(h, w, None, y, active, g_lp, g_ent, 1.0, 2.0**-5)
+    for name, a, r in zip(("logp", "entropy", "dhidden", "dweight"), many, one, strict=False):
+        assert torch.equal(a, r), name

@@ -159,3 +159,15 @@ def test_backward_accumulates_in_bounded_chunks(monkeypatch, dtype, N, V, frozen
     else:  # the whole dHidden, dWeight in vocabulary chunks
         chunks = [(min(step["V"], V - v0), H) for v0 in range(0, V, step["V"])]
         assert shapes == [(N, H)] + chunks and len(chunks) > 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_tokens(impl):
+    """An empty micro-batch: empty outputs, zero dWeight, no launch arithmetic on N = 0."""
+    w = torch.randn(50, 24, device=DEVICE, requires_grad=True)
+    h = torch.randn(0, 24, device=DEVICE, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    logp, ent = fastgrpo.chunked_logprobs(h, w, y, return_entropy=True, impl=impl)
+    assert logp.shape == ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert h.grad.shape == (0, 24) and torch.equal(w.grad, torch.zeros_like(w))
