@@ -39,10 +39,10 @@ from fastgrpo.benchmarks.ops_impls import (
     IMPLS,
     REFERENCES,
     Missing,
+    configure_compile,
     floor_fns,
     floor_passes,
     make_inputs,
-    raise_recompile_limit,
 )
 
 # Output heads of public checkpoints: (H, V).
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     out = args.out or C.default_out_dir()
     run_dir = out / ("cpu-quick" if args.quick else C.slug(meta["device"]))
     print(f"# GRPO loss ops on {meta['device']} ({meta['dtype']}), commit {meta['git_commit']}", flush=True)
-    raise_recompile_limit()
+    configure_compile()
     start, rows = time.monotonic(), []
     deadline = None if args.time_budget is None else start + args.time_budget
     for model in args.models:

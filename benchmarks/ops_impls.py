@@ -118,12 +118,19 @@ def _naive(x: Inputs, mode: str):
     return lambda: _naive_loss(*_tensors(x))
 
 
-def raise_recompile_limit(limit: int = 64) -> None:
-    """Once per process, before anything compiles: Dynamo counts recompiles per code object and
-    silently runs eagerly past its limit, which would mislabel the compiled rows of a long run."""
+def configure_compile(recompile_limit: int = 64) -> None:
+    """Once per process, before anything compiles (``naive-compile``, Liger's compiled chunks).
+
+    Dynamo counts recompiles per code object and silently runs eagerly past its limit, which
+    would mislabel the compiled rows of a long run: the limit is raised. AOTAutograd donates the
+    compiled backward's saved buffers by default and then refuses a repeated backward of one
+    graph, which the bwd rows time: donation is turned off, which can only raise the compiled
+    rows' peak memory a little.
+    """
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), limit))
+    setattr(config, name, max(getattr(config, name), recompile_limit))
+    torch._functorch.config.donated_buffer = False
 
 
 _compiled_naive = None

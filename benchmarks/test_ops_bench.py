@@ -25,13 +25,13 @@ from fastgrpo.benchmarks.ops_impls import (
     GRADS_IN_FORWARD,
     IMPLS,
     Missing,
+    configure_compile,
     floor_fns,
     floor_passes,
     make_inputs,
-    raise_recompile_limit,
 )
 
-raise_recompile_limit()
+configure_compile()
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32

@@ -31,12 +31,13 @@ def _run(out, *extra, rc=0):
 
 
 def test_quick_run_every_cpu_impl_mode_and_head(tmp_path, capsys):
-    rows = _run(tmp_path, "--impls", *CPU_IMPLS)
-    assert len(rows) == len(CPU_IMPLS) * 3 * 2
-    assert {(r["impl"], r["mode"], r["head"]) for r in rows} == {
-        (i, m, h) for i in CPU_IMPLS for m in bench_ops.MODES for h in bench_ops.HEAD_KINDS
+    # two sizes: the compiled rows then also go through a recompile (dynamic shapes)
+    rows = _run(tmp_path, "--impls", *CPU_IMPLS, "--tokens", "64", "128")
+    assert len(rows) == len(CPU_IMPLS) * 3 * 2 * 2
+    assert {(r["impl"], r["mode"], r["head"], r["N"]) for r in rows} == {
+        (i, m, h, n) for i in CPU_IMPLS for m in bench_ops.MODES for h in bench_ops.HEAD_KINDS for n in (64, 128)
     }
-    floor_ms = {(r["mode"], r["head"]): r["ms"] for r in rows if r["impl"] == "gemm-floor"}
+    floor_ms = {(r["mode"], r["head"], r["N"]): r["ms"] for r in rows if r["impl"] == "gemm-floor"}
     for r in rows:
         if r["impl"] == "liger-fused-linear" and r["mode"] == "bwd":  # its forward computes the gradients
             assert r["status"] == "n/a: gradients are computed in the forward" and "ms" not in r
@@ -44,9 +45,9 @@ def test_quick_run_every_cpu_impl_mode_and_head(tmp_path, capsys):
         assert r["status"] == "ok", r
         assert r["p20_ms"] <= r["ms"] <= r["p80_ms"]
         held_to = "fwd+bwd" if r["impl"] == "liger-fused-linear" else r["mode"]
-        assert r["x_floor"] == pytest.approx(r["ms"] / floor_ms[held_to, r["head"]])
+        assert r["x_floor"] == pytest.approx(r["ms"] / floor_ms[held_to, r["head"], r["N"]])
         assert r["device"] and r["torch"] == torch.__version__ and r["git_commit"] and r["trl"] and r["liger-kernel"]
-        assert r["N"] == r["active_tokens"] == 128 and (r["H"], r["V"]) == bench_ops.HEADS["tiny"]
+        assert r["N"] == r["active_tokens"] and (r["H"], r["V"]) == bench_ops.HEADS["tiny"]
         if r["impl"] == "gemm-floor":
             assert r["x_floor"] == 1.0
         if r["mode"] == "fwd+bwd" and r["impl"] not in ("naive", "gemm-floor"):
@@ -54,16 +55,14 @@ def test_quick_run_every_cpu_impl_mode_and_head(tmp_path, capsys):
             assert r["loss_rel_diff"] < 1e-5 and r["dhidden_rel_err"] < 1e-5
             assert (r["dweight_rel_err"] < 1e-5) if r["head"] == "trainable" else "dweight_rel_err" not in r
     # TFLOP/s count 4 GEMM passes for a trainable head and 3 for a frozen one
-    floor = {(r["mode"], r["head"]): r for r in rows if r["impl"] == "gemm-floor"}
-    for (mode, head), r in floor.items():
+    floor = {(r["mode"], r["head"], r["N"]): r for r in rows if r["impl"] == "gemm-floor"}
+    for (mode, head, n), r in floor.items():
         passes = {"fwd": 1, "bwd": 3 if head == "trainable" else 2, "fwd+bwd": 4 if head == "trainable" else 3}[mode]
-        assert r["tflops"] == pytest.approx(passes * 2 * 128 * 96 * 2003 / (r["ms"] * 1e-3) / 1e12)
-    fused_linear_fwd = next(r for r in rows if r["impl"] == "liger-fused-linear" and r["mode"] == "fwd")
-    assert fused_linear_fwd["tflops"] == pytest.approx(
-        floor["fwd+bwd", fused_linear_fwd["head"]]["tflops"]
-        * floor["fwd+bwd", fused_linear_fwd["head"]]["ms"]
-        / fused_linear_fwd["ms"]
-    )
+        assert r["tflops"] == pytest.approx(passes * 2 * n * 96 * 2003 / (r["ms"] * 1e-3) / 1e12)
+    for r in rows:  # a forward that computes the gradients is held to the fwd+bwd floor's FLOPs
+        if r["impl"] == "liger-fused-linear" and r["mode"] == "fwd":
+            whole = floor["fwd+bwd", r["head"], r["N"]]
+            assert r["tflops"] == pytest.approx(whole["tflops"] * whole["ms"] / r["ms"])
     with open(tmp_path / "bench_ops.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     run_dir = tmp_path / "cpu-quick"
