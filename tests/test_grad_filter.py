@@ -166,34 +166,40 @@ def test_filter_drops_exactly_the_negligible_tiles(dtype, case):
     gradient is far outside the tolerance, as is a p-only, block-blind or target-blind filter.
     """
     temperature = 0.8
-    if case.startswith("logp"):
-        eps = 0.5
-        h, w, b, y, active, g_lp, g_ent = _flat_inputs(dtype, seed=2, bias=True)
-        g_ent = torch.zeros_like(g_ent)
-    else:
-        eps = 2.0**-5
-        h, w, y = _peaked_head(N, seed=3, a=2.0)
-        g = torch.Generator().manual_seed(4)
+    bn, bv = _tiles(dtype)
+
+    def inputs(seed):
+        if case.startswith("logp"):
+            h, w, b, y, active, g_lp, g_ent = _flat_inputs(dtype, seed=seed, bias=True)
+            return 0.5, h, w, b, y, active, g_lp, torch.zeros_like(g_ent)
+        h, w, y = _peaked_head(N, seed=seed + 1, a=2.0)
+        g = torch.Generator().manual_seed(seed + 2)
         b = 0.5 * torch.randn(V, generator=g)
         active = torch.arange(N) % 7 != 3
         g_lp = torch.randn(N, generator=g) * (torch.arange(N) % 2 == 0)
         g_ent = torch.randn(N, generator=g)
         h, w, b = (t.to(DEVICE, dtype) for t in (h, w, b))
-        y, active, g_lp, g_ent = (t.to(DEVICE) for t in (y, active, g_lp, g_ent))
-    dz, scale, p = _dz64(h, w, b, y, active, g_lp, g_ent, temperature)
-    live, worst = _live_tiles(dz, scale, eps, dtype)
-    bn, bv = _tiles(dtype)
-    # Preconditions that make the test bite: some tiles are skipped, some are not, and no tile's
-    # decision is within 25% of the cut (fp32 rounding cannot flip it).
-    assert 0 < int(live.sum()) < live.numel(), live
-    assert not bool(((worst > 0.8) & (worst < 1.25)).any()), worst
-    onehot = torch.nn.functional.one_hot(y.long(), V).bool()
-    # logp case: a kernel that lets masked tokens' targets keep tiles alive; entropy case: Cut
-    # Cross-Entropy's criterion (p > eps anywhere, or a live token's target in the tile).
-    counted = torch.ones_like(active) if case.startswith("logp") else scale > 0
-    mutant = (onehot | (p > eps)) & counted[:, None]
-    mutant = _tile_max(mutant.double(), bn, bv) > 0
-    assert not torch.equal(mutant, live)
+        return 2.0**-5, h, w, b, *(t.to(DEVICE) for t in (y, active, g_lp, g_ent))
+
+    # Preconditions that make the test bite at this launcher's tile sizes (the interpreter's and a
+    # GPU's differ): some tiles are skipped, some are not, no tile's decision is within 25% of the
+    # cut (fp32 rounding cannot flip it), and the wrong criterion picks other tiles. The first of a
+    # few seeds that meets them is used.
+    # The wrong criterion the case must tell apart: logp case, a kernel that lets masked tokens'
+    # targets keep tiles alive; entropy case, Cut Cross-Entropy's (p > eps anywhere, or a live
+    # token's target in the tile).
+    for seed in range(2, 40):
+        eps, h, w, b, y, active, g_lp, g_ent = inputs(seed)
+        dz, scale, p = _dz64(h, w, b, y, active, g_lp, g_ent, temperature)
+        live, worst = _live_tiles(dz, scale, eps, dtype)
+        counted = torch.ones_like(active) if case.startswith("logp") else scale > 0
+        onehot = torch.nn.functional.one_hot(y.long(), V).bool()
+        mutant = _tile_max(((onehot | (p > eps)) & counted[:, None]).double(), bn, bv) > 0
+        clean = not bool(((worst > 0.8) & (worst < 1.25)).any())
+        if 0 < int(live.sum()) < live.numel() and clean and not torch.equal(mutant, live):
+            break
+    else:
+        raise AssertionError(f"no seed gives a clean, discriminating tile split at tiles {bn} x {bv}")
     want = _grads_from_dz(dz * _expand(live, bn, bv, dz.shape), h, w, b)
     wrong = {
         "unfiltered": _grads_from_dz(dz, h, w, b),
