@@ -254,6 +254,22 @@ def plot(rows, run_dir: Path, meta: dict) -> list[Path]:
     return paths
 
 
+def head_shape(text: str) -> str:
+    """A known head's name, or "H,V" (registered under that name)."""
+    if text in HEADS:
+        return text
+    try:
+        h, v = (int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {sorted(HEADS)} or H,V (two integers), got {text!r}"
+        ) from None
+    if min(h, v) < 1:
+        raise argparse.ArgumentTypeError(f"H and V must be >= 1, got {text!r}")
+    HEADS[text] = (h, v)
+    return text
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="fastgrpo bench ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -261,7 +277,14 @@ def parse_args(argv):
     p.add_argument(
         "--quick", action="store_true", help="CPU smoke test: tiny head (H 96, V 2003), N 256 and 1024, fp32"
     )
-    p.add_argument("--models", nargs="+", choices=sorted(HEADS), help="head shapes (default: the three real heads)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        type=head_shape,
+        metavar="NAME|H,V",
+        help=f"head shapes: {', '.join(sorted(HEADS))}, or your own hidden,vocab sizes such as 5120,152064 "
+        "(default: the three real heads)",
+    )
     p.add_argument("--tokens", nargs="+", type=int, help="N values (default: 4096 16384 65536)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--heads", nargs="+", choices=HEAD_KINDS, default=list(HEAD_KINDS))
@@ -301,6 +324,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastgrpo bench ops: error: --device cuda but CUDA is not available")
+    if device.type == "cpu" and not args.quick:
+        print("fastgrpo bench ops: no CUDA device, so real head shapes run on the CPU (slow); --quick is the "
+              "CPU smoke run", file=sys.stderr)  # fmt: skip
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.threads or args.quick:  # tiny CPU shapes time mostly thread wake-ups with more threads
         torch.set_num_threads(args.threads or 1)

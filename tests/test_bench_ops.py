@@ -129,6 +129,8 @@ def test_time_budget_and_appending_keep_one_table(tmp_path):
         (["--tokens", "0"], "--tokens must be >= 1"),
         (["--pad-frac", "0.7"], "--pad-frac must be in [0, 0.5)"),
         (["--impls", "cce"], "invalid choice: 'cce'"),
+        (["--models", "qwen9"], "or H,V (two integers), got 'qwen9'"),
+        (["--models", "0,100"], "H and V must be >= 1"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):
@@ -143,6 +145,13 @@ def test_cli_dispatches_to_the_benchmarks(tmp_path, capsys):
     argv = ["bench", "ops", "--quick", "--tokens", "64", "--impls", "fastgrpo-torch", "--modes", "fwd"]
     assert cli_main([*argv, "--heads", "frozen", "--repeats", "1", "--no-plot", "--out", str(tmp_path)]) == 0
     assert [r["status"] for r in _rows(tmp_path)] == ["ok"]
+
+
+def test_a_head_shape_of_your_own(tmp_path):
+    rows = _run(tmp_path, "--models", "40,301", "--tokens", "48", "--impls", "naive", "fastgrpo-torch",
+                "--modes", "fwd+bwd", "--heads", "trainable")  # fmt: skip
+    assert [(r["model"], r["H"], r["V"], r["N"], r["status"]) for r in rows] == [("40,301", 40, 301, 48, "ok")] * 2
+    assert rows[1]["loss_rel_diff"] < 1e-5
 
 
 def test_padded_rows_count_only_active_tokens(tmp_path):
