@@ -33,6 +33,22 @@ from ._debug import alloc_output
 
 
 @triton.jit
+def _load_rows(ptr, offs_r, r_mask, offs_h, h_mask, stride_r, stride_h, UPCAST: tl.constexpr):
+    """A (rows, BLOCK_H) tile of a row-major (R, H) matrix, 0 outside the masks.
+
+    UPCAST: the CPU interpreter mis-computes bf16 dots; bf16 products are exact in fp32.
+    """
+    tile = tl.load(
+        ptr + offs_r[:, None] * stride_r + offs_h[None, :] * stride_h,
+        mask=r_mask[:, None] & h_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _logits_tile(
     h_ptr,
     w_ptr,
@@ -59,19 +75,8 @@ def _logits_tile(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        x = tl.load(
-            h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :] * stride_hh,
-            mask=n_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-            mask=v_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:  # the CPU interpreter mis-computes bf16 dots; bf16 products are exact in fp32
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
+        x = _load_rows(h_ptr, offs_n, n_mask, offs_h, h_mask, stride_hn, stride_hh, UPCAST)
+        w = _load_rows(w_ptr, offs_v, v_mask, offs_h, h_mask, stride_wv, stride_wh, UPCAST)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
@@ -309,13 +314,7 @@ def _bwd_kernel(
             for h0 in range(0, H, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
                 h_mask = offs_h < H
-                w = tl.load(
-                    w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-                    mask=v_mask[:, None] & h_mask[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    w = w.to(tl.float32)
+                w = _load_rows(w_ptr, offs_v, v_mask, offs_h, h_mask, stride_wv, stride_wh, UPCAST)
                 dh = tl.dot(dz_c, w, input_precision=DOT_PRECISION)
                 tl.atomic_add(
                     dh_ptr + offs_n[:, None] * H + offs_h[None, :],
@@ -323,13 +322,7 @@ def _bwd_kernel(
                     mask=n_mask[:, None] & h_mask[None, :],
                 )
                 if HAS_DW:
-                    x = tl.load(
-                        h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :] * stride_hh,
-                        mask=n_mask[:, None] & h_mask[None, :],
-                        other=0.0,
-                    )
-                    if UPCAST:
-                        x = x.to(tl.float32)
+                    x = _load_rows(h_ptr, offs_n, n_mask, offs_h, h_mask, stride_hn, stride_hh, UPCAST)
                     dw = tl.dot(tl.trans(dz_c), x, input_precision=DOT_PRECISION)
                     tl.atomic_add(
                         dw_ptr + offs_v[:, None] * H + offs_h[None, :],
