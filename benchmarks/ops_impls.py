@@ -82,15 +82,15 @@ def make_inputs(H, V, N, rows, dtype, device, seed=0, pad_frac=0.0, p_target=0.6
     return Inputs(hidden, weight.requires_grad_(), targets, mask, advantages, old, ref)
 
 
-def epilogue(logp: torch.Tensor, entropy: torch.Tensor | None, x: Inputs) -> torch.Tensor:
-    """The shared O(N) GRPO loss on per-token log-probs."""
+def epilogue(logp, entropy, mask, advantages, old, ref) -> torch.Tensor:
+    """The shared O(N) GRPO loss on (B, T) per-token log-probs; entropy (metrics only) may be None."""
     entropy = torch.zeros_like(logp) if entropy is None else entropy
-    return grpo_loss_from_logprobs(logp, entropy, x.mask, x.advantages, x.old, x.ref, PARAMS)[0]
+    return grpo_loss_from_logprobs(logp, entropy, mask, advantages, old, ref, PARAMS)[0]
 
 
 def _naive_loss(hidden, weight, targets, mask, advantages, old, ref):
     logp, _ = reference_logprobs(hidden, weight, targets, with_entropy=False)  # full logits, log_softmax, gather
-    return grpo_loss_from_logprobs(logp, torch.zeros_like(logp), mask, advantages, old, ref, PARAMS)[0]
+    return epilogue(logp, None, mask, advantages, old, ref)
 
 
 def _tensors(x: Inputs):
@@ -209,7 +209,7 @@ def _trl_chunked(x: Inputs, mode: str):
             x.hidden[m], x.weight, None, x.targets[m], 1.0, TRL_VOCAB_CHUNK, None, 1.0, ("entropy",)
         )
         logp, entropy = (t.new_zeros(m.shape).masked_scatter(m, t) for t in out[:2])
-        return epilogue(logp, entropy.detach(), x)
+        return epilogue(logp, entropy.detach(), x.mask, x.advantages, x.old, x.ref)
 
     return loss_fn
 
