@@ -1,0 +1,69 @@
+"""Checkpoints written by earlier code still resume, and continue exactly as the run that wrote them.
+
+The fixtures (``tests/fixtures/old_checkpoints``, see its README) were written by the flat-layout
+code before ``fastgrpo/`` got its ``ops``/``train``/``integrations`` wings. Resuming goes through
+the command line, whose flags are part of the compatibility promise too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgrpo.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "old_checkpoints"
+# What differs between an uninterrupted run and a resumed one by design: wall-clock figures, and
+# the memory plan, which only the first row a process logs carries.
+VOLATILE = ("tokens_per_second", "step_time", "peak_memory_gb", "memory/")
+COMMON = (
+    "--prompt_column prompt --answer_column answer --reward_funcs accuracy format --reward_weights 0.75 0.25 "
+    "--num_generations 4 --per_device_train_batch_size 8 --gradient_accumulation_steps 2 "
+    "--max_completion_length 16 --max_prompt_length 64 --learning_rate 3e-4 --max_steps 4 --save_steps 2 "
+    "--save_total_limit 4 --num_iterations 2 --seed 3 --disable_tqdm true --plot false"
+).split()
+KINDS = {
+    "full": ["--beta", "0.0"],
+    "lora": ["--beta", "0.04", "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0"],
+}
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_old_checkpoint_resumes_and_repeats_the_uninterrupted_run(embedded, tmp_path, kind):
+    model, _ = embedded
+    out = tmp_path / kind
+    out.mkdir()
+    shutil.copytree(FIXTURES / kind / "checkpoint-2", out / "checkpoint-2")
+    before = torch.load(out / "checkpoint-2" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    args = ["train", "--model", model, "--dataset", str(FIXTURES / "prompts.jsonl"), *COMMON, *KINDS[kind]]
+    assert main([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]) == 0
+
+    expected, resumed = _rows(FIXTURES / kind / "metrics.jsonl")[2:], _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [3, 4]
+    for want, got in zip(expected, resumed, strict=True):
+        assert want.keys() == got.keys()
+        diff = {k: (want[k], got[k]) for k in want if not _same(want[k], got[k])}
+        assert not diff, f"step {want['step']} differs from the run that wrote the checkpoint: {diff}"
+    # The resumed run continued from the saved counters, not from zero.
+    assert before["step"] == 2 and before["num_tokens"] > 0
+    state = torch.load(out / "checkpoint-4" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 4 and state["num_tokens"] > before["num_tokens"]
+    saved = {p.name for p in (out / "checkpoint-4").iterdir()}
+    weights = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
+    assert {weights, "trainer_state.pt", "config.yaml", "tokenizer.json"} <= saved
