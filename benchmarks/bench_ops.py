@@ -328,8 +328,16 @@ def main(argv=None) -> int:
         print("fastgrpo bench ops: no CUDA device, so real head shapes run on the CPU (slow); --quick is the "
               "CPU smoke run", file=sys.stderr)  # fmt: skip
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    threads = torch.get_num_threads()
     if args.threads or args.quick:  # tiny CPU shapes time mostly thread wake-ups with more threads
         torch.set_num_threads(args.threads or 1)
+    try:
+        return run(args, device, dtype)
+    finally:  # called in-process (tests, notebooks), the caller keeps its own thread count
+        torch.set_num_threads(threads)
+
+
+def run(args, device: torch.device, dtype: torch.dtype) -> int:
     meta = C.environment(device) | dict(dtype=str(dtype).removeprefix("torch."), loss="dapo beta=0.04 eps=0.2/0.28")
     out = args.out or C.default_out_dir()
     run_dir = out / ("cpu-quick" if args.quick else C.slug(meta["device"]))

@@ -2,7 +2,7 @@
 
 A model of a real architecture's shape is built from its config with random weights (no download:
 memory and speed do not depend on the values), G synthetic rollouts per step with completion lengths
-spread over [L/4, L] (one of them L), and ``fastgrpo.update.Updater`` runs the same micro-batching,
+spread over [L/4, L] (one of them L), and ``fastgrpo.train.update.Updater`` runs the same micro-batching,
 packing, checkpointing, LoRA and fused loss as ``fastgrpo train``. Each ``--lengths`` value is run
 twice and the second step is measured (the first compiles kernels and allocates optimizer state).
 
@@ -51,13 +51,13 @@ from pathlib import Path
 import torch
 from fastgrpo.benchmarks import _common as C
 
-from fastgrpo.config import build_config
-from fastgrpo.generation import Rollouts
-from fastgrpo.loss import GRPOLossParams
-from fastgrpo.memory import format_plan, memory_plan
-from fastgrpo.modeling import prepare_model
-from fastgrpo.tracking import peak_memory_gb
-from fastgrpo.update import Batch, Updater
+from fastgrpo.ops import GRPOLossParams
+from fastgrpo.train.config import build_config
+from fastgrpo.train.memory import format_plan, memory_plan
+from fastgrpo.train.modeling import prepare_model
+from fastgrpo.train.rollouts import Batch, Rollouts
+from fastgrpo.train.tracking import peak_memory_gb
+from fastgrpo.train.update import Updater
 
 NAME = "bench_train"
 SKIPPED = "skipped: time budget"
@@ -118,7 +118,7 @@ def use_expandable_segments() -> str:
 def build_model(name: str, dtype: torch.dtype, device: torch.device, attn: str):
     import transformers
 
-    from fastgrpo.attention import register
+    from fastgrpo.train.attention import register
 
     register()
     cfg = transformers.Qwen2Config(**MODELS[name], max_position_embeddings=262144, rope_theta=1e6)

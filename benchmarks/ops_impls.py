@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 
 import fastgrpo
-from fastgrpo.loss import GRPOLossParams, grpo_loss_from_logprobs
-from fastgrpo.reference import reference_logprobs
+from fastgrpo.ops.loss import GRPOLossParams, grpo_loss_from_logprobs
+from fastgrpo.ops.reference import reference_logprobs
 
 HYPER = dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="dapo")
 PARAMS = GRPOLossParams(**HYPER)

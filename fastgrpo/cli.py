@@ -1,4 +1,4 @@
-"""The ``fastgrpo`` command line. ``train``'s flags are generated from ``fastgrpo.config``."""
+"""The ``fastgrpo`` command line. ``train``'s flags are generated from ``fastgrpo.train.config``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import typing
 from typing import Any
 
-from . import config as C
+from .train import config as C
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def resolve_train_config(args: argparse.Namespace) -> C.Config:
     file_values = C.load_yaml(args.config) if args.config else {}
     flat_file = C.flatten(file_values, args.config) if file_values else {}
     if flat_file.get("model") is None and cli.get("model") in (None, "none", "None"):
-        from .toy import EMBEDDED_PRESET
+        from .train.embedded import EMBEDDED_PRESET
 
         layers.append((EMBEDDED_PRESET, "the embedded preset"))
     if file_values:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "train",
         help="GRPO/DAPO training: sample -> score -> update (no arguments: the embedded offline default)",
         description="Values apply in this order: defaults shown below; with no --model anywhere, the embedded "
-        "default's preset (fastgrpo.toy.EMBEDDED_PRESET); the --config YAML file; command-line flags.",
+        "default's preset (fastgrpo.train.embedded.EMBEDDED_PRESET); the --config YAML file; command-line flags.",
     )
     train.add_argument("--config", default=None, help="YAML file with config keys (flat or by section)")
     add_config_arguments(train)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         try:
             cfg = resolve_train_config(args)
-            from .trainer import train as run_train
+            from .train.trainer import train as run_train
 
             run_train(cfg)
         except ValueError as e:

@@ -13,10 +13,9 @@ import time
 
 import torch
 
-from .chunked import CHUNK_BYTES
-from .loss import GRPOLossParams
-from .ops import fused_grpo_loss
-from .reference import reference_grpo_loss, reference_logprobs
+from .ops import GRPOLossParams, fused_grpo_loss
+from .ops.chunked import CHUNK_BYTES
+from .ops.reference import reference_grpo_loss, reference_logprobs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

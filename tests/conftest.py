@@ -19,7 +19,7 @@ os.environ.setdefault("FASTGRPO_POISON", "1")
 def embedded(tmp_path_factory):
     """(model_dir, dataset_path) of the embedded task, built once per session in a private cache
     that the embedded-default code path (FASTGRPO_CACHE) also finds."""
-    from fastgrpo.toy import prepare_embedded
+    from fastgrpo.train.embedded import prepare_embedded
 
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("FASTGRPO_CACHE")

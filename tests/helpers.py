@@ -71,8 +71,8 @@ def loss_args(inp: dict) -> tuple[tuple, dict]:
 
 def train_config(embedded, out, **values):
     """The embedded preset on the session's embedded model, with small steps (2 prompts x 8)."""
-    from fastgrpo.config import build_config
-    from fastgrpo.toy import EMBEDDED_PRESET
+    from fastgrpo.train.config import build_config
+    from fastgrpo.train.embedded import EMBEDDED_PRESET
 
     model, data = embedded
     base = {**EMBEDDED_PRESET, "model": model, "dataset": data, "output_dir": str(out), "disable_tqdm": True}

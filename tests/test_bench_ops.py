@@ -26,7 +26,10 @@ def _rows(out: Path) -> list[dict]:
 
 def _run(out, *extra, rc=0):
     argv = ["--quick", "--tokens", "128", "--repeats", "1", "--out", str(out), *extra]
+    threads = torch.get_num_threads()
     assert bench_ops.main(argv) == rc
+    # --quick times on one thread, but an in-process caller keeps its own setting afterwards.
+    assert torch.get_num_threads() == threads
     return _rows(out)
 
 

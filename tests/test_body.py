@@ -1,4 +1,4 @@
-"""Liger body kernels (fastgrpo.body): same body as torch's, lm_head and loss untouched.
+"""Liger body kernels (fastgrpo.train.body): same body as torch's, lm_head and loss untouched.
 
 Without CUDA, Liger's kernels run through Triton's CPU interpreter, which runs Liger's RoPE
 kernel as is but not its RMSNorm, SwiGLU or GeGLU kernels: ``interpreter_bridge`` says why and
@@ -21,7 +21,7 @@ from liger_kernel.transformers.rms_norm import LigerRMSNorm
 from liger_kernel.transformers.rope import liger_rotary_pos_emb
 from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 
-from fastgrpo.body import apply_liger_body, liger_supported, resolve_use_liger_body
+from fastgrpo.train.body import apply_liger_body, liger_supported, resolve_use_liger_body
 
 from helpers import DEVICE, rel_err
 
@@ -39,7 +39,7 @@ MODULES = [importlib.import_module(f"transformers.models.{a}.modeling_{a}") for 
 
 @pytest.fixture(autouse=True)
 def restore_modules():
-    """Liger's module patch is global (see fastgrpo.body): undo it so other tests see plain torch."""
+    """Liger's module patch is global (see fastgrpo.train.body): undo it so other tests see plain torch."""
     saved = [(m, dict(vars(m))) for m in MODULES]
     yield
     for m, old in saved:
@@ -198,7 +198,7 @@ def test_liger_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)
     with pytest.raises(ValueError, match="use_liger_body.*pip install liger-kernel"):
         apply_liger_body(SimpleNamespace(config=SimpleNamespace(model_type="qwen2")))
-    monkeypatch.setattr("fastgrpo.body.liger_available", lambda: False)
+    monkeypatch.setattr("fastgrpo.train.body.liger_available", lambda: False)
     assert resolve_use_liger_body("auto", torch.device("cuda")) is False
 
 

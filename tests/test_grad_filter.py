@@ -14,7 +14,7 @@ import torch
 
 import fastgrpo
 from fastgrpo import GRPOLossParams, grpo_loss_from_logprobs
-from fastgrpo.reference import reference_grpo_loss, reference_logprobs
+from fastgrpo.ops.reference import reference_grpo_loss, reference_logprobs
 
 from helpers import DEVICE, TRITON_OK, grpo_inputs, leaf, rel_err
 

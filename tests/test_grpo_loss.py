@@ -7,7 +7,7 @@ import torch
 
 import fastgrpo
 from fastgrpo import GRPOLossParams
-from fastgrpo.reference import reference_grpo_loss
+from fastgrpo.ops.reference import reference_grpo_loss
 
 from helpers import DEVICE, IMPLS, TRITON_OK, grpo_inputs, leaf, loss_args, rel_err
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fastgrpo
-from fastgrpo.chunked import linear_logprobs_torch
-from fastgrpo.reference import reference_logprobs
+from fastgrpo.ops.chunked import linear_logprobs_torch
+from fastgrpo.ops.reference import reference_logprobs
 
 from helpers import DEVICE, DTYPES, IMPLS, TRITON_OK, leaf, rel_err
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
-from fastgrpo import attention
-from fastgrpo.config import build_config
-from fastgrpo.trainer import GRPOTrainer
-from fastgrpo.update import plan_micro_batches
+from fastgrpo.train import attention
+from fastgrpo.train.config import build_config
+from fastgrpo.train.trainer import GRPOTrainer
+from fastgrpo.train.update import plan_micro_batches
 
 from helpers import train_config
 
@@ -109,7 +109,7 @@ def test_sdpa_varlen_generation_equals_sdpa():
 
 
 def test_padding_free_auto_and_config_switches():
-    from fastgrpo.modeling import resolve_padding_free
+    from fastgrpo.train.modeling import resolve_padding_free
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_padding_free(None, attention.NAME, cuda) and resolve_padding_free(None, "flash_attention_2", cuda)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from fastgrpo import offload
-from fastgrpo.offload import enable_gradient_checkpointing, offload_stats, offloaded_checkpoint
+from fastgrpo.train import offload
+from fastgrpo.train.offload import enable_gradient_checkpointing, offload_stats, offloaded_checkpoint
 
 LAYERS, HIDDEN, VOCAB = 3, 32, 97
 MODES = ("none", "plain", "offload")

@@ -21,12 +21,14 @@ FIXTURES = Path(__file__).parent / "fixtures" / "old_checkpoints"
 # What differs between an uninterrupted run and a resumed one by design: wall-clock figures, and
 # the memory plan, which only the first row a process logs carries.
 VOLATILE = ("tokens_per_second", "step_time", "peak_memory_gb", "memory/")
-COMMON = (
-    "--prompt_column prompt --answer_column answer --reward_funcs accuracy format --reward_weights 0.75 0.25 "
-    "--num_generations 4 --per_device_train_batch_size 8 --gradient_accumulation_steps 2 "
-    "--max_completion_length 16 --max_prompt_length 64 --learning_rate 3e-4 --max_steps 4 --save_steps 2 "
-    "--save_total_limit 4 --num_iterations 2 --seed 3 --disable_tqdm true --plot false"
-).split()
+# The fixtures' README has the commands that wrote them, with these flags.
+COMMON = [
+    *("--prompt_column", "prompt", "--answer_column", "answer", "--reward_funcs", "accuracy", "format"),
+    *("--reward_weights", "0.75", "0.25", "--num_generations", "4", "--per_device_train_batch_size", "8"),
+    *("--gradient_accumulation_steps", "2", "--max_completion_length", "16", "--max_prompt_length", "64"),
+    *("--learning_rate", "3e-4", "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "4"),
+    *("--num_iterations", "2", "--seed", "3", "--disable_tqdm", "true", "--plot", "false"),
+]
 KINDS = {
     "full": ["--beta", "0.0"],
     "lora": ["--beta", "0.04", "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0"],
@@ -45,8 +47,9 @@ def _same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_old_checkpoint_resumes_and_repeats_the_uninterrupted_run(embedded, tmp_path, kind):
-    model, _ = embedded
+def test_old_checkpoint_resumes_and_repeats_the_uninterrupted_run(tmp_path, kind):
+    # The base model the fixtures were trained from: a LoRA resume loads it under the adapters.
+    model = str(FIXTURES / "base_model")
     out = tmp_path / kind
     out.mkdir()
     shutil.copytree(FIXTURES / kind / "checkpoint-2", out / "checkpoint-2")

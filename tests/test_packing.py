@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from fastgrpo.packing import pack_rollouts
-from fastgrpo.policy import completion_logprobs, policy_loss
-from fastgrpo.trainer import GRPOTrainer
+from fastgrpo import FusedGRPOLoss
+from fastgrpo.train.policy import completion_logprobs, policy_loss
+from fastgrpo.train.rollouts import pack_rollouts
+from fastgrpo.train.trainer import GRPOTrainer
 
 from helpers import train_config
 
 
 def test_pack_layout():
-    from fastgrpo.generation import Rollouts
+    from fastgrpo.train.rollouts import Rollouts
 
     ro = Rollouts(
         torch.tensor([[0, 5, 6], [7, 8, 9]]),
@@ -34,13 +37,14 @@ def test_packed_matches_padded(embedded, tmp_path, loss_type):
     batch = trainer.sample_batch()
     mb = batch.rollouts.trim()
     assert bool((~mb.prompt_mask).any()) or bool((~mb.completion_mask).any())  # there is padding to drop
+    loss_fn = FusedGRPOLoss(impl="torch", **dataclasses.asdict(trainer.params))
     results = []
     for padding_free in (False, True):
         trainer.model.zero_grad(set_to_none=True)
         logp = completion_logprobs(trainer.model, mb, 0.8, "torch", padding_free)
         out = policy_loss(trainer.model, mb, batch.loss_mask[:, : mb.completion_ids.shape[1]], batch.advantages,
-                          trainer.params, old_logprobs=None, ref_logprobs=None, num_items_in_batch=None,
-                          impl="torch", padding_free=padding_free)  # fmt: skip
+                          loss_fn, old_logprobs=None, ref_logprobs=None, num_items_in_batch=None,
+                          padding_free=padding_free)  # fmt: skip
         out.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
         results.append((logp[mb.completion_mask], out.loss.detach(), grads))

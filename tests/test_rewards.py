@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fastgrpo.rewards import (
+from fastgrpo.train.rewards import (
     BUILTIN_REWARDS,
     RewardModel,
     RewardScorer,
@@ -161,15 +161,15 @@ NOT_CALLABLE = 3
 
 def test_load_reward_function():
     assert load_reward_function(f"{__name__}:constant_reward") is sys.modules[__name__].constant_reward
-    assert load_reward_function("fastgrpo.rewards:format_reward") is format_reward
+    assert load_reward_function("fastgrpo.train.rewards:format_reward") is format_reward
     with pytest.raises(ValueError, match="no_such_module_xyz"):
         load_reward_function("no_such_module_xyz:f")
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
-        load_reward_function("fastgrpo.rewards:nope")
+        load_reward_function("fastgrpo.train.rewards:nope")
     with pytest.raises(ValueError, match="not callable"):
         load_reward_function(f"{__name__}:NOT_CALLABLE")
     with pytest.raises(ValueError, match="package.module:function"):
-        load_reward_function("fastgrpo.rewards:")
+        load_reward_function("fastgrpo.train.rewards:")
 
 
 def fixed(values):
@@ -324,7 +324,7 @@ def test_build_reward_functions(tiny_rm):
     with pytest.raises(ValueError, match="duplicate.*'accuracy'"):
         build_reward_functions(["accuracy", "accuracy"], **kw)
     with pytest.raises(ValueError, match="duplicate.*'format_reward'"):
-        build_reward_functions(["fastgrpo.rewards:format_reward", "fastgrpo.rewards:format_reward"], **kw)
+        build_reward_functions(["fastgrpo.train.rewards:format_reward", "fastgrpo.train.rewards:format_reward"], **kw)
     with pytest.raises(ValueError, match="overlong_buffer"):
         build_reward_functions(["soft_overlong"], **{**kw, "overlong_buffer": 0})
 

@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from fastgrpo import checkpoint as ckpt
 from fastgrpo.cli import main
-from fastgrpo.policy import completion_logprobs
-from fastgrpo.tracking import read_metrics
-from fastgrpo.trainer import GRPOTrainer, NonFiniteLossError
+from fastgrpo.train import checkpoint as ckpt
+from fastgrpo.train.policy import completion_logprobs
+from fastgrpo.train.tracking import read_metrics
+from fastgrpo.train.trainer import GRPOTrainer, NonFiniteLossError
 
 from helpers import train_config
 
@@ -124,7 +124,7 @@ def test_custom_rewards_with_none_and_process_steps(embedded, tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_checkpoint(embedded, tmp_path, monkeypatch):
-    import fastgrpo.update as T
+    import fastgrpo.train.update as T
 
     trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=3))
     real = T.policy_loss

@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
-from fastgrpo import checkpoint as ckpt
-from fastgrpo.advantages import compute_advantages, process_advantages, zero_std_groups
 from fastgrpo.cli import main
-from fastgrpo.config import build_config, load_yaml
-from fastgrpo.data import PromptSampler, load_prompt_dataset
-from fastgrpo.generation import Rollouts, completion_mask_and_truncation
+from fastgrpo.train import checkpoint as ckpt
+from fastgrpo.train.advantages import compute_advantages, process_advantages, zero_std_groups
+from fastgrpo.train.config import build_config, load_yaml
+from fastgrpo.train.data import PromptSampler, load_prompt_dataset
+from fastgrpo.train.rollouts import Rollouts
+from fastgrpo.train.sampling import completion_mask_and_truncation
 
 
 def test_group_advantages_match_formula():
@@ -74,7 +75,7 @@ def test_config_layers_sections_and_types(tmp_path):
 
 
 def test_every_config_field_has_help_text():
-    from fastgrpo.config import FIELD_SECTIONS, field_comments
+    from fastgrpo.train.config import FIELD_SECTIONS, field_comments
 
     comments = field_comments()
     assert sorted(comments) == sorted(FIELD_SECTIONS) and all(len(c) > 10 for c in comments.values())
@@ -191,8 +192,8 @@ def test_checkpoint_save_is_atomic_and_rotates(tmp_path):
 
 
 def test_prompts_use_the_chat_template_and_system_prompt():
-    from fastgrpo.data import format_prompt
-    from fastgrpo.toy import build_tokenizer
+    from fastgrpo.train.data import format_prompt
+    from fastgrpo.train.embedded_task import build_tokenizer
 
     tok = build_tokenizer()
     text = format_prompt(tok, "3+4", "Answer briefly.")
@@ -216,7 +217,7 @@ def test_example_config_is_valid():
 def test_heads_that_rescale_logits_are_refused():
     import transformers
 
-    from fastgrpo.policy import check_fusable
+    from fastgrpo.train.modeling import check_fusable
 
     cfg = transformers.Qwen2Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=1, intermediate_size=32)  # fmt: skip

@@ -1,6 +1,6 @@
 """Public fused ops: ``chunked_logprobs``, ``fused_grpo_loss`` and ``FusedGRPOLoss``.
 
-Every argument is checked here, before any kernel runs. ``impl`` picks the backend:
+Every argument is checked (``checks``) before any kernel runs. ``impl`` picks the backend:
 ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
 PyTorch, any device) or ``"auto"`` (triton on CUDA, torch elsewhere).
 
@@ -20,11 +20,11 @@ from typing import NamedTuple
 
 import torch
 
+from . import checks as C
 from .chunked import linear_logprobs_torch
 from .loss import GRPOLossParams, grpo_loss_from_logprobs
 
 IMPLS = ("auto", "triton", "torch")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class GRPOLossOutput(NamedTuple):
@@ -34,32 +34,7 @@ class GRPOLossOutput(NamedTuple):
     metrics: dict  # name -> detached 0-dim fp32 tensor
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_tensor(name, x, *, dims=None, dtypes=None, integer=False):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if dims is not None and x.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(x.shape)}")
-    if integer and (x.dtype == torch.bool or x.is_floating_point() or x.is_complex()):
-        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-    if dtypes is not None and x.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
-
-
-def _check_same(name, x, ref_name, ref, *, shape=None, dtype=True):
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-    if dtype and x.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}")
-
-
-def _values_checked() -> bool:
-    # Value checks read data back to the host; skip them while torch.compile traces.
-    return not torch.compiler.is_compiling()
+# ----------------------------------------------------------------------------- dispatch
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
@@ -86,60 +61,13 @@ def _cast_for_autocast(hidden, weight, bias):
     return hidden, weight, bias
 
 
-def _check_head(hidden, weight, targets, bias):
-    _check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
-    _check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
-    _check_tensor("targets", targets, integer=True)
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must be (..., H), got shape {tuple(hidden.shape)}")
-    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
-        raise ValueError(
-            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading dims), got {tuple(targets.shape)}"
-        )
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be (V, {hidden.shape[-1]}) to match hidden, got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one vocabulary row")
-    _check_same("weight", weight, "hidden", hidden)
-    _check_same("targets", targets, "hidden", hidden, dtype=False)
-    if bias is not None:
-        _check_tensor("bias", bias, dims=(1,), dtypes=FLOAT_DTYPES)
-        _check_same("bias", bias, "weight", weight, shape=(weight.shape[0],))
-
-
-def _check_targets_range(targets, vocab, where=None):
-    if not _values_checked() or targets.numel() == 0:
-        return
-    bad = (targets < 0) | (targets >= vocab)
-    if where is not None:
-        bad &= where
-    if bool(bad.any()):
-        t = targets[bad]
-        raise ValueError(f"targets must lie in [0, {vocab}), got values in [{int(t.min())}, {int(t.max())}]")
-
-
 def _logprobs_impl(hidden2d, weight, bias, targets1d, active, temperature, impl, grad_filter_eps=0.0):
     if impl == "triton":
-        from .kernels import linear_logprobs_triton
+        from ..kernels import linear_logprobs_triton
 
         return linear_logprobs_triton(hidden2d, weight, bias, targets1d, active, temperature, grad_filter_eps)
     # The torch impl ignores grad_filter_eps: exact gradients (see the module docstring).
     return linear_logprobs_torch(hidden2d, weight, bias, targets1d, active, temperature)
-
-
-def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-
-
-def _check_grad_filter_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"grad_filter_eps must be a number, got {type(eps).__name__}")
-    if not 0 <= eps < 1:  # also refuses NaN and inf
-        raise ValueError(f"grad_filter_eps must be in [0, 1) (0 = exact, 2**-12 suits bf16), got {eps}")
-    return float(eps)
 
 
 # ----------------------------------------------------------------------------- public
@@ -175,11 +103,11 @@ def chunked_logprobs(
         logp (``targets.shape``, fp32), or (logp, entropy) with ``return_entropy``; both are
         differentiable w.r.t. hidden, weight and bias.
     """
-    _check_temperature(temperature)
-    grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
-    _check_head(hidden, weight, targets, bias)
+    C.check_temperature(temperature)
+    grad_filter_eps = C.check_grad_filter_eps(grad_filter_eps)
+    C.check_head(hidden, weight, targets, bias)
     impl = _resolve_impl(impl, hidden.device)
-    _check_targets_range(targets, weight.shape[0])
+    C.check_targets_range(targets, weight.shape[0])
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     shape = targets.shape
     logp, entropy = _logprobs_impl(
@@ -258,7 +186,7 @@ def fused_grpo_loss(
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``kl``
         (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
     """
-    grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
+    grad_filter_eps = C.check_grad_filter_eps(grad_filter_eps)
     params = GRPOLossParams(
         beta=beta,
         epsilon=epsilon,
@@ -302,45 +230,14 @@ def _fused_grpo_loss(
     impl,
     grad_filter_eps=0.0,
 ) -> GRPOLossOutput:
-    _check_tensor("hidden", hidden, dims=(3,))
-    _check_head(hidden, weight, targets, bias)
+    num_items_in_batch = C.check_loss_inputs(
+        hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, params.beta, num_items_in_batch
+    )
     B, T = targets.shape
-    _check_tensor("mask", mask)
-    _check_same("mask", mask, "targets", targets, shape=(B, T), dtype=False)
-    _check_tensor("advantages", advantages, dims=(1, 2))
-    if not advantages.is_floating_point():
-        raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
-    if tuple(advantages.shape) not in ((B,), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
-    _check_same("advantages", advantages, "hidden", hidden, dtype=False)
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if x is not None:
-            _check_tensor(name, x)
-            if not x.is_floating_point():
-                raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-            _check_same(name, x, "targets", targets, shape=(B, T), dtype=False)
-    if params.beta > 0 and ref_logprobs is None:
-        raise ValueError(f"beta={params.beta} > 0 needs ref_logprobs (B, T)")
-    if num_items_in_batch is not None:
-        n = num_items_in_batch
-        if isinstance(n, bool) or not isinstance(n, (int, float, torch.Tensor)):
-            raise TypeError(f"num_items_in_batch must be a number or tensor, got {type(n).__name__}")
-        if isinstance(n, torch.Tensor):
-            num_items_in_batch = n.to(device=hidden.device, dtype=torch.float32)
-        elif not n > 0:
-            raise ValueError(f"num_items_in_batch must be > 0, got {n}")
     impl = _resolve_impl(impl, hidden.device)
-
     active = mask != 0
-    if _values_checked():
-        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask must hold only 0 and 1")
-        adv_live = advantages if advantages.dim() == 1 else advantages[active]
-        if not bool(torch.isfinite(adv_live).all()):
-            raise ValueError("advantages must be finite (where mask is set)")
-        if isinstance(num_items_in_batch, torch.Tensor) and not bool((num_items_in_batch > 0).all()):
-            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
-    _check_targets_range(targets, weight.shape[0], where=active)
+    C.check_loss_values(mask, active, advantages, num_items_in_batch)
+    C.check_targets_range(targets, weight.shape[0], where=active)
 
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     logp, entropy = _logprobs_impl(
@@ -372,7 +269,7 @@ class FusedGRPOLoss(torch.nn.Module):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
+        self.grad_filter_eps = C.check_grad_filter_eps(grad_filter_eps)
         unknown = set(hyper) - {f.name for f in dataclasses.fields(GRPOLossParams)}
         if unknown:
             valid = sorted(f.name for f in dataclasses.fields(GRPOLossParams))

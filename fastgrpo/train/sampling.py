@@ -1,5 +1,6 @@
 """Sampling completions. ``Generator`` is the interface a faster backend (vLLM, SGLang) would
-implement; ``HFGenerator`` uses transformers' ``generate`` with a KV cache."""
+implement; ``HFGenerator`` uses transformers' ``generate`` with a KV cache. What they return,
+``Rollouts``, lives in ``rollouts`` with the other batch types, so the update never comes back here."""
 
 from __future__ import annotations
 
@@ -8,58 +9,7 @@ from typing import Protocol
 
 import torch
 
-
-@dataclasses.dataclass
-class Rollouts:
-    """Sampled sequences, groups contiguous (rows i*G .. i*G+G-1 share a prompt)."""
-
-    prompt_ids: torch.Tensor  # (N, P) int64, left-padded
-    prompt_mask: torch.Tensor  # (N, P) bool
-    completion_ids: torch.Tensor  # (N, C) int64, right-padded
-    completion_mask: torch.Tensor  # (N, C) bool: tokens up to and including the first EOS
-    truncated: torch.Tensor  # (N,) bool: reached max_completion_length without EOS
-
-    def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    def select(self, rows: torch.Tensor | list[int]) -> Rollouts:
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
-        return Rollouts(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
-
-    def trim(self) -> Rollouts:
-        """Drop prompt columns that are padding in every row and completion columns past the
-        longest completion, so a micro-batch costs what its own longest sequence costs."""
-        has_prompt = self.prompt_mask.any(0)
-        start = int(has_prompt.int().argmax()) if bool(has_prompt.any()) else self.prompt_ids.shape[1] - 1
-        width = max(int(self.completion_mask.sum(1).max()), 1) if len(self) else 1
-        return Rollouts(
-            self.prompt_ids[:, start:],
-            self.prompt_mask[:, start:],
-            self.completion_ids[:, :width],
-            self.completion_mask[:, :width],
-            self.truncated,
-        )
-
-    @staticmethod
-    def cat(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
-        """Concatenate, left-padding prompts and right-padding completions to common widths."""
-        P = max(r.prompt_ids.shape[1] for r in parts)
-        C = max(r.completion_ids.shape[1] for r in parts)
-
-        def pad(x, width, value, left):
-            extra = width - x.shape[1]
-            if extra == 0:
-                return x
-            fill = x.new_full((x.shape[0], extra), value)
-            return torch.cat([fill, x] if left else [x, fill], dim=1)
-
-        return Rollouts(
-            torch.cat([pad(r.prompt_ids, P, pad_token_id, True) for r in parts]),
-            torch.cat([pad(r.prompt_mask, P, False, True) for r in parts]),
-            torch.cat([pad(r.completion_ids, C, pad_token_id, False) for r in parts]),
-            torch.cat([pad(r.completion_mask, C, False, False) for r in parts]),
-            torch.cat([r.truncated for r in parts]),
-        )
+from .rollouts import Rollouts
 
 
 @dataclasses.dataclass(frozen=True)

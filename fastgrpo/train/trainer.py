@@ -17,18 +17,19 @@ from typing import Any
 
 import torch
 
+from ..ops import GRPOLossParams
 from . import checkpoint as ckpt
 from .advantages import compute_advantages, process_advantages, zero_std_groups
 from .config import Config, save_yaml
 from .data import PromptSampler, format_prompt, load_prompt_dataset
-from .generation import HFGenerator, Rollouts, SamplingParams
-from .loss import GRPOLossParams
+from .embedded import prepare_embedded
 from .memory import format_plan, memory_plan, release_cached_memory
-from .modeling import build_models
-from .policy import resolve_device, resolve_dtype
+from .modeling import build_models, resolve_device, resolve_dtype
 from .rewards import RewardScorer, build_reward_functions
+from .rollouts import Batch, Rollouts
+from .sampling import HFGenerator, SamplingParams
 from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
-from .update import Batch, Updater
+from .update import Updater
 
 
 class NonFiniteLossError(RuntimeError):
@@ -334,8 +335,6 @@ def train(cfg: Config) -> list[dict[str, Any]]:
     """Run ``fastgrpo train`` with a resolved config; the embedded task is prepared when no
     model is given. Returns the metrics rows."""
     if cfg.model.model is None:
-        from .toy import prepare_embedded
-
         cfg = copy.deepcopy(cfg)
         model_dir, data_path = prepare_embedded(embedded_cache_dir(), seed=0)
         cfg.model.model, cfg.data.dataset = str(model_dir), str(data_path)

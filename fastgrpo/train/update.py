@@ -12,31 +12,13 @@ from collections.abc import Callable
 
 import torch
 
-from .generation import Rollouts
-from .loss import GRPOLossParams
+from ..ops import FusedGRPOLoss, GRPOLossParams
 from .policy import completion_logprobs, policy_loss
+from .rollouts import Batch, MicroBatch, Rollouts
 
 # Loss types normalized by the generation batch's completion tokens (TRL's num_items_in_batch),
 # which makes any micro-batch split give exactly the whole batch's gradient.
 NUM_ITEMS_NORMALIZED = ("dapo", "cispo")
-
-
-@dataclasses.dataclass
-class Batch:
-    """A generation batch ready for the update: kept groups only."""
-
-    rollouts: Rollouts
-    loss_mask: torch.Tensor  # (N, C) bool
-    advantages: torch.Tensor  # (N,) or (N, C) float32
-    metrics: dict[str, float]
-
-
-@dataclasses.dataclass
-class MicroBatch:
-    rows: torch.Tensor  # (n,) int64 rows of the generation batch
-    rollouts: Rollouts  # trimmed to its own longest prompt and completion
-    loss_mask: torch.Tensor  # (n, C') bool
-    advantages: torch.Tensor  # (n,) or (n, C') float32
 
 
 def plan_micro_batches(
@@ -97,6 +79,7 @@ class Updater:
             weight_decay=cfg.weight_decay,
         )  # fmt: skip
         self.scheduler = None  # set by the trainer once the number of updates is known
+        self.loss_fn = FusedGRPOLoss(impl=cfg.loss_impl, **dataclasses.asdict(params))
 
     @property
     def packed(self) -> bool:
@@ -108,19 +91,10 @@ class Updater:
             ro.prompt_mask.sum(1).tolist(), ro.completion_mask.sum(1).tolist(),
             self.cfg.per_device_train_batch_size, self.cfg.max_tokens_per_microbatch, self.packed,
         )  # fmt: skip
-        out = []
-        for g in groups:
-            rows = torch.tensor(g, dtype=torch.long, device=batch.loss_mask.device)
-            mb = ro.select(rows).trim()
-            width = mb.completion_ids.shape[1]
-            adv = batch.advantages[rows.to(batch.advantages.device)]
-            out.append(
-                MicroBatch(rows, mb, batch.loss_mask[rows][:, :width], adv if adv.dim() == 1 else adv[:, :width])
-            )
-        return out
+        return [batch.micro_batch(g) for g in groups]
 
     def logprobs(self, model, mb: Rollouts) -> torch.Tensor:
-        return completion_logprobs(model, mb, self.cfg.temperature, self.cfg.loss_impl, self.packed)
+        return completion_logprobs(model, mb, self.params.temperature, self.cfg.loss_impl, self.packed)
 
     def ref_logprobs(self, mb: Rollouts) -> torch.Tensor:
         if self.ref_model is not None:
@@ -174,9 +148,8 @@ class Updater:
                 scale = float(m.loss_mask.sum()) / tokens
             else:  # per-sequence losses (grpo/sapo/dr_grpo/luspo) are means over the micro-batch's rows
                 scale = len(m.rows) / n
-            out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, p, old_logprobs=old[k],
-                              ref_logprobs=ref[k], num_items_in_batch=num_items, impl=self.cfg.loss_impl,
-                              padding_free=self.packed)  # fmt: skip
+            out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, self.loss_fn, old_logprobs=old[k],
+                              ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.packed)  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
                 self.on_nonfinite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from ..ops.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 
 SCALE_REWARDS = ("group", "batch", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")

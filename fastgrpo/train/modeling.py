@@ -1,4 +1,5 @@
-"""Building the policy for training: load, LoRA, body kernels, checkpointing, the reference.
+"""Building the policy for training: device and dtype, load, LoRA, body kernels, checkpointing,
+the reference.
 
 Order matters: Liger patches the modules peft then wraps; checkpointing is enabled last so the
 offloading checkpoint function sees the final layers.
@@ -6,12 +7,102 @@ offloading checkpoint function sees the final layers.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
 from pathlib import Path
 
 import torch
 
 from .attention import NAME as SDPA_VARLEN
-from .policy import load_model_and_tokenizer, resolve_attn_implementation
+from .attention import register as register_attention
+from .body import apply_liger_body, resolve_use_liger_body
+from .offload import enable_gradient_checkpointing
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec]
+
+
+def check_model_path(name: str) -> None:
+    """A local path that does not exist fails here, before anything is loaded."""
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {name!r} has no config.json")
+        return
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise ValueError(f"model path {name!r} does not exist")
+
+
+def resolve_attn_implementation(spec: str, device: torch.device) -> str:
+    if spec != "auto":
+        return spec
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return SDPA_VARLEN
+
+
+def load_model_and_tokenizer(
+    name: str, *, dtype: torch.dtype, device: torch.device, attn_implementation: str, trust_remote_code: bool = False
+):
+    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a hub id or local directory; the
+    tokenizer gets a pad token (EOS) when it has none."""
+    import transformers
+
+    check_model_path(name)
+    register_attention()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=dtype,
+            attn_implementation=resolve_attn_implementation(attn_implementation, device),
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load model {name!r}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    check_fusable(model)
+    return model.to(device), tokenizer
+
+
+def check_fusable(model) -> None:
+    """The fused loss computes softmax(h·Wᵀ + b); heads that change the logits otherwise would
+    be trained on the wrong distribution, so they are refused."""
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):  # multimodal configs keep text settings nested
+        configs.append(model.config.get_text_config())
+    attrs = (
+        "final_logit_softcapping",
+        "logit_scale",
+        "logits_scaling",
+        "lm_head_multiplier",
+        "output_multiplier_scale",
+    )
+    for cfg in configs:
+        for attr in attrs:
+            value = getattr(cfg, attr, None)
+            if value not in (None, 1, 1.0):
+                raise ValueError(f"model config sets {attr}={value}; the fused loss does not support it yet")
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head)")
+
 
 # Attention paths that take a packed row without building a dense (L, L) mask.
 PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", SDPA_VARLEN)
@@ -46,8 +137,6 @@ def prepare_model(model, cfg, device: torch.device, resume_path: Path | None = N
     """Liger body kernels, LoRA adapters (new, or a checkpoint's when resuming) and gradient
     checkpointing on a loaded model. Returns ``(model, info)``; ``info["liger_body"]`` lists the
     kernels applied."""
-    from .body import apply_liger_body, resolve_use_liger_body
-
     use_liger = resolve_use_liger_body(cfg.use_liger_body, device, model_type=model.config.model_type)
     info: dict = {"liger_body": apply_liger_body(model) if use_liger else []}
     if cfg.use_peft:
@@ -60,8 +149,6 @@ def prepare_model(model, cfg, device: torch.device, resume_path: Path | None = N
         else:
             model = peft.get_peft_model(model, lora_cfg)
     if cfg.gradient_checkpointing:
-        from .offload import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(model, offload=cfg.offload_activations)
     model.config.use_cache = False
     model.train()
@@ -78,8 +165,6 @@ def build_models(cfg, device: torch.device, dtype: torch.dtype, resume_path: Pat
     LoRA the reference is the policy with adapters disabled). ``info`` says what was resolved:
     attention, padding_free, liger kernels, parameter counts.
     """
-    from .body import apply_liger_body
-
     if cfg.use_peft:
         lora_config(cfg)  # peft missing: fail before loading anything
     attn = resolve_attn_implementation(cfg.attn_implementation, device)

@@ -11,12 +11,12 @@ import gc
 
 import torch
 
+from .policy import unwrap
+
 GB = 2**30
 
 
 def _text_config(model):
-    from .policy import unwrap
-
     config = unwrap(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 

@@ -15,21 +15,22 @@ from collections import Counter
 import pytest
 import torch
 
-from fastgrpo import toy
+from fastgrpo.train import embedded as emb
+from fastgrpo.train import embedded_task as task
 
 WELL_FORMED = re.compile(r"^(<think>\d\+\d</think>)?<answer>\d+</answer>$")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return toy.build_tokenizer()
+    return task.build_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     """The real embedded default, built once: (workdir, model_dir, dataset_path)."""
     workdir = tmp_path_factory.mktemp("embedded")
-    model_dir, dataset_path = toy.prepare_embedded(workdir, seed=0)
+    model_dir, dataset_path = emb.prepare_embedded(workdir, seed=0)
     return workdir, model_dir, dataset_path
 
 
@@ -73,8 +74,8 @@ def test_tokenizer_special_tokens(tokenizer):
     assert tokenizer("1+2")["input_ids"] == tokenizer("1+2", add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_tokens)
     assert {"<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"} <= special
-    assert not special & set(toy.TAG_TOKENS)
-    for token in (*toy.SPECIAL_TOKENS, *toy.TAG_TOKENS):
+    assert not special & set(task.TAG_TOKENS)
+    for token in (*task.SPECIAL_TOKENS, *task.TAG_TOKENS):
         assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
     text = "<|user|>1+2<|end|><|assistant|><answer>3</answer><|end|>"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -103,7 +104,7 @@ def test_tokenizer_padding(tokenizer):
     assert tokenizer.padding_side == "left"
     batch = tokenizer(["1+2", "<think>"], padding=True, add_special_tokens=False)
     assert batch["input_ids"][1][:2] == [tokenizer.pad_token_id] * 2
-    right = toy.build_tokenizer(padding_side="right")
+    right = task.build_tokenizer(padding_side="right")
     assert right(["1+2", "<think>"], padding=True)["input_ids"][1][1:] == [right.pad_token_id] * 2
 
 
@@ -130,14 +131,14 @@ def test_tokenizer_save_load(tokenizer, tmp_path):
 
 
 def test_dataset_rows():
-    rows = toy.make_dataset_rows(200, seed=3)
-    assert rows == toy.make_dataset_rows(200, seed=3)
-    assert rows != toy.make_dataset_rows(200, seed=4)
+    rows = task.make_dataset_rows(200, seed=3)
+    assert rows == task.make_dataset_rows(200, seed=3)
+    assert rows != task.make_dataset_rows(200, seed=4)
     for row in rows:
         a, b = map(int, row["prompt"].split("+"))
         assert row == {"prompt": f"{a}+{b}", "answer": str(a + b)}
-        assert toy.is_correct(toy.gold_completion(a, b), row["answer"])
-        assert toy.is_well_formatted(toy.gold_completion(a, b))
+        assert task.is_correct(task.gold_completion(a, b), row["answer"])
+        assert task.is_well_formatted(task.gold_completion(a, b))
     # 200 draws over 100 problems reach most of them.
     assert len({row["prompt"] for row in rows}) > 60
 
@@ -145,47 +146,47 @@ def test_dataset_rows():
 def test_write_dataset_loads_with_datasets(tmp_path):
     import datasets
 
-    path = toy.write_dataset(tmp_path / "data" / "train.jsonl", 50, seed=1)
+    path = task.write_dataset(tmp_path / "data" / "train.jsonl", 50, seed=1)
     lines = path.read_text().splitlines()
-    assert [json.loads(line) for line in lines] == toy.make_dataset_rows(50, seed=1)
+    assert [json.loads(line) for line in lines] == task.make_dataset_rows(50, seed=1)
     loaded = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
     assert loaded.column_names == ["prompt", "answer"]
     assert loaded.num_rows == 50
 
 
 def test_reward_helpers():
-    assert toy.extract_answer("<think>1+2</think><answer> 3 </answer>") == "3"
-    assert toy.extract_answer("no answer") is None
-    assert toy.is_correct("<answer>3</answer>", "3")
-    assert not toy.is_correct("<answer>4</answer>", "3")
-    assert toy.is_well_formatted("<think>1+2</think><answer>3</answer>")
-    assert not toy.is_well_formatted("<answer>3</answer>")
-    assert not toy.is_well_formatted("<think>1+2</think><answer>3</answer> extra")
+    assert emb.extract_answer("<think>1+2</think><answer> 3 </answer>") == "3"
+    assert emb.extract_answer("no answer") is None
+    assert task.is_correct("<answer>3</answer>", "3")
+    assert not task.is_correct("<answer>4</answer>", "3")
+    assert task.is_well_formatted("<think>1+2</think><answer>3</answer>")
+    assert not task.is_well_formatted("<answer>3</answer>")
+    assert not task.is_well_formatted("<think>1+2</think><answer>3</answer> extra")
 
 
 @pytest.mark.parametrize("a,b", [(0, 0), (0, 1), (3, 4), (9, 9)])
 def test_answer_distribution(a, b):
-    dist = toy.answer_distribution(a, b)
+    dist = task.answer_distribution(a, b)
     assert math.isclose(sum(dist.values()), 1.0)
     assert min(dist) >= 0
-    assert dist[a + b] == pytest.approx(toy.P_CORRECT)
+    assert dist[a + b] == pytest.approx(task.P_CORRECT)
     # The right answer is the clear mode, whatever the sum (no pile-up at 0 for small sums).
     assert max(p for v, p in dist.items() if v != a + b) < 0.6 * dist[a + b]
     rng = random.Random(0)
-    samples = [toy.noisy_completion(a, b, rng) for _ in range(4000)]
-    counts = Counter(toy.extract_answer(s) for s in samples)
+    samples = [task.noisy_completion(a, b, rng) for _ in range(4000)]
+    counts = Counter(emb.extract_answer(s) for s in samples)
     assert counts.most_common(1)[0][0] == str(a + b)
-    assert abs(counts[str(a + b)] / 4000 - toy.P_CORRECT) < 0.04
-    assert abs(sum(map(toy.is_well_formatted, samples)) / 4000 - toy.P_THINK) < 0.04
+    assert abs(counts[str(a + b)] / 4000 - task.P_CORRECT) < 0.04
+    assert abs(sum(map(task.is_well_formatted, samples)) / 4000 - task.P_THINK) < 0.04
 
 
 def test_expected_nll_rows_match_entropy(tokenizer):
     """With every node kept, the soft-target loss of the true conditionals is the data's entropy."""
     a, b = 7, 8
     completions = {}
-    for value, prob in toy.answer_distribution(a, b).items():
-        for think, p_t in ((True, toy.P_THINK), (False, 1 - toy.P_THINK)):
-            ids = tokenizer(toy.completion_text(a, b, value, think), add_special_tokens=False)["input_ids"]
+    for value, prob in task.answer_distribution(a, b).items():
+        for think, p_t in ((True, task.P_THINK), (False, 1 - task.P_THINK)):
+            ids = tokenizer(task.completion_text(a, b, value, think), add_special_tokens=False)["input_ids"]
             completions[(*ids, tokenizer.eos_token_id)] = prob * p_t
     entropy = -sum(p * math.log(p) for p in completions.values())
 
@@ -197,8 +198,8 @@ def test_expected_nll_rows_match_entropy(tokenizer):
                 total -= weight * sum(q * math.log(q) for q in target.values())
         return total
 
-    assert loss(toy._expected_nll_rows(completions, min_reach=0.0)) == pytest.approx(entropy)
-    rows = toy._expected_nll_rows(completions)
+    assert loss(emb._expected_nll_rows(completions, min_reach=0.0)) == pytest.approx(entropy)
+    rows = emb._expected_nll_rows(completions)
     assert len(rows) <= 6
     # Only deterministic tails are dropped, and those carry no entropy.
     assert loss(rows) == pytest.approx(entropy)
@@ -209,9 +210,9 @@ def test_expected_nll_rows_match_entropy(tokenizer):
 
 def test_warm_up_is_deterministic_and_leaves_global_rng(tokenizer):
     state = torch.get_rng_state()
-    first = toy.build_base_model(tokenizer, seed=5, steps=4, prompts_per_step=10)
+    first = emb.build_base_model(tokenizer, seed=5, steps=4, prompts_per_step=10)
     assert torch.equal(torch.get_rng_state(), state)
-    second = toy.build_base_model(tokenizer, seed=5, steps=4, prompts_per_step=10)
+    second = emb.build_base_model(tokenizer, seed=5, steps=4, prompts_per_step=10)
     for (name, x), (_, y) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
     config = first.config
@@ -228,7 +229,7 @@ def test_prepare_embedded_writes_loadable_model(embedded, tokenizer):
     workdir, model_dir, dataset_path = embedded
     assert model_dir == workdir / "base_model"
     assert dataset_path == workdir / "data" / "train.jsonl"
-    assert len(dataset_path.read_text().splitlines()) == toy.DEFAULT_TRAIN_ROWS
+    assert len(dataset_path.read_text().splitlines()) == emb.DEFAULT_TRAIN_ROWS
     # No temporary build directory is left behind.
     assert sorted(p.name for p in workdir.iterdir()) == ["base_model", "data"]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -247,14 +248,14 @@ def test_base_model_behaviour(embedded):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = ["0+0", "3+4", "5+5", "9+9", "2+7", "8+1"]
-    for completion in toy.sample_completions(model, tok, prompts, do_sample=False):
+    for completion in emb.sample_completions(model, tok, prompts, do_sample=False):
         assert WELL_FORMED.match(completion[0]), completion
 
     pairs = [(a, b) for a in range(10) for b in range(10)]
-    groups = toy.sample_completions(model, tok, [toy.format_prompt(a, b) for a, b in pairs], num_samples=8)
+    groups = emb.sample_completions(model, tok, [task.format_prompt(a, b) for a, b in pairs], num_samples=8)
     samples = [(c, str(a + b)) for (a, b), group in zip(pairs, groups, strict=True) for c in group]
-    accuracy = sum(toy.is_correct(c, gold) for c, gold in samples) / len(samples)
-    fmt = sum(toy.is_well_formatted(c) for c, _ in samples) / len(samples)
+    accuracy = sum(task.is_correct(c, gold) for c, gold in samples) / len(samples)
+    fmt = sum(task.is_well_formatted(c) for c, _ in samples) / len(samples)
     # Measured about 0.26 and 0.51 at seed 0; the bands leave room for other platforms and seeds.
     assert 0.15 <= accuracy <= 0.5
     assert 0.3 <= fmt <= 0.7
@@ -262,7 +263,7 @@ def test_base_model_behaviour(embedded):
     # of 100 at seed 0), so GRPO has something to sharpen, yet holds well under half the mass.
     modes, gold_mass = 0, 0.0
     for a, b in pairs:
-        probs = toy.answer_probabilities(model, tok, a, b)
+        probs = emb.answer_probabilities(model, tok, a, b)
         modes += max(probs, key=probs.__getitem__) == a + b
         gold_mass += probs[a + b] / len(pairs)
     assert modes >= 90
@@ -277,36 +278,36 @@ def test_prepare_embedded_reuses_complete_model(embedded, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a complete base model must be reused, not rebuilt")
 
-    monkeypatch.setattr(toy, "build_base_model", fail)
-    assert toy.prepare_embedded(workdir, seed=0) == (model_dir, workdir / "data" / "train.jsonl")
+    monkeypatch.setattr(emb, "build_base_model", fail)
+    assert emb.prepare_embedded(workdir, seed=0) == (model_dir, workdir / "data" / "train.jsonl")
     assert weights.stat().st_mtime_ns == before
 
 
 def test_prepare_embedded_rebuilds_incomplete_model(tmp_path, monkeypatch):
-    real = toy.build_base_model
+    real = emb.build_base_model
     calls = []
 
     def cheap(tokenizer, seed=0, **kwargs):
         calls.append(seed)
         return real(tokenizer, seed=seed, steps=2, prompts_per_step=5)
 
-    monkeypatch.setattr(toy, "build_base_model", cheap)
+    monkeypatch.setattr(emb, "build_base_model", cheap)
     # A leftover from a crash: files but no marker.
     (tmp_path / "base_model").mkdir()
     (tmp_path / "base_model" / "config.json").write_text("{}")
-    model_dir, _ = toy.prepare_embedded(tmp_path, seed=1)
+    model_dir, _ = emb.prepare_embedded(tmp_path, seed=1)
     assert calls == [1]
-    assert json.loads((model_dir / toy.MARKER_FILE).read_text()) == {"toy_version": toy.TOY_VERSION, "seed": 1}
-    toy.prepare_embedded(tmp_path, seed=1)
+    assert json.loads((model_dir / emb.MARKER_FILE).read_text()) == {"toy_version": emb.TOY_VERSION, "seed": 1}
+    emb.prepare_embedded(tmp_path, seed=1)
     assert calls == [1]
     # Another seed is another model.
-    toy.prepare_embedded(tmp_path, seed=2)
+    emb.prepare_embedded(tmp_path, seed=2)
     assert calls == [1, 2]
 
 
 def test_embedded_preset_fits_the_task(tokenizer):
-    preset = toy.EMBEDDED_PRESET
+    preset = emb.EMBEDDED_PRESET
     assert preset["num_generations"] >= 2
-    longest = len(tokenizer(toy.gold_completion(9, 9), add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    longest = len(tokenizer(task.gold_completion(9, 9), add_special_tokens=False)["input_ids"]) + 1  # + EOS
     assert preset["max_completion_length"] >= longest
     assert preset["learning_rate"] > 0 and preset["max_steps"] > 0

@@ -1,0 +1,25 @@
+"""What other trainers import: the fused ops, their loss epilogue and hyper-parameters.
+
+- ``api``: ``fused_grpo_loss``, ``chunked_logprobs``, ``FusedGRPOLoss``; checks, then dispatch to
+  the Triton kernels (``fastgrpo.kernels``) or the chunked torch twin.
+- ``checks``: argument checks, each error naming its argument.
+- ``loss``: ``GRPOLossParams`` and the O(N) GRPO-family epilogue on per-token log-probs.
+- ``chunked``: the pure-PyTorch twin of the kernels (``impl="torch"``).
+- ``reference``: the materialized float64 reference that tests and benchmarks hold both to.
+
+Nothing here imports ``fastgrpo.train`` or ``fastgrpo.integrations``.
+"""
+
+from .api import FusedGRPOLoss, GRPOLossOutput, chunked_logprobs, fused_grpo_loss
+from .loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, GRPOLossParams, grpo_loss_from_logprobs
+
+__all__ = [
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "LOSS_TYPES",
+    "FusedGRPOLoss",
+    "GRPOLossOutput",
+    "GRPOLossParams",
+    "chunked_logprobs",
+    "fused_grpo_loss",
+    "grpo_loss_from_logprobs",
+]

@@ -1,0 +1,129 @@
+"""Argument checks of the public fused ops: type, shape, dtype and device first, then values.
+
+Every check raises ``TypeError`` or ``ValueError`` naming the argument, before any kernel runs.
+Value checks read data back to the host, so they are skipped while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name, x, *, dims=None, dtypes=None, integer=False):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dims is not None and x.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(x.shape)}")
+    if integer and (x.dtype == torch.bool or x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def check_same(name, x, ref_name, ref, *, shape=None, dtype=True):
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}")
+
+
+def values_checked() -> bool:
+    # Value checks read data back to the host; skip them while torch.compile traces.
+    return not torch.compiler.is_compiling()
+
+
+def check_head(hidden, weight, targets, bias):
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
+    check_tensor("targets", targets, integer=True)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be (..., H), got shape {tuple(hidden.shape)}")
+    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading dims), got {tuple(targets.shape)}"
+        )
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, {hidden.shape[-1]}) to match hidden, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    check_same("weight", weight, "hidden", hidden)
+    check_same("targets", targets, "hidden", hidden, dtype=False)
+    if bias is not None:
+        check_tensor("bias", bias, dims=(1,), dtypes=FLOAT_DTYPES)
+        check_same("bias", bias, "weight", weight, shape=(weight.shape[0],))
+
+
+def check_targets_range(targets, vocab, where=None):
+    if not values_checked() or targets.numel() == 0:
+        return
+    bad = (targets < 0) | (targets >= vocab)
+    if where is not None:
+        bad &= where
+    if bool(bad.any()):
+        t = targets[bad]
+        raise ValueError(f"targets must lie in [0, {vocab}), got values in [{int(t.min())}, {int(t.max())}]")
+
+
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def check_grad_filter_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"grad_filter_eps must be a number, got {type(eps).__name__}")
+    if not 0 <= eps < 1:  # also refuses NaN and inf
+        raise ValueError(f"grad_filter_eps must be in [0, 1) (0 = exact, 2**-12 suits bf16), got {eps}")
+    return float(eps)
+
+
+def check_loss_inputs(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, beta, num_items):
+    """Types, shapes and devices of ``fused_grpo_loss``'s tensors; returns ``num_items`` as the
+    loss takes it (a tensor moved to fp32 on hidden's device)."""
+    check_tensor("hidden", hidden, dims=(3,))
+    check_head(hidden, weight, targets, bias)
+    B, T = targets.shape
+    check_tensor("mask", mask)
+    check_same("mask", mask, "targets", targets, shape=(B, T), dtype=False)
+    check_tensor("advantages", advantages, dims=(1, 2))
+    if not advantages.is_floating_point():
+        raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
+    check_same("advantages", advantages, "hidden", hidden, dtype=False)
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            check_tensor(name, x)
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+            check_same(name, x, "targets", targets, shape=(B, T), dtype=False)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logprobs (B, T)")
+    if num_items is None:
+        return None
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, float, torch.Tensor)):
+        raise TypeError(f"num_items_in_batch must be a number or tensor, got {type(num_items).__name__}")
+    if isinstance(num_items, torch.Tensor):
+        return num_items.to(device=hidden.device, dtype=torch.float32)
+    if not num_items > 0:
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
+    return num_items
+
+
+def check_loss_values(mask, active, advantages, num_items) -> None:
+    """The values ``check_loss_inputs`` cannot see without reading the data back."""
+    if not values_checked():
+        return
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("mask must hold only 0 and 1")
+    adv_live = advantages if advantages.dim() == 1 else advantages[active]
+    if not bool(torch.isfinite(adv_live).all()):
+        raise ValueError("advantages must be finite (where mask is set)")
+    if isinstance(num_items, torch.Tensor) and not bool((num_items > 0).all()):
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")

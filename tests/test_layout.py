@@ -1,0 +1,201 @@
+"""The package layout: one wing per use, imports only downward, no import circle, and a
+micro-batch's path from the update to the fused loss that never returns to sampling.
+
+The import graph is read from the source (every ``import``, also those inside functions), so a
+lazy import cannot hide a circle. Implicit parent-package imports are not edges.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The package each source folder is installed as (pyproject's package-dir).
+PACKAGES = {
+    "fastgrpo": ROOT / "fastgrpo",
+    "fastgrpo.kernels": ROOT / "kernels",
+    "fastgrpo.benchmarks": ROOT / "benchmarks",
+}
+WINGS = ("fastgrpo.ops", "fastgrpo.train", "fastgrpo.integrations")
+# Who may import whom, by prefix: a module under the key imports nothing under the values.
+FORBIDDEN = {
+    "fastgrpo.ops": ("fastgrpo.train", "fastgrpo.integrations", "fastgrpo.benchmarks", "fastgrpo.cli", "fastgrpo.demo"),
+    "fastgrpo.kernels": ("fastgrpo.ops", "fastgrpo.train", "fastgrpo.integrations", "fastgrpo.benchmarks"),
+    "fastgrpo.train": ("fastgrpo.integrations", "fastgrpo.benchmarks", "fastgrpo.cli", "fastgrpo.demo"),
+    "fastgrpo.integrations": ("fastgrpo.train", "fastgrpo.benchmarks", "fastgrpo.cli", "fastgrpo.demo"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            if package == "fastgrpo" and parts and parts[0] in ("kernels", "benchmarks"):
+                continue
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def _resolve(name: str, known: dict[str, Path]) -> str | None:
+    """The longest known module that ``name`` (a module or ``module.attribute``) lies in."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """fastgrpo module -> the fastgrpo modules it imports (anywhere in its body)."""
+    known = _modules()
+    graph: dict[str, set[str]] = {}
+    for module, path in known.items():
+        is_package = path.name == "__init__.py"
+        package = module if is_package else module.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*anchor, base] if base else anchor)
+                targets = [f"{base}.{a.name}" for a in node.names] or [base]
+            for target in targets:
+                if target.startswith("fastgrpo") and (hit := _resolve(target, known)) and hit != module:
+                    edges.add(hit)
+        graph[module] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_wings_exist_and_every_module_sits_in_one():
+    modules = set(_modules())
+    assert set(WINGS) <= modules
+    top = {m for m in modules if m.count(".") == 1 and m not in (*WINGS, "fastgrpo.kernels", "fastgrpo.benchmarks")}
+    # Only the entry points stay at the top; everything else belongs to a wing.
+    assert top == {"fastgrpo.cli", "fastgrpo.demo"}
+
+
+def test_the_graph_sees_relative_and_lazy_imports():
+    graph = import_graph()
+    assert "fastgrpo.ops.loss" in graph["fastgrpo.ops.api"]  # from .loss import ...
+    assert "fastgrpo.kernels" in graph["fastgrpo.ops.api"]  # from ..kernels import ..., inside a function
+    assert "fastgrpo.ops" in graph["fastgrpo.train.policy"]  # from ..ops import ...
+    assert "fastgrpo.train.trainer" in graph["fastgrpo.cli"]  # lazy, in main()
+
+
+def test_no_import_circle():
+    assert _cycles(import_graph()) == []
+    # The check itself finds a circle when there is one.
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_wings_import_only_downward():
+    bad = [
+        (module, target)
+        for module, targets in import_graph().items()
+        for wing, forbidden in FORBIDDEN.items()
+        if module == wing or module.startswith(wing + ".")
+        for target in targets
+        if target.startswith(forbidden)
+    ]
+    assert bad == []
+
+
+def micro_batch_walk(trainer, batch) -> list[tuple[str, list[str]]]:
+    """fastgrpo modules entered, in order (consecutive calls in one module merged), while the
+    update's first micro-batch goes from ``accumulate_gradients`` to the loss value."""
+    updater = trainer.updater
+    micro = updater.micro_batches(batch)[:1]
+    walk: list[tuple[str, list[str]]] = []
+    done = []
+
+    def profile(frame, event, arg):
+        if event != "call" or done:
+            return
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith("fastgrpo"):
+            return
+        name = frame.f_code.co_name
+        if walk and walk[-1][0] == module:
+            if name not in walk[-1][1]:
+                walk[-1][1].append(name)
+        else:
+            walk.append((module, [name]))
+        if name == "grpo_loss_from_logprobs":
+            done.append(True)
+
+    sys.setprofile(profile)
+    try:
+        updater.accumulate_gradients(batch, micro)
+    finally:
+        sys.setprofile(None)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return walk
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_a_micro_batch_reads_top_to_bottom(embedded, tmp_path, padding_free, capsys):
+    from fastgrpo.train.trainer import GRPOTrainer
+
+    from helpers import train_config
+
+    trainer = GRPOTrainer(train_config(embedded, tmp_path, max_steps=1, padding_free=padding_free))
+    walk = micro_batch_walk(trainer, trainer.sample_batch())
+    with capsys.disabled():
+        print(f"\nmicro-batch walk ({'packed' if padding_free else 'padded'}):")
+        for i, (module, funcs) in enumerate(walk, 1):
+            print(f"  {i:2}. {module}: {', '.join(funcs)}")
+    modules = [m for m, _ in walk]
+    assert modules[0] == "fastgrpo.train.update" and modules[-1] == "fastgrpo.ops.loss"
+    assert "fastgrpo.train.sampling" not in modules  # no return trip to the sampling module
+    # Once in the fused op, the path stays there: nothing calls back into the trainer's wing.
+    first_op = modules.index("fastgrpo.ops.api")
+    assert all(m.startswith("fastgrpo.ops") for m in modules[first_op:])
+    assert modules.index("fastgrpo.train.policy") < first_op
+
+
+def test_every_package_is_installed():
+    """A subpackage missing from pyproject's explicit list works in a source checkout and is
+    missing from a wheel; compare the list with the folders."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {m for m, path in _modules().items() if path.name == "__init__.py"}
+    assert listed == folders
