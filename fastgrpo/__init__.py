@@ -1,27 +1,12 @@
 """fastgrpo: fused GRPO-family losses computed from hidden states, never from full logits.
 
-Three wings, one per use: ``fastgrpo.ops`` (the fused ops other trainers import, re-exported
-here), ``fastgrpo.train`` (``fastgrpo train``) and ``fastgrpo.integrations`` (TRL, verl).
+Three wings, one per use: ``fastgrpo.ops`` (the fused ops other trainers import; its public names
+are re-exported here), ``fastgrpo.train`` (``fastgrpo train``) and ``fastgrpo.integrations``
+(TRL, verl).
 """
 
-from .ops import (
-    LOSS_TYPES,
-    FusedGRPOLoss,
-    GRPOLossOutput,
-    GRPOLossParams,
-    chunked_logprobs,
-    fused_grpo_loss,
-    grpo_loss_from_logprobs,
-)
+from . import ops
+from .ops import *  # noqa: F403
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "LOSS_TYPES",
-    "FusedGRPOLoss",
-    "GRPOLossOutput",
-    "GRPOLossParams",
-    "chunked_logprobs",
-    "fused_grpo_loss",
-    "grpo_loss_from_logprobs",
-]
+__all__ = list(ops.__all__)

@@ -7,6 +7,7 @@ the command line, whose flags are part of the compatibility promise too.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import shutil
@@ -70,3 +71,27 @@ def test_old_checkpoint_resumes_and_repeats_the_uninterrupted_run(tmp_path, kind
     saved = {p.name for p in (out / "checkpoint-4").iterdir()}
     weights = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
     assert {weights, "trainer_state.pt", "config.yaml", "tokenizer.json"} <= saved
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_old_config_yaml_loads_with_the_same_keys(kind):
+    """The config.yaml an old checkpoint holds is a valid --config today, section for section."""
+    from fastgrpo.train.config import build_config, load_yaml
+
+    path = FIXTURES / kind / "checkpoint-2" / "config.yaml"
+    old = load_yaml(path)
+    cfg = build_config((old, str(path)))
+    assert {s: list(v) for s, v in cfg.to_dict().items()} == {s: list(v) for s, v in old.items()}
+    assert cfg.to_dict()["grpo"]["num_iterations"] == 2
+
+
+def test_public_names_resolve_as_before():
+    import fastgrpo
+    import fastgrpo.ops as ops
+    from fastgrpo.ops import fused_grpo_loss
+
+    assert fastgrpo.fused_grpo_loss is fused_grpo_loss is ops.fused_grpo_loss
+    for name in ("chunked_logprobs", "FusedGRPOLoss", "GRPOLossOutput", "GRPOLossParams", "grpo_loss_from_logprobs"):
+        assert getattr(fastgrpo, name) is getattr(ops, name)
+    entry = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "fastgrpo"]
+    assert [e.value for e in entry] == ["fastgrpo.cli:main"] and entry[0].load() is main

@@ -4,6 +4,8 @@ completion masks and atomic checkpoints."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -226,3 +228,13 @@ def test_heads_that_rescale_logits_are_refused():
     model.config.logits_scaling = 8.0
     with pytest.raises(ValueError, match="logits_scaling=8.0"):
         check_fusable(model)
+
+
+def test_checkpoint_directory_gets_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = ckpt.save_checkpoint(tmp_path, 1, _Saveable(), _Saveable(), {"step": 1}, "")
+    finally:
+        os.umask(old)
+    # As a plain mkdir would make it, not mkdtemp's owner-only 0700.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755

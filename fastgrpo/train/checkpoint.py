@@ -53,6 +53,9 @@ def save_checkpoint(
     final = output_dir / f"{PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.", dir=output_dir))
     try:
+        # mkdtemp makes the directory 0700; once renamed into place it is the checkpoint, which
+        # other users (an evaluation or serving job) should read as they read output_dir.
+        os.chmod(tmp, 0o777 & ~_umask())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
@@ -69,6 +72,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
