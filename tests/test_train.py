@@ -237,3 +237,13 @@ def test_conversational_prompts_get_message_completions(embedded, tmp_path):
     )
     assert trainer.train()[0]["rewards/format/mean"] >= 0
     assert isinstance(seen[-1], list) and seen[-1][0]["role"] == "assistant"
+
+
+def test_overwrite_keeps_earlier_checkpoints_when_the_model_fails_to_load(embedded, tmp_path):
+    earlier = tmp_path / "checkpoint-5"
+    earlier.mkdir()
+    (earlier / ckpt.STATE_FILE).write_bytes(b"")
+    cfg = train_config(embedded, tmp_path, overwrite_output_dir=True, model=str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match="does not exist"):
+        GRPOTrainer(cfg)
+    assert ckpt.list_checkpoints(tmp_path) == [earlier]

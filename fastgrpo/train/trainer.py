@@ -75,17 +75,18 @@ class GRPOTrainer:
         self.resume_path = None
         if cfg.resume_from_checkpoint:
             self.resume_path = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.out)
-        elif earlier := ckpt.list_checkpoints(self.out):
+        elif ckpt.list_checkpoints(self.out) and not cfg.overwrite_output_dir:
             # A fresh run would interleave with (and rotate away against) an earlier run's checkpoints.
-            if not cfg.overwrite_output_dir:
-                raise ValueError(
-                    f"output_dir {str(self.out)!r} holds checkpoints of an earlier run; pass "
-                    "--resume_from_checkpoint latest to continue it or --overwrite_output_dir true to start afresh"
-                )
-            for path in earlier:
-                shutil.rmtree(path)
+            raise ValueError(
+                f"output_dir {str(self.out)!r} holds checkpoints of an earlier run; pass "
+                "--resume_from_checkpoint latest to continue it or --overwrite_output_dir true to start afresh"
+            )
         self.model, self.ref_model, self.tokenizer, self.model_info = build_models(cfg, self.device, dtype,
                                                                                    self.resume_path)  # fmt: skip
+        # Only once the model has loaded: a mistyped --model must not have cost the earlier run its checkpoints.
+        if not self.resume_path:
+            for path in ckpt.list_checkpoints(self.out):
+                shutil.rmtree(path)
         cfg.model.padding_free = self.model_info["padding_free"]  # resolved; config.yaml records it
         cfg.model.use_liger_body = bool(self.model_info["liger_body"])
         self.generator = HFGenerator(self.model, self.tokenizer, cfg.max_prompt_length)
