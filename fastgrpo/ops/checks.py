@@ -84,8 +84,8 @@ def check_grad_filter_eps(eps) -> float:
 
 
 def check_loss_inputs(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, beta, num_items):
-    """Types, shapes and devices of ``fused_grpo_loss``'s tensors; returns ``num_items`` as the
-    loss takes it (a tensor moved to fp32 on hidden's device)."""
+    """Types, shapes and devices of ``fused_grpo_loss``'s tensors. Returns ``num_items`` as the
+    loss takes it: a tensor moved to fp32 on hidden's device, a number or None as it came."""
     check_tensor("hidden", hidden, dims=(3,))
     check_head(hidden, weight, targets, bias)
     B, T = targets.shape

@@ -79,6 +79,7 @@ class Updater:
             weight_decay=cfg.weight_decay,
         )  # fmt: skip
         self.scheduler = None  # set by the trainer once the number of updates is known
+        # The one source of the loss settings and the implementation for every pass, log-probs included.
         self.loss_fn = FusedGRPOLoss(impl=cfg.loss_impl, **dataclasses.asdict(params))
 
     @property
@@ -94,7 +95,7 @@ class Updater:
         return [batch.micro_batch(g) for g in groups]
 
     def logprobs(self, model, mb: Rollouts) -> torch.Tensor:
-        return completion_logprobs(model, mb, self.params.temperature, self.cfg.loss_impl, self.packed)
+        return completion_logprobs(model, mb, self.params.temperature, self.loss_fn.impl, self.packed)
 
     def ref_logprobs(self, mb: Rollouts) -> torch.Tensor:
         if self.ref_model is not None:
