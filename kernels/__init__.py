@@ -4,7 +4,34 @@ Importing this package imports triton; ``TRITON_INTERPRET=1`` must be set before
 run the kernels on CPU tensors through the Triton interpreter.
 """
 
-from ._debug import poison_outputs
-from .linear_logprobs import linear_logprobs_triton
 
-__all__ = ["linear_logprobs_triton", "poison_outputs"]
+def _hand_name_to_installed_package() -> None:
+    """Replace this folder, imported as top-level ``kernels``, by the installed ``kernels`` package.
+
+    With a checkout's root on ``sys.path`` (``python -m pytest``, ``python -c`` in the clone) this
+    folder shadows Hugging Face's ``kernels``, which transformers (5.25+ depends on it) imports
+    whenever the distribution is installed. The import system returns whatever ``sys.modules``
+    holds once this body finishes, so putting the real package there hands the name over.
+    """
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_name_to_installed_package()
+else:
+    from ._debug import poison_outputs
+    from .linear_logprobs import linear_logprobs_triton
+
+    __all__ = ["linear_logprobs_triton", "poison_outputs"]

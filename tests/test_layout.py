@@ -199,3 +199,26 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {m for m, path in _modules().items() if path.name == "__init__.py"}
     assert listed == folders
+
+
+def test_the_kernels_folder_does_not_shadow_hugging_face_kernels():
+    """From the checkout's root (``python -m pytest``, ``python -c``), ``import kernels`` must reach
+    the installed Hugging Face package that transformers imports, never our ``kernels/`` folder."""
+    import importlib.metadata
+    import subprocess
+
+    probe = (
+        "import transformers.models.qwen2.modeling_qwen2\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('missing')\n"
+        "else:\n    print(kernels.__file__)\n"
+        "import fastgrpo.kernels\nprint(fastgrpo.kernels.linear_logprobs_triton.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    found, ours = out.stdout.split()
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert found == "missing"
+    else:
+        assert Path(found).resolve().parent != ROOT / "kernels"
+    assert ours == "fastgrpo.kernels.linear_logprobs"
