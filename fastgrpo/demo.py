@@ -14,8 +14,10 @@ import time
 import torch
 
 from .ops import GRPOLossParams, fused_grpo_loss
-from .ops.chunked import CHUNK_BYTES
+from .ops.api import IMPLS, route
+from .ops.chunked import WORKSPACE_BYTES
 from .ops.reference import reference_grpo_loss, reference_logprobs
+from .ops.twin import CHUNK_BYTES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab_size", type=int, default=32_000, help="V")
     p.add_argument("--loss_type", default="dapo")
     p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--impl", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--impl", default="auto", choices=IMPLS)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         lambda h, w: reference_grpo_loss(h, w, b["targets"], b["mask"], b["advantages"], params=params, **kwargs)[0]
     )
     tokens = int(b["mask"].sum())
-    fused_impl = args.impl if args.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
+    fused_impl = route(args.impl, device, shape=(B * T, args.hidden_size, V), dtype=dtype)
     rel = lambda a, r: float((a - r).norm() / r.norm().clamp(min=1e-30))
     print(
         f"fastgrpo demo: {args.loss_type} loss, B={B} completions x T={T} (masked-in tokens {tokens}), "
@@ -114,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
     logits_mb = B * T * V * 4 / 2**20
     if device.type == "cuda":
         print(f"  memory peak extra: fused {fused[4]:.0f} MiB   naive {naive[4]:.0f} MiB")
-    held = "none (logit tiles stay on chip)"
-    if fused_impl == "torch":
-        held = f"at most {CHUNK_BYTES / 2**20:.0f} MiB at a time"
+    held = {
+        "fused": "none (logit tiles stay on chip)",
+        "torch": f"at most {CHUNK_BYTES / 2**20:.0f} MiB at a time",
+        "chunked": f"a workspace of at most {WORKSPACE_BYTES / 2**20:.0f} MiB",
+    }[fused_impl]
     print(f"  the naive path built {logits_mb:.0f} MiB of fp32 logits (B x T x V); the fused path: {held}")
     loss_ok = abs(float(fused[0] - naive[0])) <= 1e-3 * max(1.0, abs(float(naive[0])))
     ok = loss_ok and rel(fused[1], naive[1]) < 2e-2

@@ -9,10 +9,13 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_OK = DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+# Every path of the public ops: the torch twin, the 3-GEMM chunked path (Triton row kernels under
+# the interpreter on CPU) and the on-chip fused kernels.
 IMPLS = [
     pytest.param("torch", id="torch"),
+    pytest.param("chunked", id="chunked"),
     pytest.param(
-        "triton", id="triton", marks=pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
+        "fused", id="fused", marks=pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
     ),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

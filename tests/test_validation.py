@@ -71,6 +71,14 @@ def test_chunked_logprobs_checks():
             fastgrpo.chunked_logprobs(h, w, torch.tensor([0, 1, 2, 3]), impl="triton")
         finally:
             os.environ["TRITON_INTERPRET"] = old
+    with pytest.raises(ValueError, match="impl='fused' needs CUDA"):
+        os.environ["TRITON_INTERPRET"] = "0"
+        try:
+            fastgrpo.fused_grpo_loss(
+                h[None], w, torch.tensor([[0, 1, 2, 3]]), torch.ones(1, 4), torch.ones(1), impl="fused"
+            )
+        finally:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def test_empty_batch_gives_zero_loss():

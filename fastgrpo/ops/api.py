@@ -1,15 +1,28 @@
 """Public fused ops: ``chunked_logprobs``, ``fused_grpo_loss`` and ``FusedGRPOLoss``.
 
-Every argument is checked (``checks``) before any kernel runs. ``impl`` picks the backend:
-``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
-PyTorch, any device) or ``"auto"`` (triton on CUDA, torch elsewhere).
+Every argument is checked (``checks``) before any kernel runs. ``impl`` picks the path (``IMPLS``):
+
+- ``"chunked"``: 3 GEMMs (cuBLAS) through a bounded logits workspace, gradients formed in the
+  forward (``chunked.py``); the fastest exact path. Row kernels in Triton on CUDA (or CPU under
+  ``TRITON_INTERPRET=1``), their torch twin elsewhere.
+- ``"fused"`` (alias ``"triton"``): logits only ever on chip (``fastgrpo.kernels``); the least
+  memory. CUDA, or CPU under ``TRITON_INTERPRET=1``.
+- ``"torch"``: the pure-PyTorch twin of the fused kernels, chunked, any device.
+- ``"auto"``: on CUDA, ``chunked`` when the memory it holds (workspace, dHidden and dWeight from
+  forward to backward) fits the budget, else ``fused``; ``torch`` elsewhere. The budget is
+  ``FASTGRPO_MEMORY_FRACTION`` (default 0.5) of the device's free memory at the call.
+
+Some requests cannot take the 3-GEMM route: sequence-level importance sampling (GSPO) couples a
+row's tokens, and ``chunked_logprobs`` does not know its upstream gradient in the forward. They
+take the 4-pass route (the torch twin: logits once in the forward, recomputed in the backward).
+``route`` says which one runs; ``FusedGRPOLoss.last_route`` records it.
 
 ``grad_filter_eps`` (all three entry points) is an implementation knob, not loss semantics:
 skip the backward GEMMs of vocabulary tiles whose d loss / d logits is below eps times the
 token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 = exact; 2**-12 suits bf16.
-Only the Triton backward filters: the torch impl's dense chunk GEMMs would gain nothing from
-zeroing entries, so it ignores eps and returns the exact gradient (eps bounds what *may* be
-dropped; dropping nothing is within it).
+Only the fused backward filters: the cuBLAS paths' dense GEMMs would gain nothing from zeroing
+entries, so they ignore eps and return the exact gradient (eps bounds what *may* be dropped;
+dropping nothing is within it).
 """
 
 from __future__ import annotations
@@ -21,10 +34,12 @@ from typing import NamedTuple
 import torch
 
 from . import checks as C
-from .chunked import linear_logprobs_torch
+from .chunked import WORKSPACE_BYTES, chunked_grpo_loss, row_cost
 from .loss import GRPOLossParams, grpo_loss_from_logprobs
+from .twin import linear_logprobs_torch
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "chunked", "fused", "triton", "torch")
+ROUTES = ("chunked", "fused", "torch")  # what runs: 3 GEMMs, on chip, the 4-pass torch twin
 
 
 class GRPOLossOutput(NamedTuple):
@@ -37,18 +52,82 @@ class GRPOLossOutput(NamedTuple):
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def _check_impl(impl) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return "fused" if impl == "triton" else impl
+
+
+def _triton_ok(device: torch.device) -> bool:
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type == "cuda" or (device.type == "cpu" and interpreting)
+
+
+def _memory_budget(device: torch.device) -> int:
+    fraction = float(os.environ.get("FASTGRPO_MEMORY_FRACTION", "0.5"))
+    return int(fraction * torch.cuda.mem_get_info(device)[0])
+
+
+def chunked_extra_bytes(N, H, V, dtype, *, trainable_head=True, workspace_bytes=WORKSPACE_BYTES) -> int:
+    """Memory the 3-GEMM path holds beyond its inputs: workspace, dHidden, and dWeight (fp32
+    accumulator plus the copy kept for the backward) when the head is trainable."""
+    elem = torch.finfo(dtype).bits // 8
+    work = min(workspace_bytes, max(N, 1) * row_cost(V, dtype, "triton"))
+    return work + N * H * elem + (V * H * (4 + elem) if trainable_head else 0)
+
+
+def route(
+    impl: str,
+    device: torch.device,
+    *,
+    loss: bool = True,
+    importance_sampling_level: str = "token",
+    shape: tuple[int, int, int] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    trainable_head: bool = True,
+    workspace_bytes: int | None = None,
+) -> str:
+    """The path (one of ``ROUTES``) a call with these arguments runs.
+
+    Args:
+        impl: one of ``IMPLS``.
+        device: the tensors' device.
+        loss: True for ``fused_grpo_loss``, False for ``chunked_logprobs``.
+        importance_sampling_level: "token" or "sequence".
+        shape: (N tokens, H, V) for ``auto``'s memory check on CUDA (None: assume it fits).
+        dtype: the hidden states' dtype.
+        trainable_head: whether the lm_head weight needs a gradient.
+        workspace_bytes: the chunked path's workspace bound (None: the default).
+    """
+    asked, impl = impl, _check_impl(impl)
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting):
+        if device.type != "cuda":
+            return "torch"
+        impl = "chunked" if loss else "fused"
+        if loss and shape is not None:
+            ws = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+            extra = chunked_extra_bytes(*shape, dtype, trainable_head=trainable_head, workspace_bytes=ws)
+            impl = "chunked" if extra <= _memory_budget(device) else "fused"
+    if impl == "fused" and not _triton_ok(device):
         raise ValueError(
-            f"impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"impl={asked!r} needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
             f"triton is imported), got device {device}"
         )
+    if impl == "chunked" and (not loss or importance_sampling_level != "token"):
+        return "torch"
     return impl
+
+
+def _workspace(workspace_bytes, device: torch.device) -> int:
+    if workspace_bytes is None:
+        if device.type != "cuda":
+            return WORKSPACE_BYTES
+        return max(1, min(WORKSPACE_BYTES, _memory_budget(device)))
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(f"workspace_bytes must be an int or None, got {type(workspace_bytes).__name__}")
+    if workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be > 0, got {workspace_bytes}")
+    return workspace_bytes
 
 
 def _cast_for_autocast(hidden, weight, bias):
@@ -62,11 +141,11 @@ def _cast_for_autocast(hidden, weight, bias):
 
 
 def _logprobs_impl(hidden2d, weight, bias, targets1d, active, temperature, impl, grad_filter_eps=0.0):
-    if impl == "triton":
+    if impl == "fused":
         from ..kernels import linear_logprobs_triton
 
         return linear_logprobs_triton(hidden2d, weight, bias, targets1d, active, temperature, grad_filter_eps)
-    # The torch impl ignores grad_filter_eps: exact gradients (see the module docstring).
+    # The torch twin ignores grad_filter_eps: exact gradients (see the module docstring).
     return linear_logprobs_torch(hidden2d, weight, bias, targets1d, active, temperature)
 
 
@@ -93,11 +172,12 @@ def chunked_logprobs(
         bias: (V,) lm_head bias or None.
         temperature: logits are divided by it before the softmax (> 0).
         return_entropy: also return the per-token entropy of the softmax.
-        impl: "auto", "triton" or "torch".
+        impl: one of ``IMPLS``. Without a loss the upstream gradient is unknown in the forward,
+            so "chunked" takes the 4-pass route (the torch twin); "auto" picks fused on CUDA.
         grad_filter_eps: skip the backward GEMMs of vocabulary tiles whose d loss / d logits
             is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
-            filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Triton only: the torch impl
-            ignores it and returns exact gradients.
+            filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Fused path only: the others
+            ignore it and return exact gradients.
 
     Returns:
         logp (``targets.shape``, fp32), or (logp, entropy) with ``return_entropy``; both are
@@ -106,7 +186,7 @@ def chunked_logprobs(
     C.check_temperature(temperature)
     grad_filter_eps = C.check_grad_filter_eps(grad_filter_eps)
     C.check_head(hidden, weight, targets, bias)
-    impl = _resolve_impl(impl, hidden.device)
+    impl = route(impl, hidden.device, loss=False)
     C.check_targets_range(targets, weight.shape[0])
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     shape = targets.shape
@@ -122,6 +202,21 @@ def chunked_logprobs(
     )
     logp, entropy = logp.view(shape), entropy.view(shape)
     return (logp, entropy) if return_entropy else logp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Knobs:
+    """How the loss is computed (not what): checked once, shared by the function and the module."""
+
+    impl: str = "auto"
+    grad_filter_eps: float = 0.0
+    workspace_bytes: int | None = None
+
+    def __post_init__(self):
+        _check_impl(self.impl)
+        object.__setattr__(self, "grad_filter_eps", C.check_grad_filter_eps(self.grad_filter_eps))
+        if self.workspace_bytes is not None:
+            _workspace(self.workspace_bytes, torch.device("cpu"))
 
 
 def fused_grpo_loss(
@@ -148,6 +243,7 @@ def fused_grpo_loss(
     sapo_temperature_neg: float = 1.05,
     impl: str = "auto",
     grad_filter_eps: float = 0.0,
+    workspace_bytes: int | None = None,
 ) -> GRPOLossOutput:
     """GRPO-family loss straight from final hidden states and the lm_head weight.
 
@@ -175,18 +271,20 @@ def fused_grpo_loss(
             batch when it is split into micro-batches (default: masked tokens here).
         use_bias_correction_kl: multiply the KL by the importance ratio.
         sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures.
-        impl: "auto", "triton" or "torch".
+        impl: one of ``IMPLS`` (module docstring); ``route`` tells which path runs.
         grad_filter_eps: skip the backward GEMMs of vocabulary tiles whose d loss / d logits
             is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
-            filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Triton only: the torch impl
-            ignores it and returns exact gradients.
+            filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Fused path only: the others
+            ignore it and return exact gradients.
+        workspace_bytes: int > 0 or None: bound on the chunked path's logits workspace (at least
+            one token's row, V x element size). None: 1 GiB, capped on CUDA by the memory budget.
 
     Returns:
         GRPOLossOutput(loss, logprobs, entropy, metrics); metrics has ``entropy``,
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``kl``
         (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
     """
-    grad_filter_eps = C.check_grad_filter_eps(grad_filter_eps)
+    knobs = _Knobs(impl, grad_filter_eps, workspace_bytes)
     params = GRPOLossParams(
         beta=beta,
         epsilon=epsilon,
@@ -200,20 +298,8 @@ def fused_grpo_loss(
         sapo_temperature_neg=sapo_temperature_neg,
         temperature=temperature,
     )
-    return _fused_grpo_loss(
-        hidden,
-        weight,
-        targets,
-        mask,
-        advantages,
-        old_logprobs,
-        ref_logprobs,
-        bias,
-        params,
-        num_items_in_batch,
-        impl,
-        grad_filter_eps,
-    )
+    tensors = (hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias)
+    return _fused_grpo_loss(*tensors, params, num_items_in_batch, knobs)[0]
 
 
 def _fused_grpo_loss(
@@ -225,57 +311,89 @@ def _fused_grpo_loss(
     old_logprobs,
     ref_logprobs,
     bias,
-    params,
+    params: GRPOLossParams,
     num_items_in_batch,
-    impl,
-    grad_filter_eps=0.0,
-) -> GRPOLossOutput:
+    knobs: _Knobs,
+) -> tuple[GRPOLossOutput, str]:
     num_items_in_batch = C.check_loss_inputs(
         hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, params.beta, num_items_in_batch
     )
     B, T = targets.shape
-    impl = _resolve_impl(impl, hidden.device)
+    H, V = hidden.shape[-1], weight.shape[0]
+    path = route(
+        knobs.impl,
+        hidden.device,
+        importance_sampling_level=params.importance_sampling_level,
+        shape=(B * T, H, V),
+        dtype=hidden.dtype,
+        trainable_head=weight.requires_grad,
+        workspace_bytes=knobs.workspace_bytes,
+    )
     active = mask != 0
     C.check_loss_values(mask, active, advantages, num_items_in_batch)
     C.check_targets_range(targets, weight.shape[0], where=active)
 
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
+    if path == "chunked":
+        loss, logp, entropy, metrics = chunked_grpo_loss(
+            hidden,
+            weight,
+            bias,
+            targets,
+            active,
+            advantages,
+            old_logprobs,
+            ref_logprobs,
+            params,
+            num_items_in_batch,
+            _workspace(knobs.workspace_bytes, hidden.device),
+        )
+        return GRPOLossOutput(loss, logp, entropy, metrics), path
     logp, entropy = _logprobs_impl(
-        hidden.reshape(B * T, hidden.shape[-1]),
+        hidden.reshape(B * T, H),
         weight,
         bias,
         targets.reshape(-1),
         active.reshape(-1),
         params.temperature,
-        impl,
-        grad_filter_eps,
+        path,
+        knobs.grad_filter_eps,
     )
     logp, entropy = logp.view(B, T), entropy.view(B, T)
     loss, metrics = grpo_loss_from_logprobs(
         logp, entropy, active, advantages, old_logprobs, ref_logprobs, params, num_items_in_batch
     )
-    return GRPOLossOutput(loss, logp.detach(), entropy.detach(), metrics)
+    return GRPOLossOutput(loss, logp.detach(), entropy.detach(), metrics), path
 
 
 class FusedGRPOLoss(torch.nn.Module):
     """``fused_grpo_loss`` with its hyper-parameters held by the module.
 
     Keyword arguments are those of ``fused_grpo_loss`` after ``advantages`` (less the tensors).
-    ``impl`` and ``grad_filter_eps`` (implementation knobs, not loss semantics) are kept on the
-    module; the loss hyper-parameters go into ``self.params``.
+    ``impl``, ``grad_filter_eps`` and ``workspace_bytes`` (implementation knobs, not loss
+    semantics) are kept on the module; the loss hyper-parameters go into ``self.params``.
+    ``last_route`` is the path (one of ``ROUTES``) the latest call ran, None before any.
     """
 
-    def __init__(self, *, impl: str = "auto", grad_filter_eps: float = 0.0, **hyper):
+    def __init__(
+        self, *, impl: str = "auto", grad_filter_eps: float = 0.0, workspace_bytes: int | None = None, **hyper
+    ):
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.grad_filter_eps = C.check_grad_filter_eps(grad_filter_eps)
+        self.knobs = _Knobs(impl, grad_filter_eps, workspace_bytes)
         unknown = set(hyper) - {f.name for f in dataclasses.fields(GRPOLossParams)}
         if unknown:
             valid = sorted(f.name for f in dataclasses.fields(GRPOLossParams))
             raise TypeError(f"unknown FusedGRPOLoss arguments {sorted(unknown)}; valid: {valid}")
         self.params = GRPOLossParams(**hyper)
-        self.impl = impl
+        self.last_route: str | None = None
+
+    @property
+    def impl(self) -> str:
+        return self.knobs.impl
+
+    @property
+    def grad_filter_eps(self) -> float:
+        return self.knobs.grad_filter_eps
 
     def forward(
         self,
@@ -289,20 +407,12 @@ class FusedGRPOLoss(torch.nn.Module):
         bias=None,
         num_items_in_batch=None,
     ) -> GRPOLossOutput:
-        return _fused_grpo_loss(
-            hidden,
-            weight,
-            targets,
-            mask,
-            advantages,
-            old_logprobs,
-            ref_logprobs,
-            bias,
-            self.params,
-            num_items_in_batch,
-            self.impl,
-            self.grad_filter_eps,
-        )
+        tensors = (hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias)
+        out, self.last_route = _fused_grpo_loss(*tensors, self.params, num_items_in_batch, self.knobs)
+        return out
 
     def extra_repr(self) -> str:
-        return f"impl={self.impl!r}, grad_filter_eps={self.grad_filter_eps}, {self.params}"
+        k = self.knobs
+        return (
+            f"impl={k.impl!r}, grad_filter_eps={k.grad_filter_eps}, workspace_bytes={k.workspace_bytes}, {self.params}"
+        )

@@ -1,117 +1,249 @@
-"""Chunked PyTorch twin of ``fastgrpo.kernels.linear_logprobs``: same interface, any device.
+"""The 3-GEMM path (``impl="chunked"``): gradients formed in the forward, bounded workspace.
 
-Logits exist one token chunk at a time (chunk x V fp32, bounded by ``CHUNK_BYTES``); the
-backward recomputes them per chunk. Inactive tokens and tokens whose upstream coefficients
-are zero are compacted away, so they cost no FLOPs here either.
+With token-level importance sampling the loss is sum_t w_t * l_t(logp_t), where the weights w
+depend on the mask only (``token_weights``) and each token's loss on its own log-prob only
+(``token_terms``). So d loss / d logp of a token is known as soon as its log-prob is, and the
+logits of a token chunk are needed exactly once. Per chunk of active tokens:
+
+1. logits = hidden_chunk @ W^T (cuBLAS), into a workspace of at most ``workspace_bytes``;
+2. ``row_stats``: log Z, logp, entropy (one read); g = d loss / d logp by autograd on the
+   chunk's per-token loss (O(chunk) elementwise work, the same formulas as every path);
+3. ``row_grad_``: d loss / d logits over the logits, in place;
+4. dHidden_chunk = dz @ W, and dW += dz^T @ hidden_chunk into fp32 (cuBLAS).
+
+Three GEMMs in all, against four for a forward-then-recompute backward. The backward only
+scales the stored gradients by the upstream gradient. The cost is memory held from forward to
+backward: dHidden (N x H) and dW (V x H, plus its fp32 accumulator during the forward); ``auto``
+weighs it against the budget. Sequence-level ratios (GSPO) couple a row's tokens, so they take
+the 4-pass route (``route``).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-# Upper bound on the fp32 logits of one chunk; a few temporaries of this size are live at once.
-CHUNK_BYTES = 64 << 20
+from .loss import GRPOLossParams, grpo_loss_from_logprobs, token_terms, token_weights
+
+# Default bound on the logits workspace of one chunk.
+WORKSPACE_BYTES = 1 << 30
 
 
-def _chunk_tokens(vocab: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (4 * vocab))
+def _rows_impl(device: torch.device) -> str:
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return "triton" if device.type == "cuda" or (device.type == "cpu" and interpreting) else "torch"
 
 
-def _scaled_logits(hidden, weight, bias, inv_temp):
-    """fp32 (chunk, V) scaled logits; in-place steps keep one chunk-sized buffer alive."""
-    z = (hidden @ weight.T).float()
-    if bias is not None:
-        z.add_(bias)
-    return z.mul_(inv_temp)
+def row_cost(vocab: int, dtype: torch.dtype, rows_impl: str) -> int:
+    """Bytes of chunk-sized memory per token: the workspace row, plus the twin's fp32 temporaries."""
+    elem = torch.finfo(dtype).bits // 8
+    return vocab * (elem if rows_impl == "triton" else elem + 8)
 
 
-class _ChunkedLinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, active, inv_temp, chunk_bytes):
-        N = hidden.shape[0]
-        logp = hidden.new_zeros(N, dtype=torch.float32)
-        lse = torch.zeros_like(logp)
-        entropy = torch.zeros_like(logp)
-        rows = torch.arange(N, device=hidden.device) if active is None else active.nonzero().squeeze(1)
-        step = _chunk_tokens(weight.shape[0], chunk_bytes)
-        for idx in rows.split(step):
-            logp_all = _scaled_logits(hidden[idx], weight, bias, inv_temp)
-            lz = torch.logsumexp(logp_all, dim=-1)
-            logp_all.sub_(lz[:, None])
-            logp[idx] = logp_all.gather(1, targets[idx, None].long()).squeeze(1)
-            lse[idx] = lz
-            # p * log p, with 0 * -inf (a -inf bias: a banned token) counted as 0.
-            plogp = logp_all.exp().mul_(logp_all).nan_to_num_(nan=0.0)
-            entropy[idx] = -plogp.sum(-1)
-            del logp_all, plogp
-        ctx.save_for_backward(hidden, weight, bias, targets, active, lse, entropy)
-        ctx.inv_temp, ctx.chunk_bytes = inv_temp, chunk_bytes
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, active, lse, entropy = ctx.saved_tensors
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        g_lp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float()
-        g_ent = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.float()
-        if active is not None:
-            # Inactive outputs are the constant 0: whatever flows into them is dropped here.
-            g_lp, g_ent = torch.where(active, g_lp, 0.0), torch.where(active, g_ent, 0.0)
-        rows = ((g_lp != 0) | (g_ent != 0)).nonzero().squeeze(1)
-        dh = torch.zeros_like(hidden) if need_dh else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_dw else None
-        db = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_db else None
-        for idx in rows.split(_chunk_tokens(weight.shape[0], ctx.chunk_bytes)):
-            h = hidden[idx]
-            # dz = inv_temp * (g_lp * (onehot - p) - g_ent * p * (log p + entropy)), built in place
-            # in two chunk-sized buffers.
-            dz = _scaled_logits(h, weight, bias, ctx.inv_temp).sub_(lse[idx, None])
-            p = dz.exp()
-            dz.add_(entropy[idx, None]).mul_(p).nan_to_num_(nan=0.0).mul_(-g_ent[idx, None])
-            dz.addcmul_(p, g_lp[idx, None], value=-1.0)
-            del p
-            dz.scatter_add_(1, targets[idx, None].long(), g_lp[idx, None])
-            dz = dz.mul_(ctx.inv_temp).to(hidden.dtype)
-            if need_dh:
-                dh[idx] = dz @ weight
-            if need_dw:
-                # A GEMM in the input dtype (fp32 accumulation on GPUs); chunks sum in fp32.
-                dw.add_(dz.T @ h)
-            if need_db:
-                db += dz.float().sum(0)
-        return (
-            dh,
-            dw.to(weight.dtype) if need_dw else None,
-            db.to(bias.dtype) if need_db else None,
-            None,
-            None,
-            None,
-            None,
+def chunk_rows(vocab: int, dtype: torch.dtype, workspace_bytes: int, rows_impl: str) -> int:
+    cost = row_cost(vocab, dtype, rows_impl)
+    if workspace_bytes < cost:
+        raise ValueError(
+            f"workspace_bytes={workspace_bytes} is below one token's logits row ({cost} bytes at V={vocab}, {dtype})"
         )
+    return workspace_bytes // cost
 
 
-def linear_logprobs_torch(
+def _alloc_workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The logits workspace (one place, so tests can watch its size)."""
+    return torch.empty(rows, vocab, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- row twins
+
+
+def _row_stats_torch(z, bias, targets, inv_temp):
+    u = z.to(torch.float32, copy=True)  # never an alias: z is read again (fp32 z included)
+    if bias is not None:
+        u.add_(bias)
+    u.mul_(inv_temp)
+    lse = torch.logsumexp(u, dim=-1)
+    u.sub_(lse[:, None])
+    logp = u.gather(1, targets[:, None].long()).squeeze(1)
+    # p * log p with 0 * -inf (a -inf bias) counted as 0.
+    entropy = -u.exp().mul_(u).nan_to_num_(nan=0.0).sum(-1)
+    return logp, lse, entropy
+
+
+def _row_grad_torch_(z, bias, targets, lse, grad_logp, inv_temp):
+    u = z.to(torch.float32, copy=True)  # never an alias: z is read again (fp32 z included)
+    if bias is not None:
+        u.add_(bias)
+    p = u.mul_(inv_temp).sub_(lse[:, None]).exp_()
+    g = grad_logp * inv_temp
+    dz = p.mul_(-g[:, None]).scatter_add_(1, targets[:, None].long(), g[:, None])
+    return z.copy_(dz)
+
+
+def _rows(impl: str):
+    if impl == "triton":
+        from ..kernels.logits_rows import row_grad_, row_stats
+
+        return row_stats, row_grad_
+    return _row_stats_torch, _row_grad_torch_
+
+
+# ----------------------------------------------------------------------------- the chunk loop
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with fp32 accumulation across calls."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        # cuBLAS adds 16-bit products straight into the fp32 accumulator: no (V, H) temporary.
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+def _token_grad(logp, old, ref, adv, weight, params: GRPOLossParams) -> torch.Tensor:
+    """d loss / d logp for one chunk: autograd on the per-token loss the epilogue uses."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(True)
+        log_ratio = lp - (lp.detach() if old is None else old)
+        live = torch.ones_like(lp, dtype=torch.bool)
+        per_token, _, _ = token_terms(lp, log_ratio, ref, adv, live, params)
+        (grad,) = torch.autograd.grad((per_token * weight).sum(), lp)
+    return grad
+
+
+def _chunk_loop(hidden, weight, bias, targets, active, adv, old, ref, w, params, workspace_bytes, rows_impl, need):
+    """logp, entropy (N,) fp32 and the gradients (None where not needed) of sum(w * per_token)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    need_dh, need_dw, need_db = need
+    any_grad = need_dh or need_dw or need_db
+    inv_temp = 1.0 / params.temperature
+    logp = hidden.new_zeros(N, dtype=torch.float32)
+    entropy = torch.zeros_like(logp)
+    dh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
+    dw = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_dw else None
+    db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_db else None
+    stats, grad_ = _rows(rows_impl)
+    idx_all = active.nonzero().squeeze(1)
+    step = chunk_rows(V, hidden.dtype, workspace_bytes, rows_impl)
+    chunks = idx_all.split(step) if idx_all.numel() else ()
+    ws = _alloc_workspace(min(step, idx_all.numel()), V, hidden.dtype, hidden.device) if chunks else None
+    for idx in chunks:
+        n = idx.numel()
+        h = hidden[idx]
+        y = targets[idx]
+        z = torch.matmul(h, weight.T, out=ws[:n])
+        lp, lse, ent = stats(z, bias, y, inv_temp)
+        logp[idx], entropy[idx] = lp, ent
+        if not any_grad:
+            continue
+        g = _token_grad(
+            lp, None if old is None else old[idx], None if ref is None else ref[idx], adv[idx], w[idx], params
+        )
+        dz = grad_(z, bias, y, lse, g, inv_temp)
+        if need_dh:
+            dh[idx] = dz @ weight
+        if need_dw:
+            _accumulate_mm(dw, dz.T, h)
+        if need_db:
+            db += dz.sum(0, dtype=torch.float32)
+    del ws
+    return logp, entropy, dh, dw, db
+
+
+class _ChunkedGRPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, job):
+        need = job.pop("need")
+        logp, entropy, dh, dw, db = _chunk_loop(hidden, weight, bias, need=need, **job["loop"])
+        B, T = job["shape"]
+        logp2, ent2 = logp.view(B, T), entropy.view(B, T)
+        loss, metrics = grpo_loss_from_logprobs(logp2, ent2, job["mask"], *job["epilogue"])
+        job["metrics"] = metrics
+        # dW is held in the weight's dtype (half the fp32 accumulator) until the backward.
+        ctx.save_for_backward(
+            dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
+        )
+        ctx.mark_non_differentiable(logp2, ent2)
+        return loss, logp2, ent2
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        dh, dw, db = ctx.saved_tensors
+        return tuple(None if d is None else d * grad_loss.to(d.dtype) for d in (dh, dw, db)) + (None,)
+
+
+# The chunk loop is data-dependent host code (nonzero, split, autograd inside the forward):
+# torch.compile runs it eagerly, one graph break, instead of tracing into the row kernels.
+@torch.compiler.disable
+def chunked_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    active: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_bytes: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked lm_head log-probs and entropies; inputs are validated by ``fastgrpo.ops``.
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    params: GRPOLossParams,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    workspace_bytes: int = WORKSPACE_BYTES,
+    rows_impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """GRPO loss with token-level importance sampling in 3 GEMMs; inputs validated by ``fastgrpo.ops``.
 
     Args:
-        hidden: (N, H) fp32/fp16/bf16.
+        hidden: (B, T, H) fp32/fp16/bf16.
         weight: (V, H), same dtype and device.
         bias: (V,) same dtype, or None.
-        targets: (N,) int32/int64 in [0, V) wherever ``active``.
-        active: (N,) bool or None; inactive tokens cost no FLOPs and get logp = entropy = 0.
-        temperature: logits are divided by it before the softmax.
-        chunk_bytes: bound on one chunk's fp32 logits (default: the module's ``CHUNK_BYTES``).
+        targets: (B, T) int32/int64 in [0, V) where ``mask``.
+        mask: (B, T) bool.
+        advantages: (B,) or (B, T) float.
+        old_logprobs, ref_logprobs: (B, T) float or None.
+        params: loss hyper-parameters; ``importance_sampling_level`` must be "token".
+        num_items_in_batch: dapo/cispo normalizer, number, fp32 tensor or None.
+        workspace_bytes: bound on the chunk-sized memory (the logits workspace; with the torch
+            row twin, its fp32 temporaries too); at least one token's row.
+        rows_impl: "triton" or "torch" row kernels; None = Triton on CUDA or under the interpreter.
 
     Returns:
-        (logp, entropy), each (N,) fp32, differentiable w.r.t. hidden, weight and bias.
+        (loss, logp, entropy, metrics) as ``fused_grpo_loss``; logp and entropy are (B, T) fp32, 0
+        where masked; the loss is differentiable w.r.t. hidden, weight and bias.
     """
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    return _ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, active, 1.0 / float(temperature), chunk_bytes)
+    if params.importance_sampling_level != "token":
+        raise ValueError("the 3-GEMM path needs importance_sampling_level='token'; GSPO takes the 4-pass route")
+    B, T = targets.shape
+    rows_impl = _rows_impl(hidden.device) if rows_impl is None else rows_impl
+    grad = torch.is_grad_enabled()
+    need = (
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    )
+    adv = advantages.to(torch.float32)
+    adv_tok = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv).reshape(-1)
+    flat = {
+        name: None if x is None else x.reshape(-1).to(torch.float32)
+        for name, x in (("old", old_logprobs), ("ref", ref_logprobs))
+    }
+    job = {
+        "need": need,
+        "shape": (B, T),
+        "mask": mask,
+        "loop": dict(
+            targets=targets.reshape(-1),
+            active=mask.reshape(-1),
+            adv=adv_tok,
+            w=token_weights(mask, params, num_items_in_batch).reshape(-1),
+            params=params,
+            workspace_bytes=workspace_bytes,
+            rows_impl=rows_impl,
+            **flat,
+        ),
+        "epilogue": (advantages, old_logprobs, ref_logprobs, params, num_items_in_batch),
+    }
+    loss, logp, entropy = _ChunkedGRPOLoss.apply(hidden.reshape(B * T, -1), weight, bias, job)
+    return loss, logp, entropy, job["metrics"]

@@ -85,6 +85,78 @@ class GRPOLossParams:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
+def token_terms(
+    logp: torch.Tensor,
+    log_ratio: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    params: GRPOLossParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token loss before masking and aggregation: the formulas every path shares.
+
+    With a token-level ``log_ratio`` each token's loss depends on its own ``logp`` only, which is
+    what lets the chunked path form d loss / d logp as soon as a chunk's log-probs exist.
+
+    Args:
+        logp: (B, T) or (N,) fp32 log p(target), differentiable.
+        log_ratio: log(pi / pi_old), token level (logp's shape) or sequence level (B, 1); 0 where masked.
+        ref_logprobs: reference log-probs of logp's shape, or None.
+        adv: advantages broadcastable to logp (fp32).
+        mask: bool of logp's shape: tokens that count.
+        params: the loss hyper-parameters.
+
+    Returns:
+        (per_token, ratio, kl): the loss terms; the ratio TRL's clip metrics see (after ``delta``);
+        the k3 KL (None without ``ref_logprobs``).
+    """
+    p = params
+    ratio = torch.exp(log_ratio)
+    if p.loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=p.upper).detach() * adv * logp
+    elif p.loss_type == "sapo":
+        tau = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
+        per_token = -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv
+    else:
+        clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.upper)
+        if p.delta is not None:
+            ratio = torch.clamp(ratio, max=p.delta)  # TRL's clip metrics see this capped ratio
+        per_token = -torch.minimum(ratio * adv, clipped * adv)
+
+    kl = None
+    if ref_logprobs is not None:
+        d = torch.where(mask, ref_logprobs.to(torch.float32) - logp, 0.0)
+        kl = torch.exp(d) - d - 1
+        if p.use_bias_correction_kl:
+            kl = kl * torch.exp(log_ratio)
+        if p.beta != 0.0:
+            per_token = per_token + p.beta * kl
+    return per_token, ratio, kl
+
+
+def token_weights(
+    mask: torch.Tensor, params: GRPOLossParams, num_items_in_batch: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, T) fp32 weights with loss = sum(weights * per_token) for token-level importance sampling.
+
+    They depend on the mask only, so they are known before any log-prob: the chunked path turns
+    them into d loss / d logp chunk by chunk. ``grpo_loss_from_logprobs`` aggregates the same
+    normalizers its own way (TRL's order of operations); tests hold the two equal.
+    """
+    mf = mask.to(torch.float32)
+    rows = mask.shape[0]
+    t = params.loss_type
+    if t in ("grpo", "sapo"):
+        return mf / (rows * mf.sum(-1, keepdim=True).clamp(min=1.0))
+    if t == "bnpo":
+        return mf / mf.sum().clamp(min=1.0)
+    if t == "dr_grpo":
+        return mf / (rows * params.max_completion_length)
+    if t in ("dapo", "cispo"):
+        return mf / (mf.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch)
+    return mf / rows  # luspo
+
+
 def grpo_loss_from_logprobs(
     logp: torch.Tensor,
     entropy: torch.Tensor,
@@ -120,27 +192,7 @@ def grpo_loss_from_logprobs(
     log_ratio = torch.where(m, logp - old, 0.0)
     if p.importance_sampling_level == "sequence":
         log_ratio = log_ratio.sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1.0)
-    ratio = torch.exp(log_ratio)  # (B, T) or (B, 1)
-
-    if p.loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=p.upper).detach() * adv * logp
-    elif p.loss_type == "sapo":
-        tau = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
-        per_token = -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv
-    else:
-        clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.upper)
-        if p.delta is not None:
-            ratio = torch.clamp(ratio, max=p.delta)  # TRL's clip metrics below see this capped ratio
-        per_token = -torch.minimum(ratio * adv, clipped * adv)
-
-    kl = None
-    if ref_logprobs is not None:
-        d = torch.where(m, ref_logprobs.to(torch.float32) - logp, 0.0)
-        kl = torch.exp(d) - d - 1
-        if p.use_bias_correction_kl:
-            kl = kl * torch.exp(log_ratio)
-        if p.beta != 0.0:
-            per_token = per_token + p.beta * kl
+    per_token, ratio, kl = token_terms(logp, log_ratio, ref_logprobs, adv, m, p)
 
     per_token = torch.where(m, per_token.expand_as(logp), 0.0)
     rows = m.shape[0]

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from ..ops.api import IMPLS
 from ..ops.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -39,7 +40,9 @@ class ModelConfig:
     lora_target_modules: list[str] | None = None  # module names to adapt; None = every linear layer of the body
     trust_remote_code: bool = False  # allow custom modelling code from the model directory
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda[:N]"
-    loss_impl: str = "auto"  # fused loss implementation: "auto", "triton" or "torch"
+    loss_impl: str = (
+        "auto"  # fused loss path: "auto", "chunked" (3 GEMMs), "fused" (on chip; alias "triton") or "torch"
+    )
 
 
 @dataclasses.dataclass
@@ -286,7 +289,7 @@ def validate(cfg: Config) -> None:
         m.dtype in ("auto", "float32", "bfloat16", "float16"),
         f"dtype must be auto/float32/bfloat16/float16, got {m.dtype!r}",
     )
-    _check(m.loss_impl in ("auto", "triton", "torch"), f"loss_impl must be auto/triton/torch, got {m.loss_impl!r}")
+    _check(m.loss_impl in IMPLS, f"loss_impl must be one of {'/'.join(IMPLS)}, got {m.loss_impl!r}")
     _check(d.max_prompt_length is None or d.max_prompt_length > 0, "max_prompt_length must be > 0 or None")
     _check(
         g.num_generations >= 2,

@@ -1,0 +1,212 @@
+"""Row kernels of the 3-GEMM path: statistics and d loss / d logits of a logits workspace.
+
+The chunked path (``fastgrpo.ops.chunked``) writes one token chunk's logits ``hidden @ W^T`` to a
+bounded HBM workspace with cuBLAS. These kernels then walk each row of it:
+
+- ``row_stats``: log Z (online log-sum-exp, the same tile update as the fused kernels), the
+  target's log-prob and the entropy, in one read of the row;
+- ``row_grad_``: d loss / d logits = g * ([v == y] - p_v) / temperature, written over the logits
+  in place (one read, one write), ready for the two gradient GEMMs.
+
+Bias and temperature are applied on the fly, so the workspace holds the bare GEMM output.
+Offsets are int64 per row; a row is walked in BLOCK_V tiles, so any vocabulary size works.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._debug import alloc_output
+from .linear_logprobs import _online_lse_update
+
+# ----------------------------------------------------------------------------- jit kernels
+
+
+@triton.jit
+def _scaled_tile(z_rows, b_ptr, offs_v, r_mask, v_mask, inv_temp, HAS_BIAS: tl.constexpr):
+    """(BLOCK_R, BLOCK_V) fp32 temperature-scaled logits; -inf past the vocabulary end."""
+    u = tl.load(z_rows[:, None] + offs_v[None, :], mask=r_mask[:, None] & v_mask[None, :], other=0.0)
+    u = u.to(tl.float32)
+    if HAS_BIAS:
+        u += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(v_mask[None, :], u * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _row_stats_kernel(
+    # pointers
+    z_ptr,  # (R, V) logits workspace, compute dtype
+    b_ptr,  # (V,) bias or dummy
+    y_ptr,  # (R,) integer targets
+    out_ptr,  # (3, R) fp32: logp, lse, entropy
+    # shapes
+    R,
+    V,
+    # strides
+    stride_zr,
+    # constants
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_mask = offs_r < R
+    z_rows = z_ptr + offs_r * stride_zr
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    s0 = tl.zeros((BLOCK_R,), tl.float32)
+    s1 = tl.zeros((BLOCK_R,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        u = _scaled_tile(z_rows, b_ptr, offs_v, r_mask, offs_v < V, inv_temp, HAS_BIAS)
+        m_i, s0, s1 = _online_lse_update(m_i, s0, s1, u)
+    y = tl.load(y_ptr + offs_r, mask=r_mask, other=0).to(tl.int64)
+    u_y = tl.load(z_rows + y, mask=r_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        u_y += tl.load(b_ptr + y, mask=r_mask, other=0.0).to(tl.float32)
+    log_s0 = tl.log(s0)
+    lse = m_i + log_s0
+    tl.store(out_ptr + offs_r, u_y * inv_temp - lse, mask=r_mask)
+    tl.store(out_ptr + R + offs_r, lse, mask=r_mask)
+    tl.store(out_ptr + 2 * R + offs_r, log_s0 - s1 / s0, mask=r_mask)
+
+
+@triton.jit
+def _row_grad_kernel(
+    # pointers
+    z_ptr,  # (R, V) logits workspace, overwritten with d loss / d logits
+    b_ptr,  # (V,) bias or dummy
+    y_ptr,  # (R,) integer targets
+    lse_ptr,  # (R,) fp32 log Z of the scaled logits
+    g_ptr,  # (R,) fp32 d loss / d logp
+    # shapes
+    R,
+    V,
+    # strides
+    stride_zr,
+    # constants
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_mask = offs_r < R
+    z_rows = z_ptr + offs_r * stride_zr
+    y = tl.load(y_ptr + offs_r, mask=r_mask, other=0).to(tl.int64)
+    lse = tl.load(lse_ptr + offs_r, mask=r_mask, other=0.0)
+    g = tl.load(g_ptr + offs_r, mask=r_mask, other=0.0) * inv_temp
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < V
+        u = _scaled_tile(z_rows, b_ptr, offs_v, r_mask, v_mask, inv_temp, HAS_BIAS)
+        # d logp_y / d u_v = [v == y] - p_v; p_v = 0 where u_v = -inf (a banned token).
+        onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
+        dz = g[:, None] * (onehot - tl.exp(u - lse[:, None]))
+        tl.store(
+            z_rows[:, None] + offs_v[None, :],
+            dz.to(z_ptr.dtype.element_ty),
+            mask=r_mask[:, None] & v_mask[None, :],
+        )
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _launch_constants() -> dict:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # Interpreted programs are slow: several rows per program, tiles that leave a partial
+        # tile at test vocabularies (e.g. V = 1003).
+        return dict(BLOCK_R=16, BLOCK_V=256, num_warps=1)
+    # One row per program streams 2 x 2048 elements per tile: bandwidth-bound, no dot, no spill.
+    return dict(BLOCK_R=1, BLOCK_V=2048, num_warps=8)
+
+
+def _check_workspace(z: torch.Tensor, targets: torch.Tensor, bias) -> None:
+    if z.dim() != 2 or z.stride(1) != 1:
+        raise ValueError(f"workspace must be a (R, V) row-major matrix, got shape {tuple(z.shape)}")
+    if targets.shape != (z.shape[0],):
+        raise ValueError(f"targets must be ({z.shape[0]},), got {tuple(targets.shape)}")
+    if bias is not None and bias.shape != (z.shape[1],):
+        raise ValueError(f"bias must be ({z.shape[1]},), got {tuple(bias.shape)}")
+
+
+def row_stats(
+    z: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, inv_temp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (logp, lse, entropy) of softmax((z + bias) * inv_temp).
+
+    Args:
+        z: (R, V) fp32/fp16/bf16 logits, unit stride in V.
+        bias: (V,) or None.
+        targets: (R,) int32/int64 in [0, V).
+        inv_temp: 1 / temperature.
+
+    Returns:
+        logp, lse, entropy: each (R,) fp32.
+    """
+    _check_workspace(z, targets, bias)
+    R, V = z.shape
+    c = _launch_constants()
+    out = alloc_output((3, R), z.device)
+    if R:
+        _row_stats_kernel[(triton.cdiv(R, c["BLOCK_R"]),)](
+            z,
+            bias if bias is not None else out,
+            targets,
+            out,
+            R,
+            V,
+            z.stride(0),
+            inv_temp,
+            HAS_BIAS=bias is not None,
+            BLOCK_R=c["BLOCK_R"],
+            BLOCK_V=c["BLOCK_V"],
+            num_warps=c["num_warps"],
+        )
+    return out[0], out[1], out[2]
+
+
+def row_grad_(
+    z: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    inv_temp: float,
+) -> torch.Tensor:
+    """Overwrite ``z`` with d loss / d z = grad_logp * ([v == y] - p) * inv_temp, in z's dtype.
+
+    Args:
+        z: (R, V) logits as given to ``row_stats``; overwritten.
+        bias: (V,) or None.
+        targets: (R,) int32/int64.
+        lse: (R,) fp32 from ``row_stats``.
+        grad_logp: (R,) fp32 d loss / d logp.
+        inv_temp: 1 / temperature.
+
+    Returns:
+        z.
+    """
+    _check_workspace(z, targets, bias)
+    R, V = z.shape
+    c = _launch_constants()
+    if R:
+        _row_grad_kernel[(triton.cdiv(R, c["BLOCK_R"]),)](
+            z,
+            bias if bias is not None else lse,
+            targets,
+            lse.contiguous(),
+            grad_logp.contiguous(),
+            R,
+            V,
+            z.stride(0),
+            inv_temp,
+            HAS_BIAS=bias is not None,
+            BLOCK_R=c["BLOCK_R"],
+            BLOCK_V=c["BLOCK_V"],
+            num_warps=c["num_warps"],
+        )
+    return z

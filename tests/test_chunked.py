@@ -1,0 +1,182 @@
+"""The 3-GEMM chunked path: row kernels, the workspace bound, routes, the forward-formed gradients."""
+
+import pytest
+import torch
+
+import fastgrpo
+from fastgrpo.ops import api, chunked
+from fastgrpo.ops.loss import GRPOLossParams, grpo_loss_from_logprobs, token_terms, token_weights
+
+from helpers import DEVICE, DTYPES, TRITON_OK, grpo_inputs, leaf, loss_args, rel_err
+
+ROWS = [
+    pytest.param("torch", id="torch-rows"),
+    pytest.param("triton", id="triton-rows", marks=pytest.mark.skipif(not TRITON_OK, reason="triton rows")),
+]
+
+
+def _rows_inputs(R, V, dtype, seed, bias):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(R, V, generator=g) * 3).to(DEVICE, dtype)
+    b = None
+    if bias:
+        b = torch.randn(V, generator=g)
+        b[V // 3] = float("-inf")  # a banned token: p = 0, and 0 * log 0 counts as 0
+        b = b.to(DEVICE, dtype)
+    y = torch.randint(0, V, (R,), generator=g)
+    y[y == V // 3] = 0
+    return z, b, y.to(DEVICE), torch.randn(R, generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_row_kernels_against_float64(rows, dtype, bias):
+    R, V, temp = 37, 1003, 0.7
+    z, b, y, g = _rows_inputs(R, V, dtype, seed=R + bias, bias=bias)
+    stats, grad_ = chunked._rows(rows)
+    logp, lse, ent = stats(z, b, y, 1 / temp)
+    dz = grad_(z.clone(), b, y, lse, g, 1 / temp)
+
+    u = (z.double() + (0 if b is None else b.double())) / temp
+    u = u.requires_grad_()
+    lp_all = u.log_softmax(-1)
+    want_lp = lp_all.gather(1, y[:, None]).squeeze(1)
+    want_ent = -(lp_all.exp() * torch.where(torch.isfinite(lp_all), lp_all, 0.0)).sum(-1)
+    (want_dz,) = torch.autograd.grad((want_lp * g.double()).sum(), u)
+    want_dz = want_dz / temp  # d / d z = d / d u * inv_temp
+    assert rel_err(logp, want_lp) < 1e-5 and rel_err(ent, want_ent) < 1e-5
+    assert rel_err(lse, torch.logsumexp(u.detach(), -1)) < 1e-6
+    # One ulp of the 16-bit store: the CPU interpreter rounds toward zero, GPUs to nearest (half an ulp).
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -(7 if dtype == torch.bfloat16 else 10)
+    assert dz.dtype == dtype and rel_err(dz, want_dz) < tol
+
+
+def _loss(inp, impl, **kw):
+    h, w = leaf(inp["hidden"]), leaf(inp["weight"])
+    b = leaf(inp.get("bias"))
+    args, lp = loss_args(inp)
+    mod = fastgrpo.FusedGRPOLoss(impl=impl, **kw)
+    out = mod(h, w, *args[2:], **lp, bias=b)
+    out.loss.backward()
+    return out, mod.last_route, (h.grad, w.grad, None if b is None else b.grad)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_workspace_stays_within_its_budget(rows, monkeypatch):
+    """A budget of a few rows: many chunks, every workspace within the budget, same answer."""
+    inp = grpo_inputs(B=4, T=9, seed=21, bias=True)
+    V = inp["weight"].shape[0]
+    budget = 5 * chunked.row_cost(V, torch.float32, rows) + 7
+    sizes = []
+    alloc = chunked._alloc_workspace
+
+    def watch(n, vocab, dtype, device):
+        ws = alloc(n, vocab, dtype, device)
+        sizes.append(ws.numel() * ws.element_size())
+        return ws
+
+    monkeypatch.setattr(chunked, "_alloc_workspace", watch)
+    monkeypatch.setattr(chunked, "_rows_impl", lambda device: rows)
+    hp = dict(loss_type="grpo", beta=0.04, epsilon_high=0.28)
+    small, path, g_small = _loss(inp, "chunked", workspace_bytes=budget, **hp)
+    assert path == "chunked" and sizes and max(sizes) <= budget
+    big, _, g_big = _loss(inp, "chunked", **hp)
+    twin, _, g_twin = _loss(inp, "torch", **hp)
+    assert abs(float(small.loss) - float(big.loss)) < 1e-6 and abs(float(small.loss) - float(twin.loss)) < 1e-6
+    for a, b, c in zip(g_small, g_big, g_twin, strict=True):
+        assert rel_err(a, b) < 1e-5 and rel_err(a, c) < 1e-5
+    assert torch.equal(small.logprobs, big.logprobs)
+
+
+def test_workspace_must_hold_one_row():
+    inp = grpo_inputs(seed=22)
+    args, lp = loss_args(inp)
+    with pytest.raises(ValueError, match="workspace_bytes=16 is below one token's logits row"):
+        fastgrpo.fused_grpo_loss(*args, **lp, impl="chunked", workspace_bytes=16)
+    with pytest.raises(ValueError, match="workspace_bytes must be > 0"):
+        fastgrpo.FusedGRPOLoss(impl="chunked", workspace_bytes=0)
+    with pytest.raises(TypeError, match="workspace_bytes must be an int"):
+        fastgrpo.fused_grpo_loss(*args, **lp, impl="chunked", workspace_bytes=1.5e9)
+
+
+@pytest.mark.parametrize("loss_type", fastgrpo.LOSS_TYPES)
+def test_token_weights_give_the_epilogue_loss(loss_type):
+    """sum(w * per_token) is the loss the epilogue aggregates its own way, for every loss type."""
+    inp = grpo_inputs(B=4, seed=23)
+    m = inp["mask"]
+    p = GRPOLossParams(loss_type=loss_type, beta=0.04, max_completion_length=13, epsilon_high=0.28)
+    g = torch.Generator().manual_seed(5)
+    logp = torch.where(m, -torch.rand(m.shape, generator=g, dtype=torch.float64).to(DEVICE) * 4, 0.0)
+    old, ref = (torch.where(m, inp[k], 0.0).double() for k in ("old_logprobs", "ref_logprobs"))
+    adv = inp["advantages"].double()
+    for num_items in (None, 57):
+        if num_items is not None and loss_type not in ("dapo", "cispo"):
+            continue
+        loss, _ = grpo_loss_from_logprobs(logp, logp, m, adv, old, ref, p, num_items)
+        per_token, _, _ = token_terms(logp, torch.where(m, logp - old, 0.0), ref, adv[:, None], m, p)
+        w = token_weights(m, p, num_items).double()
+        assert torch.allclose((w * torch.where(m, per_token, 0.0)).sum(), loss.double(), rtol=1e-6, atol=0)
+
+
+def test_routes():
+    cpu = torch.device("cpu")
+    assert api.IMPLS == ("auto", "chunked", "fused", "triton", "torch") and fastgrpo.ops.IMPLS == api.IMPLS
+    assert api.route("auto", cpu) == "torch"
+    assert api.route("chunked", cpu) == "chunked"
+    assert api.route("chunked", cpu, importance_sampling_level="sequence") == "torch"
+    assert api.route("chunked", cpu, loss=False) == "torch"
+    assert api.route("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        api.route("cuda", cpu)
+    inp = grpo_inputs(seed=24)
+    _, path, _ = _loss(inp, "chunked", importance_sampling_level="sequence")
+    assert path == "torch"
+    if TRITON_OK:
+        assert api.route("triton", DEVICE) == api.route("fused", DEVICE) == "fused"
+
+
+def test_auto_weighs_memory_on_cuda(monkeypatch):
+    """On CUDA, auto takes the chunked path only when what it holds fits the budget."""
+    cuda = torch.device("cuda")
+    N, H, V = 16384, 3584, 152064
+    extra = api.chunked_extra_bytes(N, H, V, torch.bfloat16)
+    assert extra == (1 << 30) + N * H * 2 + V * H * 6
+    monkeypatch.setattr(api, "_memory_budget", lambda device: extra)
+    assert api.route("auto", cuda, shape=(N, H, V)) == "chunked"
+    monkeypatch.setattr(api, "_memory_budget", lambda device: extra - 1)
+    assert api.route("auto", cuda, shape=(N, H, V)) == "fused"
+    assert api.route("auto", cuda, shape=(N, H, V), trainable_head=False) == "chunked"
+    assert api.route("auto", cuda, loss=False) == "fused"
+
+
+def test_gradients_scale_with_the_upstream_gradient_and_survive_retain_graph():
+    inp = grpo_inputs(seed=25, bias=True)
+    h, w, b = leaf(inp["hidden"]), leaf(inp["weight"]), leaf(inp["bias"])
+    args, lp = loss_args(inp)
+    out = fastgrpo.fused_grpo_loss(h, w, *args[2:], **lp, bias=b, beta=0.04, impl="chunked")
+    out.loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    (-2.5 * out.loss).backward()
+    for g1, t in zip(first, (h, w, b), strict=True):
+        assert torch.allclose(t.grad, -2.5 * g1, rtol=1e-6, atol=1e-9)
+
+
+def test_frozen_head_and_no_grad_skip_the_gradient_gemms(monkeypatch):
+    inp = grpo_inputs(seed=26)
+    calls = []
+    real = chunked._accumulate_mm
+    monkeypatch.setattr(chunked, "_accumulate_mm", lambda *a: calls.append(1) or real(*a))
+    args, lp = loss_args(inp)
+    h = leaf(inp["hidden"])
+    out = fastgrpo.fused_grpo_loss(h, inp["weight"], *args[2:], **lp, impl="chunked")
+    out.loss.backward()
+    want = fastgrpo.fused_grpo_loss(leaf(inp["hidden"]), inp["weight"], *args[2:], **lp, impl="torch")
+    assert not calls and h.grad is not None and abs(float(out.loss) - float(want.loss)) < 1e-6
+    stats_only = []
+    monkeypatch.setattr(chunked, "_token_grad", lambda *a: stats_only.append(1))
+    with torch.no_grad():
+        out = fastgrpo.fused_grpo_loss(leaf(inp["hidden"]), leaf(inp["weight"]), *args[2:], **lp, impl="chunked")
+    assert not stats_only and abs(float(out.loss) - float(want.loss)) < 1e-6
