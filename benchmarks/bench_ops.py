@@ -1,6 +1,6 @@
 """``fastgrpo bench ops``: time and peak memory of GRPO loss implementations against the GEMM floor.
 
-Every row of one run uses the same inputs (see ``ops_impls``: fastgrpo's Triton and torch paths,
+Every row of one run uses the same inputs (see ``ops_impls``: fastgrpo's chunked, fused and torch paths,
 naive PyTorch eager and compiled, Liger-Kernel's fused-linear and Triton GRPO losses, TRL's
 chunked log-prob path, and the bare lm_head GEMMs), at lm_head shapes of real models:
 
@@ -15,8 +15,9 @@ after a reset; gradients included), TFLOP/s counting 2*N*H*V per GEMM pass of th
 the same run, the memory floor (dHidden + dWeight) and the ratio to it, and the loss/gradient
 error against naive (or fastgrpo-torch where naive does not fit). Modes: ``fwd`` (training
 forward, graph kept), ``bwd`` (backward of a retained graph), ``fwd+bwd``. Liger's
-fused-linear loss computes its gradients during the forward: its bwd row says n/a and its fwd
-row is held to the fwd+bwd floor. Liger's Triton loss runs out of place in the bwd row (its
+fused-linear loss and fastgrpo's chunked path compute their gradients during the forward: their bwd
+rows say n/a and their fwd rows are held to the fwd+bwd floor and to the floor's ``3gemm`` row (logits,
+dHidden and dWeight once each). Liger's Triton loss runs out of place in the bwd row (its
 in-place backward overwrites the logits a repeated backward reads). Out of memory, a missing
 peer and a time budget running out are results in the row, never a crash.
 
@@ -68,6 +69,7 @@ COLUMNS = [
     ("p20_ms", "p20", "{:.3f}"),
     ("p80_ms", "p80", "{:.3f}"),
     ("x_floor", "x GEMM floor", "{:.2f}"),
+    ("x_floor_3gemm", "x 3-GEMM floor", "{:.2f}"),
     ("tflops", "TFLOP/s", "{:.3g}"),
     ("peak_extra_mib", "peak extra MiB", "{:.0f}"),
     ("mem_floor_mib", "floor MiB", "{:.0f}"),
@@ -202,7 +204,10 @@ def bench_config(model, N, head, x, device, args, deadline=None) -> list[dict]:
         if why is not None:  # one row for the impl, not one per mode
             rows.append(dict(base, impl=impl, mode="*", active_tokens=active, status=why))
             continue
-        for mode in (m for m in MODES if m in args.modes):
+        modes = [m for m in MODES if m in args.modes]
+        if impl == FLOOR and "fwd+bwd" in modes and GRADS_IN_FORWARD & set(args.impls):
+            modes.append("3gemm")  # what a path that forms its gradients in the forward is held to
+        for mode in modes:
             row = dict(base, impl=impl, mode=mode, active_tokens=active, status="ok")
             rows.append(row)
             if impl in GRADS_IN_FORWARD and mode == "bwd":
@@ -224,6 +229,8 @@ def bench_config(model, N, head, x, device, args, deadline=None) -> list[dict]:
             r["tflops"] = floor_passes(mode, trainable) * 2 * active * H * V / (r["ms"] * 1e-3) / 1e12
             if mode in floor:
                 r["x_floor"] = r["ms"] / floor[mode]
+            if r["impl"] in GRADS_IN_FORWARD and r["mode"] == "fwd" and "3gemm" in floor:
+                r["x_floor_3gemm"] = r["ms"] / floor["3gemm"]
         if r.get("peak_extra_mib") is not None and r.get("mem_floor_mib"):
             r["x_mem_floor"] = r["peak_extra_mib"] / r["mem_floor_mib"]
     return rows

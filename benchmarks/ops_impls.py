@@ -30,7 +30,7 @@ TRL_VOCAB_CHUNK = 32768  # TRL's GRPOTrainer default for the chunked log-prob pa
 
 # Implementations whose forward already computes the gradients (the backward only scales them):
 # their bwd row is not measured and their fwd row is held to the whole fwd+bwd floor.
-GRADS_IN_FORWARD = frozenset({"liger-fused-linear"})
+GRADS_IN_FORWARD = frozenset({"liger-fused-linear", "fastgrpo-chunked"})
 
 
 class Missing(Exception):
@@ -104,7 +104,7 @@ def _needs_triton(device: torch.device) -> None:
 
 def _fastgrpo(impl: str, **extra) -> Callable[[Inputs, str], Callable[[], torch.Tensor]]:
     def build(x: Inputs, mode: str):
-        if impl == "triton":
+        if impl == "fused":
             _needs_triton(x.hidden.device)
         args = (x.hidden, x.weight, x.targets, x.mask, x.advantages)
         return lambda: (
@@ -219,8 +219,9 @@ def _trl_chunked(x: Inputs, mode: str):
 IMPLS: dict[str, Callable[[Inputs, str], Callable[[], torch.Tensor]]] = {
     "naive": _naive,
     "fastgrpo-torch": _fastgrpo("torch"),
-    "fastgrpo-triton": _fastgrpo("triton"),
-    "fastgrpo-triton-filter": _fastgrpo("triton", grad_filter_eps=GRAD_FILTER_EPS),
+    "fastgrpo-chunked": _fastgrpo("chunked"),
+    "fastgrpo-fused": _fastgrpo("fused"),
+    "fastgrpo-fused-filter": _fastgrpo("fused", grad_filter_eps=GRAD_FILTER_EPS),
     "naive-compile": _naive_compiled,
     "liger-fused-linear": _liger_fused_linear,
     "liger-triton": _liger_triton,
@@ -234,7 +235,9 @@ def floor_fns(x: Inputs, chunk: int) -> dict[str, Callable[[], None]]:
     """The bare lm_head GEMMs a fused loss cannot avoid, per mode, on ``chunk``-token slices.
 
     Forward: logits. Backward: logits again (a fused kernel recomputes them instead of storing
-    N x V), dHidden, and dWeight for a trainable head. Only masked-in tokens count.
+    N x V), dHidden, and dWeight for a trainable head. ``3gemm``: logits, dHidden and dWeight
+    once each, the floor of a path that forms its gradients in the forward. Only masked-in
+    tokens count.
     """
     h = x.hidden.detach()[x.mask]
     w = x.weight.detach()
@@ -259,10 +262,18 @@ def floor_fns(x: Inputs, chunk: int) -> dict[str, Callable[[], None]]:
         forward()
         backward()
 
-    return {"fwd": forward, "bwd": backward, "fwd+bwd": both}
+    def grads_in_forward():
+        for s in range(0, h.shape[0], chunk):
+            hc = h[s : s + chunk]
+            z = torch.mm(hc, w.T, out=buf[: hc.shape[0]])
+            torch.mm(z, w, out=dh[s : s + chunk])
+            if trainable:
+                dw.addmm_(z.T, hc, beta=0.0 if s == 0 else 1.0)
+
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": both, "3gemm": grads_in_forward}
 
 
 def floor_passes(mode: str, trainable: bool) -> int:
     """GEMM passes of 2*N*H*V FLOPs in ``floor_fns``' mode."""
     backward = 3 if trainable else 2
-    return {"fwd": 1, "bwd": backward, "fwd+bwd": 1 + backward}[mode]
+    return {"fwd": 1, "bwd": backward, "fwd+bwd": 1 + backward, "3gemm": backward}[mode]

@@ -16,8 +16,11 @@ from fastgrpo.benchmarks import bench_ops, ops_impls
 from fastgrpo.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
-CPU_IMPLS = ["naive", "fastgrpo-torch", "naive-compile", "liger-fused-linear", "trl-chunked", "gemm-floor"]
-TRITON_IMPLS = ["naive", "fastgrpo-triton", "fastgrpo-triton-filter", "liger-triton"]
+CPU_IMPLS = [
+    "naive", "fastgrpo-torch", "fastgrpo-chunked", "naive-compile", "liger-fused-linear", "trl-chunked", "gemm-floor"
+]  # fmt: skip
+TRITON_IMPLS = ["naive", "fastgrpo-fused", "fastgrpo-fused-filter", "liger-triton"]
+IN_FORWARD = ops_impls.GRADS_IN_FORWARD
 
 
 def _rows(out: Path) -> list[dict]:
@@ -36,19 +39,21 @@ def _run(out, *extra, rc=0):
 def test_quick_run_every_cpu_impl_mode_and_head(tmp_path, capsys):
     # two sizes: the compiled rows then also go through a recompile (dynamic shapes)
     rows = _run(tmp_path, "--impls", *CPU_IMPLS, "--tokens", "64", "128")
-    assert len(rows) == len(CPU_IMPLS) * 3 * 2 * 2
+    assert len(rows) == len(CPU_IMPLS) * 3 * 2 * 2 + 2 * 2  # + the floor's 3gemm row per head and N
     assert {(r["impl"], r["mode"], r["head"], r["N"]) for r in rows} == {
         (i, m, h, n) for i in CPU_IMPLS for m in bench_ops.MODES for h in bench_ops.HEAD_KINDS for n in (64, 128)
-    }
+    } | {("gemm-floor", "3gemm", h, n) for h in bench_ops.HEAD_KINDS for n in (64, 128)}
     floor_ms = {(r["mode"], r["head"], r["N"]): r["ms"] for r in rows if r["impl"] == "gemm-floor"}
     for r in rows:
-        if r["impl"] == "liger-fused-linear" and r["mode"] == "bwd":  # its forward computes the gradients
+        if r["impl"] in IN_FORWARD and r["mode"] == "bwd":  # its forward computes the gradients
             assert r["status"] == "n/a: gradients are computed in the forward" and "ms" not in r
             continue
         assert r["status"] == "ok", r
         assert r["p20_ms"] <= r["ms"] <= r["p80_ms"]
-        held_to = "fwd+bwd" if r["impl"] == "liger-fused-linear" else r["mode"]
+        held_to = "fwd+bwd" if r["impl"] in IN_FORWARD else r["mode"]
         assert r["x_floor"] == pytest.approx(r["ms"] / floor_ms[held_to, r["head"], r["N"]])
+        if r["impl"] in IN_FORWARD and r["mode"] == "fwd":
+            assert r["x_floor_3gemm"] == pytest.approx(r["ms"] / floor_ms["3gemm", r["head"], r["N"]])
         assert r["device"] and r["torch"] == torch.__version__ and r["git_commit"] and r["trl"] and r["liger-kernel"]
         assert r["N"] == r["active_tokens"] and (r["H"], r["V"]) == bench_ops.HEADS["tiny"]
         if r["impl"] == "gemm-floor":
@@ -60,10 +65,11 @@ def test_quick_run_every_cpu_impl_mode_and_head(tmp_path, capsys):
     # TFLOP/s count 4 GEMM passes for a trainable head and 3 for a frozen one
     floor = {(r["mode"], r["head"], r["N"]): r for r in rows if r["impl"] == "gemm-floor"}
     for (mode, head, n), r in floor.items():
-        passes = {"fwd": 1, "bwd": 3 if head == "trainable" else 2, "fwd+bwd": 4 if head == "trainable" else 3}[mode]
+        bwd = 3 if head == "trainable" else 2
+        passes = {"fwd": 1, "bwd": bwd, "fwd+bwd": 1 + bwd, "3gemm": bwd}[mode]
         assert r["tflops"] == pytest.approx(passes * 2 * n * 96 * 2003 / (r["ms"] * 1e-3) / 1e12)
     for r in rows:  # a forward that computes the gradients is held to the fwd+bwd floor's FLOPs
-        if r["impl"] == "liger-fused-linear" and r["mode"] == "fwd":
+        if r["impl"] in IN_FORWARD and r["mode"] == "fwd":
             whole = floor["fwd+bwd", r["head"], r["N"]]
             assert r["tflops"] == pytest.approx(whole["tflops"] * whole["ms"] / r["ms"])
     with open(tmp_path / "bench_ops.csv", newline="") as f:
@@ -99,7 +105,7 @@ def test_rows_say_why_an_impl_did_not_run(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setitem(ops_impls.IMPLS, "naive", oom)
-    rows = _run(tmp_path, "--heads", "frozen", "--impls", "naive", "fastgrpo-torch", "fastgrpo-triton",
+    rows = _run(tmp_path, "--heads", "frozen", "--impls", "naive", "fastgrpo-torch", "fastgrpo-fused",
                 "liger-fused-linear", "trl-chunked")  # fmt: skip
     status = {(r["impl"], r["mode"]): r["status"] for r in rows}
     assert status == {
@@ -109,7 +115,7 @@ def test_rows_say_why_an_impl_did_not_run(tmp_path, monkeypatch):
         ("fastgrpo-torch", "fwd"): "ok",
         ("fastgrpo-torch", "bwd"): "ok",
         ("fastgrpo-torch", "fwd+bwd"): "ok",
-        ("fastgrpo-triton", "*"): "skipped: needs CUDA (or TRITON_INTERPRET=1 on CPU)",
+        ("fastgrpo-fused", "*"): "skipped: needs CUDA (or TRITON_INTERPRET=1 on CPU)",
         ("liger-fused-linear", "*"): status[("liger-fused-linear", "*")],
         ("trl-chunked", "*"): status[("trl-chunked", "*")],
     }
