@@ -229,7 +229,7 @@ def bench_config(model, N, head, x, device, args, deadline=None) -> list[dict]:
             r["tflops"] = floor_passes(mode, trainable) * 2 * active * H * V / (r["ms"] * 1e-3) / 1e12
             if mode in floor:
                 r["x_floor"] = r["ms"] / floor[mode]
-            if r["impl"] in GRADS_IN_FORWARD and r["mode"] == "fwd" and "3gemm" in floor:
+            if r["impl"] in GRADS_IN_FORWARD and r["mode"] != "bwd" and "3gemm" in floor:
                 r["x_floor_3gemm"] = r["ms"] / floor["3gemm"]
         if r.get("peak_extra_mib") is not None and r.get("mem_floor_mib"):
             r["x_mem_floor"] = r["peak_extra_mib"] / r["mem_floor_mib"]

@@ -1,6 +1,6 @@
 """Triton kernels of fastgrpo, installed as ``fastgrpo.kernels``.
 
-Importing this package imports triton; ``TRITON_INTERPRET=1`` must be set before that to
+Importing a kernel module imports triton; ``TRITON_INTERPRET=1`` must be set before that to
 run the kernels on CPU tensors through the Triton interpreter.
 """
 
@@ -31,7 +31,17 @@ def _hand_name_to_installed_package() -> None:
 if __name__ == "kernels":
     _hand_name_to_installed_package()
 else:
-    from ._debug import poison_outputs
-    from .linear_logprobs import linear_logprobs_triton
-
     __all__ = ["linear_logprobs_triton", "poison_outputs"]
+
+    def __getattr__(name):
+        # Lazy: ``fastgrpo.kernels._gemm`` (torch only) must not pull in triton, which the
+        # pure-PyTorch paths do without (triton is a Linux-only dependency).
+        if name == "linear_logprobs_triton":
+            from .linear_logprobs import linear_logprobs_triton
+
+            return linear_logprobs_triton
+        if name == "poison_outputs":
+            from ._debug import poison_outputs
+
+            return poison_outputs
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

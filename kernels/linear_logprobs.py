@@ -20,7 +20,6 @@ d loss / d logits is negligible everywhere skips its dHidden / dWeight GEMMs and
 it costs only the logit recompute (criterion in ``_bwd_kernel``).
 """
 
-import os
 from typing import Optional
 
 import torch
@@ -28,77 +27,20 @@ import triton
 import triton.language as tl
 
 from ._debug import alloc_output
+from ._tiles import (
+    _fwd_constants,
+    _launch_constants,
+    _load_rows,
+    _logits_tile,
+    _online_lse_update,
+    _target,
+    target_gpu,
+)
+from .linear_dlogits import dlogits_backward
+
+__all__ = ["linear_logprobs_bwd", "linear_logprobs_fwd", "linear_logprobs_triton", "target_gpu"]
 
 # ----------------------------------------------------------------------------- jit kernels
-
-
-@triton.jit
-def _load_rows(ptr, offs_r, r_mask, offs_h, h_mask, stride_r, stride_h, UPCAST: tl.constexpr):
-    """A (rows, BLOCK_H) tile of a row-major (R, H) matrix, 0 outside the masks.
-
-    UPCAST: the CPU interpreter mis-computes bf16 dots; bf16 products are exact in fp32.
-    """
-    tile = tl.load(
-        ptr + offs_r[:, None] * stride_r + offs_h[None, :] * stride_h,
-        mask=r_mask[:, None] & h_mask[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        tile = tile.to(tl.float32)
-    return tile
-
-
-@triton.jit
-def _logits_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    offs_n,
-    offs_v,
-    n_mask,
-    v_mask,  # (BLOCK_N,) int64, (BLOCK_V,) int64, masks
-    H,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    inv_temp,
-    HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """Temperature-scaled logits (BLOCK_N, BLOCK_V) in fp32; -inf past the vocabulary end."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        x = _load_rows(h_ptr, offs_n, n_mask, offs_h, h_mask, stride_hn, stride_hh, UPCAST)
-        w = _load_rows(w_ptr, offs_v, v_mask, offs_h, h_mask, stride_wv, stride_wh, UPCAST)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
-
-
-@triton.jit
-def _online_lse_update(m_i, s0, s1, u):
-    """Fold a logit tile into (running max m, s0 = sum e^t, s1 = sum e^t * t), t = u - m.
-
-    Keeping s1 relative to the running max makes entropy = log s0 - s1 / s0 free of the
-    cancellation that lse - E_p[u] suffers when logits are large.
-    """
-    m_new = tl.maximum(m_i, tl.max(u, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    t = u - m_new[:, None]
-    e = tl.exp(t)
-    # Zero terms meet -inf (first tile, a -inf bias, past the vocabulary end): 0 * -inf is not 0.
-    shift = tl.where(s0 > 0, m_i - m_new, 0.0) * s0
-    s1 = alpha * (s1 + shift) + tl.sum(e * tl.where(e > 0, t, 0.0), axis=1)
-    s0 = alpha * s0 + tl.sum(e, axis=1)
-    return m_new, s0, s1
 
 
 @triton.jit
@@ -306,8 +248,10 @@ def _bwd_kernel(
             thr = tl.where(thr < float("inf"), thr, -1.0)
             keep = tl.max(tl.where(tl.abs(dz) <= thr[:, None], 0, 1)) > 0
         if keep:
+            # Relaxed atomics: the accumulators are read only after the kernel ends, so no
+            # ordering is needed; the default (acq_rel) wraps every atomic in a GPU-wide fence.
             if HAS_DB:
-                tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
+                tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask, sem="relaxed")
             dz_c = dz.to(h_ptr.dtype.element_ty)
             if UPCAST:
                 dz_c = dz_c.to(tl.float32)
@@ -320,6 +264,7 @@ def _bwd_kernel(
                     dh_ptr + offs_n[:, None] * H + offs_h[None, :],
                     dh,
                     mask=n_mask[:, None] & h_mask[None, :],
+                    sem="relaxed",
                 )
                 if HAS_DW:
                     x = _load_rows(h_ptr, offs_n, n_mask, offs_h, h_mask, stride_hn, stride_hh, UPCAST)
@@ -328,47 +273,16 @@ def _bwd_kernel(
                         dw_ptr + offs_v[:, None] * H + offs_h[None, :],
                         dw,
                         mask=v_mask[:, None] & h_mask[None, :],
+                        sem="relaxed",
                     )
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _launch_constants(dtype: torch.dtype) -> dict:
-    """Tile sizes and dot precision for a dtype. GPU values are untuned starting points."""
-    interp = _interpreting()
-    # fp32 follows torch's own matmul policy (IEEE unless the user allowed TF32); the setting
-    # is ignored for 16-bit operands.
-    prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if interp:
-        # Each interpreted program costs tens of ms: tiles as large as test shapes allow while
-        # still leaving partial tiles in every dimension (e.g. N=37, V=1003, H=72).
-        return dict(
-            DOT_PRECISION=prec,
-            UPCAST=dtype == torch.bfloat16,
-            BLOCK_N=32,
-            BLOCK_V=128,
-            BLOCK_H=32,
-            fwd_warps=1,
-            bwd_warps=1,
-            stages=1,
-        )
-    if dtype == torch.float32:
-        return dict(
-            DOT_PRECISION=prec, UPCAST=False, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, fwd_warps=4, bwd_warps=4, stages=2
-        )
-    return dict(
-        DOT_PRECISION=prec, UPCAST=False, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, fwd_warps=8, bwd_warps=8, stages=3
-    )
-
-
-def _num_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
+def _num_splits(n_blocks: int, v_blocks: int, sm_count: Optional[int]) -> int:
     # Aim for two programs per SM; on CPU (the interpreter) a few splits exercise the merge.
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    target = 2 * sm_count if sm_count else 8
     splits = max(1, min(v_blocks, triton.cdiv(target, max(n_blocks, 1))))
     # Re-derive so no split is empty.
     return triton.cdiv(v_blocks, triton.cdiv(v_blocks, splits))
@@ -399,10 +313,12 @@ def linear_logprobs_fwd(
     """Per-token (logp, lse, entropy), each (N,) fp32; zeros where ``active`` is False."""
     N, H = hidden.shape
     V = weight.shape[0]
-    c = _launch_constants(hidden.dtype)
-    n_blocks, v_blocks = triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(V, c["BLOCK_V"])
-    splits = _num_splits(n_blocks, v_blocks, hidden.device)
-    v_per_split = triton.cdiv(v_blocks, splits) * c["BLOCK_V"]
+    capability, sm_count = _target(hidden.device)
+    c = _launch_constants(hidden.dtype, capability)
+    block_n, block_v, block_h, num_warps, num_stages = _fwd_constants(c)
+    n_blocks, v_blocks = triton.cdiv(N, block_n), triton.cdiv(V, block_v)
+    splits = _num_splits(n_blocks, v_blocks, sm_count)
+    v_per_split = triton.cdiv(v_blocks, splits) * block_v
     part = alloc_output((4, splits, N), hidden.device)
     if N > 0:
         _fwd_kernel[(n_blocks, splits)](
@@ -425,11 +341,11 @@ def linear_logprobs_fwd(
             HAS_ACTIVE=active is not None,
             DOT_PRECISION=c["DOT_PRECISION"],
             UPCAST=c["UPCAST"],
-            BLOCK_N=c["BLOCK_N"],
-            BLOCK_V=c["BLOCK_V"],
-            BLOCK_H=c["BLOCK_H"],
-            num_warps=c["fwd_warps"],
-            num_stages=c["stages"],
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
+            BLOCK_H=block_h,
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
     m, s0, s1, u_y = part.unbind(0)
     m_max = m.max(dim=0).values
@@ -467,12 +383,17 @@ def linear_logprobs_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dHidden (N, H), dWeight (V, H) or (0,), dBias (V,) or (0,)) in the input dtype.
 
-    ``grad_filter_eps`` > 0 skips the GEMMs of tiles whose d loss / d logits is negligible
-    (see ``_bwd_kernel``); 0 computes every tile.
+    ``grad_filter_eps`` = 0 (exact): d loss / d logits tiles into a bounded workspace, then cuBLAS
+    (``linear_dlogits``), no atomics. > 0: ``_bwd_kernel``, which skips the GEMMs and atomics of
+    tiles whose d loss / d logits is negligible (its relaxed fp32 atomics only pay for live tiles).
     """
+    if grad_filter_eps == 0:
+        return dlogits_backward(
+            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, need_dweight, need_dbias
+        )
     N, H = hidden.shape
     V = weight.shape[0]
-    c = _launch_constants(hidden.dtype)
+    c = _launch_constants(hidden.dtype, _target(hidden.device)[0])
     low_precision = hidden.dtype != torch.float32
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dweight else weight.new_empty(0)

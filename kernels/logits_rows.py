@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._debug import alloc_output
-from .linear_logprobs import _online_lse_update
+from ._tiles import _online_lse_update
 
 # ----------------------------------------------------------------------------- jit kernels
 

@@ -1,4 +1,4 @@
-"""Native Triton on CUDA at real sizes, against the chunked torch path (skipped without CUDA)."""
+"""The fused and chunked paths on CUDA at real sizes, against the torch twin (skipped without CUDA)."""
 
 import pytest
 import torch
@@ -31,10 +31,11 @@ def _loss_and_grads(impl, hidden, weight, targets, mask, adv, old):
     return out, h.grad, w.grad
 
 
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_qwen_vocab_16k_tokens_matches_torch_path(dtype):
+def test_qwen_vocab_16k_tokens_matches_torch_path(dtype, impl):
     batch = _batch(16, 1024, 1536 if dtype == torch.bfloat16 else 512, 151_936, dtype)
-    fused, dh, dw = _loss_and_grads("triton", *batch)
+    fused, dh, dw = _loss_and_grads(impl, *batch)
     ref, rdh, rdw = _loss_and_grads("torch", *batch)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert abs(float(fused.loss) - float(ref.loss)) < tol * max(1.0, abs(float(ref.loss)))
@@ -52,36 +53,51 @@ def test_int64_offsets_large_n_and_v():
     mask = torch.zeros(1, N, dtype=torch.bool, device="cuda")
     mask[0, -5:] = True
     adv = torch.ones(1, device="cuda")
-    outs = [_loss_and_grads(impl, hidden, weight, targets, mask, adv, None) for impl in ("triton", "torch")]
-    (f, fdh, fdw), (r, rdh, rdw) = outs
-    assert torch.isfinite(f.loss) and abs(float(f.loss) - float(r.loss)) < 2e-2 * max(1.0, abs(float(r.loss)))
-    assert rel_err(fdh[0, -5:], rdh[0, -5:]) < 2e-2 and torch.all(fdh[0, :-64] == 0)
-    assert rel_err(fdw[-1000:], rdw[-1000:]) < 2e-2
+    r, rdh, rdw = _loss_and_grads("torch", hidden, weight, targets, mask, adv, None)
+    for impl in ("fused", "chunked"):
+        f, fdh, fdw = _loss_and_grads(impl, hidden, weight, targets, mask, adv, None)
+        assert torch.isfinite(f.loss) and abs(float(f.loss) - float(r.loss)) < 2e-2 * max(1.0, abs(float(r.loss)))
+        assert rel_err(fdh[0, -5:], rdh[0, -5:]) < 2e-2 and torch.all(fdh[0, :-64] == 0)
+        assert rel_err(fdw[-1000:], rdw[-1000:]) < 2e-2
+        del f, fdh, fdw
 
 
 def test_frozen_head_skips_dweight():
     hidden, weight, targets, mask, adv, old = _batch(4, 512, 1024, 32_000, torch.bfloat16)
     h = hidden.requires_grad_()
-    out = fastgrpo.fused_grpo_loss(h, weight, targets, mask, adv, impl="triton")
-    out.loss.backward()
-    assert weight.grad is None and h.grad is not None and torch.isfinite(h.grad).all()
+    for impl in ("fused", "chunked"):
+        out = fastgrpo.fused_grpo_loss(h, weight, targets, mask, adv, impl=impl)
+        out.loss.backward()
+        assert weight.grad is None and h.grad is not None and torch.isfinite(h.grad).all()
 
 
-def test_backward_peak_memory_is_bounded_by_the_gradients():
-    """Qwen2.5-7B head, 16K tokens, bf16: peak extra memory of fwd+bwd is the bf16 gradients plus
-    the fp32 dHidden accumulator and one dWeight chunk (vocabulary-outer backward), no full fp32 dWeight."""
-    from fastgrpo.kernels import linear_logprobs as kernel
-
-    B, T, H, V = 8, 2048, 3584, 152_064
+def _peak_extra(impl, B=8, T=2048, H=3584, V=152_064):
+    """Peak memory of one fwd+bwd above the inputs, and the bf16 gradients' size (7B head, 16K tokens)."""
     hidden, weight, targets, mask, adv, old = _batch(B, T, H, V, torch.bfloat16, pad=0.0)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = fastgrpo.fused_grpo_loss(h, w, targets, mask, adv, old_logprobs=old, ref_logprobs=old, beta=0.04)
+    out = fastgrpo.fused_grpo_loss(h, w, targets, mask, adv, old_logprobs=old, ref_logprobs=old, beta=0.04, impl=impl)
     dh, dw = torch.autograd.grad(out.loss, (h, w))
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    grads = dh.numel() * 2 + dw.numel() * 2
-    bound = grads + dh.numel() * 4 + kernel.SCRATCH_BYTES + (64 << 20)  # + O(N) statistics and slack
-    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB (gradients {grads / 2**20:.0f} MiB)"
+    return torch.cuda.max_memory_allocated() - base, dh.numel() * 2, dw.numel() * 2
+
+
+def test_fused_peak_memory_is_the_gradients_plus_one_chunk():
+    """Fused path, N <= V: vocabulary-outer backward, so beyond the bf16 gradients only the fp32
+    dHidden accumulator and one d loss / d logits chunk; no fp32 dWeight."""
+    from fastgrpo.kernels import linear_dlogits
+
+    peak, dh, dw = _peak_extra("fused")
+    bound = dh + dw + 2 * dh + linear_dlogits.WORKSPACE_BYTES + (64 << 20)  # + O(N) statistics and slack
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB (grads {(dh + dw) / 2**20:.0f})"
+
+
+def test_chunked_peak_memory_is_its_workspace_plus_what_it_holds():
+    """Chunked path: the workspace, dHidden, and dWeight in fp32 (accumulator) plus bf16 (held)."""
+    from fastgrpo.ops import chunked
+
+    peak, dh, dw = _peak_extra("chunked")
+    bound = chunked.WORKSPACE_BYTES + dh + 3 * dw + (64 << 20)
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB (grads {(dh + dw) / 2**20:.0f})"

@@ -118,21 +118,26 @@ def _flat_inputs(dtype, seed, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_eps_zero_and_nothing_skipped_are_bit_identical(dtype):
+def test_eps_zero_is_the_default_and_nothing_skipped_matches_it(dtype):
     h, w, b, y, active, g_lp, g_ent = _flat_inputs(dtype, seed=0, bias=True)
     y = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     base_h, base_w, base_b = leaf(h), leaf(w), leaf(b)
     logp, ent = _triton()(base_h, base_w, base_b, y, active, temperature=0.7)  # today's call, no eps
     (logp * g_lp + ent * g_ent).sum().backward()
     base = (logp.detach(), ent.detach(), base_h.grad, base_w.grad, base_b.grad)
-    # eps = 0 (filter compiled out) and a tiny eps (filter compiled in, but with this flat softmax
-    # no tile is below 2^-30, so every tile runs) must both reproduce it bit for bit.
+    # eps = 0 is the default call bit for bit (the exact, atomic-free backward). A tiny eps takes
+    # the filtering kernel, but with this flat softmax no tile is below 2^-30, so every tile runs:
+    # the same gradients up to the order of the fp32 sums (and, at bf16 on CPU, the rounding of
+    # each chunk's product before it is summed).
     dz, scale, _ = _dz64(h, w, b, y, active, g_lp, g_ent, 0.7)
     assert bool(_live_tiles(dz, scale, 2.0**-30, dtype)[0].all())
-    for eps in (0.0, 2.0**-30):
-        got = _run(h, w, b, y, active, g_lp, g_ent, 0.7, eps)
-        for name, x, r in zip(("logp", "entropy", "dhidden", "dweight", "dbias"), got, base, strict=True):
-            assert torch.equal(x, r), f"{name} differs at eps={eps}"
+    got = _run(h, w, b, y, active, g_lp, g_ent, 0.7, 0.0)
+    for name, x, r in zip(("logp", "entropy", "dhidden", "dweight", "dbias"), got, base, strict=True):
+        assert torch.equal(x, r), f"{name} differs at eps=0"
+    got = _run(h, w, b, y, active, g_lp, g_ent, 0.7, 2.0**-30)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, x, r in zip(("logp", "entropy", "dhidden", "dweight", "dbias"), got, base, strict=True):
+        assert torch.equal(x, r) if name in ("logp", "entropy") else rel_err(x, r) < tol, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

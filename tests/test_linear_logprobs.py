@@ -119,32 +119,21 @@ def test_public_chunked_logprobs_shapes_tied_embedding(impl):
     assert isinstance(only, torch.Tensor) and torch.allclose(only, logp)
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
+SHAPES = pytest.mark.parametrize(
     "N, V, frozen",
     [(37, 1003, False), (300, 203, False), (300, 1003, True)],
     ids=["vocab-outer", "tokens-outer", "frozen-head"],
 )
-def test_backward_accumulates_in_bounded_chunks(monkeypatch, dtype, N, V, frozen):
-    """The backward's fp32 accumulators: the smaller gradient whole, the other in SCRATCH_BYTES
-    chunks (several here, none tile-aligned), fp32 inputs none; the gradients stay exact."""
-    import importlib
 
-    kernel = importlib.import_module("fastgrpo.kernels.linear_logprobs")
+
+def _bounded_backward_run(kernel, dtype, N, V, frozen, eps):
+    """Gradients of a masked batch through ``linear_logprobs_triton`` against float64 and the
+    same-dtype reference's own error."""
     H = 72
-    c = kernel._launch_constants(dtype)
-    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 4 * H * (c["BLOCK_N"] + c["BLOCK_V"] + 5))
-    step = {
-        d: max(c[b], (c["BLOCK_N"] + c["BLOCK_V"] + 5) // c[b] * c[b]) for d, b in (("N", "BLOCK_N"), ("V", "BLOCK_V"))
-    }
-    shapes, real = [], kernel._scratch
-    monkeypatch.setattr(kernel, "_scratch", lambda r, k, d: shapes.append((r, k)) or real(r, k, d))
-
     h, w, b, y, g_lp, g_ent = _inputs(N, H, V, dtype, seed=4, bias=True)
     active = torch.arange(N, device=DEVICE) % 7 != 3
     hh, ww, bb = leaf(h), (w if frozen else leaf(w)), leaf(b)
-    logp, ent = kernel.linear_logprobs_triton(hh, ww, bb, y, active)
+    logp, ent = kernel.linear_logprobs_triton(hh, ww, bb, y, active, grad_filter_eps=eps)
     (logp * g_lp + ent * g_ent).sum().backward()
     got = (hh.grad, None if frozen else ww.grad, bb.grad)
     exact = _reference(h, w, b, y, g_lp, g_ent, active, 1.0, torch.float64)[2:]
@@ -153,7 +142,53 @@ def test_backward_accumulates_in_bounded_chunks(monkeypatch, dtype, N, V, frozen
         if x is not None:
             budget = 2e-5 if dtype == torch.float32 else 1.5 * rel_err(s, r) + 2e-3
             assert rel_err(x, r) <= budget, name
+    return H, int(active.sum())
 
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@SHAPES
+def test_exact_backward_works_in_bounded_chunks(monkeypatch, dtype, N, V, frozen):
+    """The exact backward's d loss / d logits workspace stays within its bound, in several chunks
+    (none tile-aligned) of live tokens only, vocabulary-outer when the head is trainable and
+    N <= V, token-outer otherwise; the gradients stay exact."""
+    import importlib
+
+    kernel = importlib.import_module("fastgrpo.kernels.linear_logprobs")
+    dlogits = importlib.import_module("fastgrpo.kernels.linear_dlogits")
+    elem = torch.finfo(dtype).bits // 8
+    budget = 3 * max(N, V) * elem + 5
+    monkeypatch.setattr(dlogits, "WORKSPACE_BYTES", budget)
+    shapes, real = [], dlogits._alloc_workspace
+    monkeypatch.setattr(dlogits, "_alloc_workspace", lambda r, k, *a: shapes.append((r, k)) or real(r, k, *a))
+    H, live = _bounded_backward_run(kernel, dtype, N, V, frozen, eps=0.0)
+    assert len(shapes) == 1 and shapes[0][0] * shapes[0][1] * elem <= budget
+    rows, cols = shapes[0]
+    if not frozen and live <= V:  # vocabulary outer: all live tokens x a vocabulary slice
+        assert rows == live and 1 < cols < V
+    else:  # tokens outer: a chunk of live tokens x the whole vocabulary
+        assert cols == V and 1 < rows < live
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@SHAPES
+def test_filtered_backward_accumulates_in_bounded_chunks(monkeypatch, dtype, N, V, frozen):
+    """The filtered (atomic) backward's fp32 accumulators: the smaller gradient whole, the other in
+    SCRATCH_BYTES chunks (several here, none tile-aligned), fp32 inputs none; a cut far below any
+    gradient filters nothing, so the gradients stay exact."""
+    import importlib
+
+    kernel = importlib.import_module("fastgrpo.kernels.linear_logprobs")
+    c = kernel._launch_constants(dtype)
+    H = 72
+    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 4 * H * (c["BLOCK_N"] + c["BLOCK_V"] + 5))
+    step = {
+        d: max(c[b], (c["BLOCK_N"] + c["BLOCK_V"] + 5) // c[b] * c[b]) for d, b in (("N", "BLOCK_N"), ("V", "BLOCK_V"))
+    }
+    shapes, real = [], kernel._scratch
+    monkeypatch.setattr(kernel, "_scratch", lambda r, k, d: shapes.append((r, k)) or real(r, k, d))
+    _bounded_backward_run(kernel, dtype, N, V, frozen, eps=2.0**-60)
     if dtype == torch.float32:
         assert shapes == []  # fp32 sums straight into the gradients
     elif frozen or N > V:  # dHidden in token chunks (+ the whole dWeight when trainable)

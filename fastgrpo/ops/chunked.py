@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from ..kernels._gemm import accumulate_mm
 from .loss import GRPOLossParams, grpo_loss_from_logprobs, token_terms, token_weights
 
 # Default bound on the logits workspace of one chunk.
@@ -92,17 +93,6 @@ def _rows(impl: str):
 # ----------------------------------------------------------------------------- the chunk loop
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with fp32 accumulation across calls."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        # cuBLAS adds 16-bit products straight into the fp32 accumulator: no (V, H) temporary.
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.add_(a @ b)
-
-
 def _token_grad(logp, old, ref, adv, weight, params: GRPOLossParams) -> torch.Tensor:
     """d loss / d logp for one chunk: autograd on the per-token loss the epilogue uses."""
     with torch.enable_grad():
@@ -147,7 +137,7 @@ def _chunk_loop(hidden, weight, bias, targets, active, adv, old, ref, w, params,
         if need_dh:
             dh[idx] = dz @ weight
         if need_dw:
-            _accumulate_mm(dw, dz.T, h)
+            accumulate_mm(dw, dz.T, h)
         if need_db:
             db += dz.sum(0, dtype=torch.float32)
     del ws

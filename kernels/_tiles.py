@@ -1,0 +1,208 @@
+"""What the lm_head kernels share: the logits tile, the online log-sum-exp, and launch configs.
+
+``_logits_tile`` (a K-loop of ``tl.dot`` over H) and ``_online_lse_update`` are written once and
+used by the fused forward and backward (``linear_logprobs``, ``linear_dlogits``) and the chunked
+path's row kernels (``logits_rows``). The configs are chosen per target GPU family; the compile
+gate (``benchmarks/compile_gate.py``) holds every one of them to no spills and tensor cores.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _load_rows(ptr, offs_r, r_mask, offs_h, h_mask, stride_r, stride_h, UPCAST: tl.constexpr):
+    """A (rows, BLOCK_H) tile of a row-major (R, H) matrix, 0 outside the masks.
+
+    UPCAST: the CPU interpreter mis-computes bf16 dots; bf16 products are exact in fp32.
+    """
+    tile = tl.load(
+        ptr + offs_r[:, None] * stride_r + offs_h[None, :] * stride_h,
+        mask=r_mask[:, None] & h_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    offs_n,
+    offs_v,
+    n_mask,
+    v_mask,  # (BLOCK_N,) int64, (BLOCK_V,) int64, masks
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Temperature-scaled logits (BLOCK_N, BLOCK_V) in fp32; -inf past the vocabulary end."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = _load_rows(h_ptr, offs_n, n_mask, offs_h, h_mask, stride_hn, stride_hh, UPCAST)
+        w = _load_rows(w_ptr, offs_v, v_mask, offs_h, h_mask, stride_wv, stride_wh, UPCAST)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _online_lse_update(m_i, s0, s1, u):
+    """Fold a logit tile into (running max m, s0 = sum e^t, s1 = sum e^t * t), t = u - m.
+
+    Keeping s1 relative to the running max makes entropy = log s0 - s1 / s0 free of the
+    cancellation that lse - E_p[u] suffers when logits are large.
+    """
+    m_new = tl.maximum(m_i, tl.max(u, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    t = u - m_new[:, None]
+    e = tl.exp(t)
+    # Zero terms meet -inf (first tile, a -inf bias, past the vocabulary end): 0 * -inf is not 0.
+    shift = tl.where(s0 > 0, m_i - m_new, 0.0) * s0
+    s1 = alpha * (s1 + shift) + tl.sum(e * tl.where(e > 0, t, 0.0), axis=1)
+    s0 = alpha * s0 + tl.sum(e, axis=1)
+    return m_new, s0, s1
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Ahead-of-time target: benchmarks/compile_gate.py compiles the launches the ops make on CPU
+# tensors for GPUs this machine does not have. While ``target_gpu`` is active, the launchers
+# pick tiles (and vocabulary splits) for that GPU instead of asking the tensor's device.
+_TARGET_OVERRIDE: tuple[tuple[int, int], int] | None = None
+
+
+@contextlib.contextmanager
+def target_gpu(capability: tuple[int, int], sm_count: int):
+    """Launch as if on a CUDA device of ``capability`` (e.g. (9, 0)) with ``sm_count`` SMs.
+
+    For ahead-of-time compilation only (the compile gate captures launches instead of running
+    them). The interpreter (TRITON_INTERPRET=1) ignores it: its constants never change.
+    """
+    global _TARGET_OVERRIDE
+    previous, _TARGET_OVERRIDE = _TARGET_OVERRIDE, ((int(capability[0]), int(capability[1])), int(sm_count))
+    try:
+        yield
+    finally:
+        _TARGET_OVERRIDE = previous
+
+
+def _target(device: torch.device) -> tuple[tuple[int, int] | None, int | None]:
+    """(compute capability, SM count) the launch is for; (None, None) off CUDA."""
+    if _TARGET_OVERRIDE is not None:
+        return _TARGET_OVERRIDE
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (props.major, props.minor), props.multi_processor_count
+    return None, None
+
+
+# GPU launch configs, (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for the forward and the
+# backward, per target family and operand kind. Chosen with the compile gate
+# (benchmarks/compile_gate.py, results in benchmarks/results/compile/): every launch the ops make
+# compiles without register spills, within the chip's shared memory, on tensor cores for 16-bit
+# and TF32 operands, for the heads listed there, with triton 3.9 and 3.6. Not yet timed on a GPU. Families: "sm80" (also
+# the default for unknown or older devices and for sm_86/89: every sm80 config fits their 99 KiB
+# of shared memory), "sm90" (Hopper, wgmma), "sm100" (Blackwell and newer, tcgen05; the configs
+# use <= 87 KiB of shared memory, so they also fit sm_120).
+_GPU_CONFIGS = {
+    # 16-bit operands
+    ("sm80", "16bit"): dict(fwd=(128, 64, 64, 8, 3), bwd=(128, 128, 32, 8, 3)),
+    # sm90 backward: 3 stages spilled 4 B at GPT-2's odd vocabulary (trainable, bias, filter).
+    ("sm90", "16bit"): dict(fwd=(128, 128, 64, 8, 4), bwd=(128, 128, 64, 8, 2)),
+    ("sm100", "16bit"): dict(fwd=(128, 64, 64, 8, 3), bwd=(128, 64, 32, 8, 3)),
+    # fp32 operands with TF32 allowed (torch.backends.cuda.matmul.allow_tf32)
+    ("sm80", "tf32"): dict(fwd=(64, 64, 32, 8, 2), bwd=(64, 64, 32, 8, 2)),
+    ("sm90", "tf32"): dict(fwd=(64, 64, 32, 4, 2), bwd=(64, 64, 32, 4, 2)),
+    ("sm100", "tf32"): dict(fwd=(64, 64, 32, 8, 2), bwd=(64, 64, 32, 8, 2)),
+    # IEEE fp32: CUDA-core FMA dots. The backward at 64x64x32 (4 warps) spilled ~12 KB/thread.
+    ("sm80", "ieee"): dict(fwd=(64, 64, 32, 4, 2), bwd=(64, 64, 16, 8, 2)),
+    ("sm90", "ieee"): dict(fwd=(64, 64, 32, 4, 2), bwd=(64, 64, 16, 8, 2)),
+    ("sm100", "ieee"): dict(fwd=(32, 64, 32, 4, 2), bwd=(32, 32, 32, 4, 2)),
+}
+
+
+def _family(capability: tuple[int, int] | None) -> str:
+    major = capability[0] if capability is not None else 0
+    return "sm100" if major >= 10 else "sm90" if major == 9 else "sm80"
+
+
+def _launch_constants(dtype: torch.dtype, capability: tuple[int, int] | None = None) -> dict:
+    """Tile sizes and dot precision for a dtype on a GPU of ``capability`` (None: the sm80 family).
+
+    BLOCK_N / BLOCK_V / BLOCK_H, ``bwd_warps`` and ``stages`` are the backward's; on a GPU the
+    forward's are ``FWD_BLOCK_N`` / ``FWD_BLOCK_V`` / ``FWD_BLOCK_H``, ``fwd_warps``, ``fwd_stages``
+    (the interpreter uses one set for both; see ``_fwd_constants``).
+    """
+    interp = _interpreting()
+    # fp32 follows torch's own matmul policy (IEEE unless the user allowed TF32); the setting
+    # is ignored for 16-bit operands.
+    prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if interp:
+        # Each interpreted program costs tens of ms: tiles as large as test shapes allow while
+        # still leaving partial tiles in every dimension (e.g. N=37, V=1003, H=72).
+        return dict(
+            DOT_PRECISION=prec,
+            UPCAST=dtype == torch.bfloat16,
+            BLOCK_N=32,
+            BLOCK_V=128,
+            BLOCK_H=32,
+            fwd_warps=1,
+            bwd_warps=1,
+            stages=1,
+        )
+    kind = "16bit" if dtype != torch.float32 else prec
+    cfg = _GPU_CONFIGS[(_family(capability), kind)]
+    fn, fv, fh, fw, fs = cfg["fwd"]
+    bn, bv, bh, bw, bs = cfg["bwd"]
+    return dict(
+        DOT_PRECISION=prec,
+        UPCAST=False,
+        BLOCK_N=bn,
+        BLOCK_V=bv,
+        BLOCK_H=bh,
+        bwd_warps=bw,
+        stages=bs,
+        FWD_BLOCK_N=fn,
+        FWD_BLOCK_V=fv,
+        FWD_BLOCK_H=fh,
+        fwd_warps=fw,
+        fwd_stages=fs,
+    )
+
+
+def _fwd_constants(c: dict) -> tuple[int, int, int, int, int]:
+    """The forward's (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) from ``_launch_constants``."""
+    return (
+        c.get("FWD_BLOCK_N", c["BLOCK_N"]),
+        c.get("FWD_BLOCK_V", c["BLOCK_V"]),
+        c.get("FWD_BLOCK_H", c["BLOCK_H"]),
+        c["fwd_warps"],
+        c.get("fwd_stages", c["stages"]),
+    )
