@@ -180,3 +180,18 @@ def test_frozen_head_and_no_grad_skip_the_gradient_gemms(monkeypatch):
     with torch.no_grad():
         out = fastgrpo.fused_grpo_loss(leaf(inp["hidden"]), leaf(inp["weight"]), *args[2:], **lp, impl="chunked")
     assert not stats_only and abs(float(out.loss) - float(want.loss)) < 1e-6
+
+
+def test_extra_bytes_per_path():
+    """The memory each path holds beyond its inputs and gradients, as the memory plan reports it."""
+    from fastgrpo.kernels.linear_dlogits import WORKSPACE_BYTES as DLOGITS
+
+    N, H, V, bf16 = 16384, 3584, 152064, torch.bfloat16
+    assert api.extra_bytes("chunked", N, H, V, bf16) == (1 << 30) + N * H * 2 + V * H * 6
+    assert api.extra_bytes("chunked", N, H, V, bf16, trainable_head=False) == (1 << 30) + N * H * 2
+    assert api.extra_bytes("fused", N, H, V, bf16) == DLOGITS + 4 * N * H  # N <= V: fp32 dHidden
+    assert api.extra_bytes("fused", 4 * V, H, V, bf16) == DLOGITS + 4 * V * H  # N > V: fp32 dWeight
+    assert api.extra_bytes("fused", N, H, V, torch.float32) == DLOGITS  # fp32 sums in place
+    assert api.extra_bytes("fused", 8, H, V, bf16, trainable_head=False) == 8 * V * 2  # a small chunk
+    with pytest.raises(ValueError, match="path must be one of"):
+        api.extra_bytes("auto", N, H, V, bf16)

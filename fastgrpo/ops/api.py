@@ -36,7 +36,7 @@ import torch
 from . import checks as C
 from .chunked import WORKSPACE_BYTES, chunked_grpo_loss, row_cost
 from .loss import GRPOLossParams, grpo_loss_from_logprobs
-from .twin import linear_logprobs_torch
+from .twin import CHUNK_BYTES, linear_logprobs_torch
 
 IMPLS = ("auto", "chunked", "fused", "triton", "torch")
 ROUTES = ("chunked", "fused", "torch")  # what runs: 3 GEMMs, on chip, the 4-pass torch twin
@@ -74,6 +74,26 @@ def chunked_extra_bytes(N, H, V, dtype, *, trainable_head=True, workspace_bytes=
     elem = torch.finfo(dtype).bits // 8
     work = min(workspace_bytes, max(N, 1) * row_cost(V, dtype, "triton"))
     return work + N * H * elem + (V * H * (4 + elem) if trainable_head else 0)
+
+
+def extra_bytes(path: str, N: int, H: int, V: int, dtype: torch.dtype, *, trainable_head: bool = True) -> int:
+    """Peak memory a path allocates beyond its inputs and the returned gradients, in bytes.
+
+    chunked: its workspace, plus dHidden and dWeight held from forward to backward and dWeight's
+    fp32 accumulator. fused (exact backward): one d loss / d logits chunk plus the fp32 accumulator
+    of the smaller gradient (dHidden when N <= V). torch: a few fp32 chunks plus fp32 dWeight.
+    """
+    from ..kernels.linear_dlogits import WORKSPACE_BYTES as DLOGITS_BYTES
+
+    elem = torch.finfo(dtype).bits // 8
+    if path == "chunked":
+        return chunked_extra_bytes(N, H, V, dtype, trainable_head=trainable_head)
+    if path == "fused":
+        acc = (4 * min(N, V) * H if trainable_head else 0) if dtype != torch.float32 else 0
+        return min(DLOGITS_BYTES, max(N, 1) * V * elem) + acc
+    if path == "torch":
+        return 3 * min(CHUNK_BYTES, max(N, 1) * V * 4) + (4 * V * H if trainable_head else 0)
+    raise ValueError(f"path must be one of {ROUTES}, got {path!r}")
 
 
 def route(

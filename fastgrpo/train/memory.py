@@ -11,6 +11,7 @@ import gc
 
 import torch
 
+from ..ops.api import extra_bytes, route
 from .policy import unwrap
 
 GB = 2**30
@@ -55,7 +56,10 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
         activations = L * per_layer
     head = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
     head_trainable = head is not None and head.requires_grad
-    loss = M * H * 4 + (V * H * 4 if head_trainable else 0)  # fp32 dHidden, fp32 dWeight accumulator
+    dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
+    path = route(cfg.loss_impl, params[0].device, shape=(M, H, V), dtype=dtype, trainable_head=head_trainable)
+    # The path's own buffers (workspace, fp32 accumulators) plus the dHidden it returns.
+    loss = extra_bytes(path, M, H, V, dtype, trainable_head=head_trainable) + M * H * b
     plan = {
         "weights_gb": sum(p.numel() * p.element_size() for p in params) / GB,
         "ref_weights_gb": 0.0
