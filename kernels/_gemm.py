@@ -4,6 +4,8 @@ Launchers call them through this module (``_gemm.mm(...)``), so the compile gate
 launcher's Triton launches at real head sizes without running its GEMMs on the CPU.
 """
 
+import warnings
+
 import torch
 
 
@@ -23,9 +25,22 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     On CUDA, 16-bit products go straight into the fp32 accumulator (cuBLAS with an fp32 C):
     no temporary of acc's size. Elsewhere the product is formed in the inputs' dtype first.
     """
+    global _OUT_DTYPE_OK
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.add_(a @ b)
+        return
+    if acc.is_cuda and _OUT_DTYPE_OK:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError) as e:  # a torch without addmm(out_dtype=) on CUDA
+            _OUT_DTYPE_OK = False
+            warnings.warn(
+                f"torch.addmm(out_dtype=float32) unavailable ({e}); 16-bit products are formed in full "
+                "before the fp32 sum (one temporary of the accumulator's shape)",
+                stacklevel=2,
+            )
+    acc.add_(a @ b)
+
+
+_OUT_DTYPE_OK = True

@@ -101,3 +101,19 @@ def test_chunked_peak_memory_is_its_workspace_plus_what_it_holds():
     peak, dh, dw = _peak_extra("chunked")
     bound = chunked.WORKSPACE_BYTES + dh + 3 * dw + (64 << 20)
     assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB (grads {(dh + dw) / 2**20:.0f})"
+
+
+def test_fp32_accumulating_gemm_takes_the_out_dtype_route():
+    """cuBLAS adds bf16 products straight into the fp32 accumulator (no fallback warning)."""
+    import warnings
+
+    from fastgrpo.kernels import _gemm
+
+    a = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(1000, 200, device="cuda", dtype=torch.bfloat16)
+    acc = torch.ones(300, 200, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _gemm.accumulate_mm(acc, a, b)
+    assert _gemm._OUT_DTYPE_OK
+    assert rel_err(acc, 1 + a.double() @ b.double()) < 1e-5
