@@ -75,11 +75,14 @@ def _online_lse_update(m_i, s0, s1, u):
     cancellation that lse - E_p[u] suffers when logits are large.
     """
     m_new = tl.maximum(m_i, tl.max(u, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    t = u - m_new[:, None]
+    # A row with no finite logit yet (a banned block at the vocabulary start) keeps m = -inf;
+    # subtracting 0 instead keeps exp(-inf - -inf) = NaN out of alpha and t.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)
+    t = u - m_ref[:, None]
     e = tl.exp(t)
     # Zero terms meet -inf (first tile, a -inf bias, past the vocabulary end): 0 * -inf is not 0.
-    shift = tl.where(s0 > 0, m_i - m_new, 0.0) * s0
+    shift = tl.where(s0 > 0, m_i - m_ref, 0.0) * s0
     s1 = alpha * (s1 + shift) + tl.sum(e * tl.where(e > 0, t, 0.0), axis=1)
     s0 = alpha * s0 + tl.sum(e, axis=1)
     return m_new, s0, s1

@@ -208,10 +208,13 @@ def dlogits_backward(
     def sliced(rows):
         return tuple(None if t is None else t[rows] for t in per_token)
 
-    dh = torch.zeros(n, H, device=hidden.device, dtype=torch.float32 if need_dweight and n <= V else hidden.dtype)
-    dw = (weight.new_empty if n else weight.new_zeros)(V, H) if need_dweight else weight.new_empty(0)
+    vocab_outer = n > 0 and need_dweight and n <= V
+    dh = torch.zeros(n, H, device=hidden.device, dtype=torch.float32 if vocab_outer else hidden.dtype)
+    # Tokens outer with an fp32 head sums straight into dWeight: no second V x H buffer.
+    sum_in_dw = not vocab_outer and weight.dtype == torch.float32
+    dw = (weight.new_zeros if not n or sum_in_dw else weight.new_empty)(V, H) if need_dweight else weight.new_empty(0)
     db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_dbias else None
-    if n and need_dweight and n <= V:  # vocabulary outer: dHidden sums in fp32
+    if vocab_outer:  # dHidden sums in fp32
         step = max(1, workspace_bytes // (n * elem))
         ws = _alloc_workspace(n, min(step, V), hidden.dtype, hidden.device)
         for v0 in range(0, V, step):
@@ -229,7 +232,9 @@ def dlogits_backward(
     elif n:  # tokens outer: each dHidden chunk complete, dWeight (if any) sums in fp32
         step = max(1, workspace_bytes // (V * elem))
         ws = _alloc_workspace(min(step, n), V, hidden.dtype, hidden.device)
-        dw_acc = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_dweight else None
+        dw_acc = None
+        if need_dweight:
+            dw_acc = dw if sum_in_dw else torch.zeros(V, H, device=weight.device, dtype=torch.float32)
         for s0 in range(0, n, step):
             rows = slice(s0, min(n, s0 + step))
             h = hidden[rows]
@@ -239,7 +244,7 @@ def dlogits_backward(
                 _gemm.accumulate_mm(dw_acc, z.T, h)
             if need_dbias:
                 db += _gemm.colsum(z)
-        if need_dweight:
+        if need_dweight and not sum_in_dw:
             dw.copy_(dw_acc)
     if not dense:
         dh = torch.zeros(N, H, device=dh.device, dtype=dh.dtype).index_copy_(0, idx, dh)

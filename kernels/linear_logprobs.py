@@ -351,7 +351,8 @@ def linear_logprobs_fwd(
     m_max = m.max(dim=0).values
     scale = torch.exp(m - m_max)
     s0_all = (s0 * scale).sum(0)
-    s1_all = (scale * (s1 + (m - m_max) * s0)).sum(0)
+    # A split with no finite logit has m = -inf and s0 = 0: its shift term is 0, not -inf * 0.
+    s1_all = (scale * (s1 + torch.where(s0 > 0, (m - m_max) * s0, 0.0))).sum(0)
     lse = m_max + torch.log(s0_all)
     logp = u_y.sum(0) - lse
     entropy = torch.log(s0_all) - s1_all / s0_all

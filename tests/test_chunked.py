@@ -148,6 +148,7 @@ def test_auto_weighs_memory_on_cuda(monkeypatch):
     assert api.route("auto", cuda, shape=(N, H, V)) == "fused"
     assert api.route("auto", cuda, shape=(N, H, V), trainable_head=False) == "chunked"
     assert api.route("auto", cuda, loss=False) == "fused"
+    assert api.route("auto", cuda, shape=(N, H, V), importance_sampling_level="sequence") == "fused"
 
 
 def test_gradients_scale_with_the_upstream_gradient_and_survive_retain_graph():
@@ -195,3 +196,34 @@ def test_extra_bytes_per_path():
     assert api.extra_bytes("fused", 8, H, V, bf16, trainable_head=False) == 8 * V * 2  # a small chunk
     with pytest.raises(ValueError, match="path must be one of"):
         api.extra_bytes("auto", N, H, V, bf16)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_row_kernels_banned_leading_block(rows):
+    """Rows whose first tiles are all -inf (a banned block at the vocabulary start) stay finite."""
+    R, V = 9, 700
+    z, b, y, g = _rows_inputs(R, V, torch.float32, seed=3, bias=True)
+    b[:300] = float("-inf")
+    y = 300 + y % (V - 300)
+    stats, grad_ = chunked._rows(rows)
+    logp, lse, ent = stats(z, b, y, 1.0)
+    dz = grad_(z.clone(), b, y, lse, g, 1.0)
+    u = (z.double() + b.double()).requires_grad_()
+    lp_all = u.log_softmax(-1)
+    want_lp = lp_all.gather(1, y[:, None]).squeeze(1)
+    want_ent = -(lp_all.exp() * torch.where(torch.isfinite(lp_all), lp_all, 0.0)).sum(-1)
+    (want_dz,) = torch.autograd.grad((want_lp * g.double()).sum(), u)
+    assert rel_err(logp, want_lp) < 1e-5 and rel_err(ent, want_ent) < 1e-5
+    assert torch.isfinite(dz).all() and rel_err(dz, want_dz) < 1e-6
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_empty_batch(impl):
+    """B = 0 gives a zero loss and zero gradients on every path, not a reshape error."""
+    h = torch.randn(0, 5, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(11, 8, device=DEVICE, requires_grad=True)
+    y = torch.zeros(0, 5, dtype=torch.long, device=DEVICE)
+    out = fastgrpo.fused_grpo_loss(h, w, y, torch.zeros(0, 5, device=DEVICE), torch.zeros(0, device=DEVICE), impl=impl)
+    out.loss.backward()
+    assert out.loss.item() == 0 and out.logprobs.shape == (0, 5)
+    assert h.grad.shape == h.shape and not w.grad.any()

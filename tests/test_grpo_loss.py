@@ -42,6 +42,7 @@ def _run_fused(inp, impl, dtype=None, **hp):
 def _run_reference(inp, compute_dtype=torch.float64, **hp):
     m = inp["mask"]
     num_items = hp.pop("num_items_in_batch", None)
+    is_ratio = hp.pop("importance_sampling_ratio", None)
     params = GRPOLossParams(**hp)
     h = leaf(inp["hidden"], compute_dtype)
     w = leaf(inp["weight"], compute_dtype)
@@ -59,6 +60,7 @@ def _run_reference(inp, compute_dtype=torch.float64, **hp):
         params=params,
         num_items_in_batch=num_items,
         compute_dtype=compute_dtype,
+        importance_sampling_ratio=is_ratio,
     )
     loss.backward()
     return loss, logp, ent, metrics, h.grad, w.grad, None if b is None else b.grad
@@ -107,6 +109,9 @@ def test_loss_matrix_fp32(impl, loss_type, level, beta, delta, temperature):
         dict(loss_type="bnpo", no_old=True, beta=0.1),
         dict(loss_type="sapo", importance_sampling_level="sequence", per_token_adv=True),
         dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.04, no_old=True),
+        dict(loss_type="dapo", is_ratio="token", beta=0.04),
+        dict(loss_type="grpo", is_ratio="row", importance_sampling_level="sequence"),
+        dict(loss_type="cispo", is_ratio="token"),
     ],
     ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
 )
@@ -122,8 +127,16 @@ def test_loss_variants(impl, extra):
     if no_old:
         inp["old_logprobs"] = None
     hp = dict(HP, **extra)
+    if "is_ratio" in hp:  # TRL's truncated pi_old / pi_sampler correction, NaN where masked
+        B, T = inp["mask"].shape
+        g = torch.Generator().manual_seed(9)
+        r = torch.rand(B, T if hp.pop("is_ratio") == "token" else 1, generator=g).to(DEVICE) * 2
+        hp["importance_sampling_ratio"] = torch.where(inp["mask"], r, float("nan")) if r.shape[1] == T else r
     out, *grads = _run_fused(inp, impl, **hp)
-    _check_against_reference(out, grads, _run_reference(inp, **hp), tol=2e-5)
+    ref_hp = dict(hp)
+    if "importance_sampling_ratio" in ref_hp:
+        ref_hp["importance_sampling_ratio"] = _clean(ref_hp["importance_sampling_ratio"], inp["mask"])
+    _check_against_reference(out, grads, _run_reference(inp, **ref_hp), tol=2e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -209,3 +209,39 @@ def test_zero_tokens(impl):
     assert logp.shape == ent.shape == (0,)
     (logp.sum() + ent.sum()).backward()
     assert h.grad.shape == (0, 24) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_banned_leading_vocabulary_block(impl):
+    """A -inf bias over whole leading tiles (and whole vocabulary splits) stays finite.
+
+    The online log-sum-exp starts at m = -inf; a first tile that is all -inf must not make
+    exp(-inf - -inf) = NaN, and a split with no finite logit must drop out of the merge.
+    """
+    N, H, V = 21, 24, 700
+    h, w, b, y, g_lp, g_ent = _inputs(N, H, V, torch.float32, seed=5, bias=True)
+    b[:300] = float("-inf")  # more than any interpreter tile and split (128 columns each)
+    y = 300 + y % (V - 300)
+    hh, bb = leaf(h), leaf(b)
+    logp, ent = _impl_fn(impl)(hh, w, bb, y, None)
+    (logp * g_lp + ent * g_ent).sum().backward()
+    exact = _reference(h, w, b, y, g_lp, g_ent, None, 1.0, torch.float64)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert rel_err(logp, exact[0]) < 2e-5 and rel_err(ent, exact[1]) < 2e-5
+    assert rel_err(hh.grad, exact[2]) < 2e-5
+    assert rel_err(bb.grad[300:], exact[4][300:]) < 2e-5 and torch.all(bb.grad[:300] == 0)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_backward_with_no_live_token_keeps_the_dtype(dtype):
+    """Every upstream coefficient zero: zero gradients, in the inputs' dtype (no fp32 leak)."""
+    from fastgrpo.kernels.linear_dlogits import dlogits_backward
+
+    N, H, V = 7, 24, 50
+    h, w, b, y, _, _ = _inputs(N, H, V, dtype, seed=6, bias=True)
+    zeros = torch.zeros(N, device=DEVICE)
+    dh, dw, db = dlogits_backward(h, w, b, y, zeros, zeros, zeros, None, 1.0, True, True)
+    assert (dh.dtype, dw.dtype, db.dtype) == (dtype, dtype, dtype)
+    assert dh.shape == (N, H) and dw.shape == (V, H) and db.shape == (V,)
+    assert not dh.any() and not dw.any() and not db.any()

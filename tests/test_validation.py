@@ -42,6 +42,10 @@ CASES = [
     (dict(temperature="1"), TypeError, "temperature"),
     (dict(impl="cuda"), ValueError, "impl"),
     (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=torch.tensor([3.0, 4.0])), ValueError, "num_items_in_batch must be a scalar"),
+    (dict(importance_sampling_ratio=torch.ones(2, 4)), ValueError, "importance_sampling_ratio must have shape"),
+    (dict(importance_sampling_ratio=torch.ones(2, 5, dtype=torch.long)), TypeError, "importance_sampling_ratio"),
+    (dict(importance_sampling_ratio=torch.full((2, 1), -1.0)), ValueError, "importance_sampling_ratio must be"),
 ]
 
 

@@ -9,12 +9,14 @@ Every argument is checked (``checks``) before any kernel runs. ``impl`` picks th
   memory. CUDA, or CPU under ``TRITON_INTERPRET=1``.
 - ``"torch"``: the pure-PyTorch twin of the fused kernels, chunked, any device.
 - ``"auto"``: on CUDA, ``chunked`` when the memory it holds (workspace, dHidden and dWeight from
-  forward to backward) fits the budget, else ``fused``; ``torch`` elsewhere. The budget is
-  ``FASTGRPO_MEMORY_FRACTION`` (default 0.5) of the device's free memory at the call.
+  forward to backward) fits the budget, else ``fused``; ``fused`` for requests with no 3-GEMM
+  form (below); ``torch`` elsewhere. The budget is ``FASTGRPO_MEMORY_FRACTION`` (default 0.5) of
+  the device's free memory at the call.
 
 Some requests cannot take the 3-GEMM route: sequence-level importance sampling (GSPO) couples a
 row's tokens, and ``chunked_logprobs`` does not know its upstream gradient in the forward. They
-take the 4-pass route (the torch twin: logits once in the forward, recomputed in the backward).
+take the 4-pass route: under "chunked" the torch twin (logits once in the forward, recomputed in
+the backward), under "auto" on CUDA the fused kernels.
 ``route`` says which one runs; ``FusedGRPOLoss.last_route`` records it.
 
 ``grad_filter_eps`` (all three entry points) is an implementation knob, not loss semantics:
@@ -123,8 +125,10 @@ def route(
     if impl == "auto":
         if device.type != "cuda":
             return "torch"
-        impl = "chunked" if loss else "fused"
-        if loss and shape is not None:
+        if not loss or importance_sampling_level != "token":
+            return "fused"  # no 3-GEMM form; logits on chip beat the twin's materialized chunks
+        impl = "chunked"
+        if shape is not None:
             ws = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
             extra = chunked_extra_bytes(*shape, dtype, trainable_head=trainable_head, workspace_bytes=ws)
             impl = "chunked" if extra <= _memory_budget(device) else "fused"
@@ -261,15 +265,16 @@ def fused_grpo_loss(
     use_bias_correction_kl: bool = False,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    importance_sampling_ratio: torch.Tensor | None = None,
     impl: str = "auto",
     grad_filter_eps: float = 0.0,
     workspace_bytes: int | None = None,
 ) -> GRPOLossOutput:
     """GRPO-family loss straight from final hidden states and the lm_head weight.
 
-    Semantics match TRL's ``GRPOTrainer._compute_loss`` (one process, no gradient accumulation);
-    the only deliberate difference is ``luspo``, which sums masked tokens only. Masked tokens
-    cost no FLOPs, and their ``logprobs``/``entropy`` are returned as 0.
+    Semantics match TRL 1.16's ``GRPOTrainer._compute_loss`` (one process, no gradient
+    accumulation; ``fastgrpo.integrations.trl`` adds TRL's accumulation and multi-process
+    normalizers). Masked tokens cost no FLOPs, and their ``logprobs``/``entropy`` are returned as 0.
 
     Args:
         hidden: (B, T, H) fp32/fp16/bf16 hidden states at the positions that predict ``targets``.
@@ -291,6 +296,10 @@ def fused_grpo_loss(
             batch when it is split into micro-batches (default: masked tokens here).
         use_bias_correction_kl: multiply the KL by the importance ratio.
         sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures.
+        importance_sampling_ratio: (B, T) or (B, 1) float, finite and >= 0 where ``mask``, or
+            None: multiplies each token's policy term (not its KL), as TRL applies its truncated
+            pi_old / pi_sampler correction (``vllm_importance_sampling_correction``). Treated
+            as a constant.
         impl: one of ``IMPLS`` (module docstring); ``route`` tells which path runs.
         grad_filter_eps: skip the backward GEMMs of vocabulary tiles whose d loss / d logits
             is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
@@ -318,7 +327,7 @@ def fused_grpo_loss(
         sapo_temperature_neg=sapo_temperature_neg,
         temperature=temperature,
     )
-    tensors = (hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias)
+    tensors = (hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, importance_sampling_ratio)
     return _fused_grpo_loss(*tensors, params, num_items_in_batch, knobs)[0]
 
 
@@ -331,6 +340,7 @@ def _fused_grpo_loss(
     old_logprobs,
     ref_logprobs,
     bias,
+    importance_sampling_ratio,
     params: GRPOLossParams,
     num_items_in_batch,
     knobs: _Knobs,
@@ -340,6 +350,7 @@ def _fused_grpo_loss(
     )
     B, T = targets.shape
     H, V = hidden.shape[-1], weight.shape[0]
+    hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)  # route by the dtype that runs
     path = route(
         knobs.impl,
         hidden.device,
@@ -352,8 +363,8 @@ def _fused_grpo_loss(
     active = mask != 0
     C.check_loss_values(mask, active, advantages, num_items_in_batch)
     C.check_targets_range(targets, weight.shape[0], where=active)
+    C.check_sampling_ratio(importance_sampling_ratio, targets, active)
 
-    hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     if path == "chunked":
         loss, logp, entropy, metrics = chunked_grpo_loss(
             hidden,
@@ -367,6 +378,7 @@ def _fused_grpo_loss(
             params,
             num_items_in_batch,
             _workspace(knobs.workspace_bytes, hidden.device),
+            importance_sampling_ratio,
         )
         return GRPOLossOutput(loss, logp, entropy, metrics), path
     logp, entropy = _logprobs_impl(
@@ -381,7 +393,15 @@ def _fused_grpo_loss(
     )
     logp, entropy = logp.view(B, T), entropy.view(B, T)
     loss, metrics = grpo_loss_from_logprobs(
-        logp, entropy, active, advantages, old_logprobs, ref_logprobs, params, num_items_in_batch
+        logp,
+        entropy,
+        active,
+        advantages,
+        old_logprobs,
+        ref_logprobs,
+        params,
+        num_items_in_batch,
+        importance_sampling_ratio,
     )
     return GRPOLossOutput(loss, logp.detach(), entropy.detach(), metrics), path
 
@@ -426,8 +446,10 @@ class FusedGRPOLoss(torch.nn.Module):
         ref_logprobs=None,
         bias=None,
         num_items_in_batch=None,
+        importance_sampling_ratio=None,
     ) -> GRPOLossOutput:
         tensors = (hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias)
+        tensors += (importance_sampling_ratio,)
         out, self.last_route = _fused_grpo_loss(*tensors, self.params, num_items_in_batch, self.knobs)
         return out
 

@@ -110,7 +110,9 @@ def check_loss_inputs(hidden, weight, targets, mask, advantages, old_logprobs, r
     if isinstance(num_items, bool) or not isinstance(num_items, (int, float, torch.Tensor)):
         raise TypeError(f"num_items_in_batch must be a number or tensor, got {type(num_items).__name__}")
     if isinstance(num_items, torch.Tensor):
-        return num_items.to(device=hidden.device, dtype=torch.float32)
+        if num_items.numel() != 1:  # a per-row tensor would broadcast into a per-row "loss"
+            raise ValueError(f"num_items_in_batch must be a scalar, got a tensor of shape {tuple(num_items.shape)}")
+        return num_items.reshape(()).to(device=hidden.device, dtype=torch.float32)
     if not num_items > 0:
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
     return num_items
@@ -127,3 +129,20 @@ def check_loss_values(mask, active, advantages, num_items) -> None:
         raise ValueError("advantages must be finite (where mask is set)")
     if isinstance(num_items, torch.Tensor) and not bool((num_items > 0).all()):
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
+
+
+def check_sampling_ratio(ratio, targets, mask) -> None:
+    """``importance_sampling_ratio``: (B, T) or (B, 1) float, finite and >= 0 where ``mask``."""
+    if ratio is None:
+        return
+    B, T = targets.shape
+    check_tensor("importance_sampling_ratio", ratio, dims=(2,))
+    if not ratio.is_floating_point():
+        raise TypeError(f"importance_sampling_ratio must be a floating tensor, got {ratio.dtype}")
+    if tuple(ratio.shape) not in ((B, T), (B, 1)):
+        raise ValueError(f"importance_sampling_ratio must have shape ({B}, {T}) or ({B}, 1), got {tuple(ratio.shape)}")
+    check_same("importance_sampling_ratio", ratio, "targets", targets, dtype=False)
+    if values_checked():
+        live = ratio.expand(B, T)[mask]
+        if not bool((torch.isfinite(live) & (live >= 0)).all()):
+            raise ValueError("importance_sampling_ratio must be finite and >= 0 where mask is set")

@@ -23,9 +23,10 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels._gemm import accumulate_mm
-from .loss import GRPOLossParams, grpo_loss_from_logprobs, token_terms, token_weights
+from .loss import GRPOLossParams, grpo_loss_from_logprobs, sampling_correction, token_terms, token_weights
 
 # Default bound on the logits workspace of one chunk.
 WORKSPACE_BYTES = 1 << 30
@@ -46,7 +47,9 @@ def chunk_rows(vocab: int, dtype: torch.dtype, workspace_bytes: int, rows_impl: 
     cost = row_cost(vocab, dtype, rows_impl)
     if workspace_bytes < cost:
         raise ValueError(
-            f"workspace_bytes={workspace_bytes} is below one token's logits row ({cost} bytes at V={vocab}, {dtype})"
+            f"workspace_bytes={workspace_bytes} is below one token's logits row ({cost} bytes at V={vocab}, "
+            f"{dtype}); unless given, it is min(1 GiB, FASTGRPO_MEMORY_FRACTION of free memory): pass a larger "
+            "workspace_bytes, free memory, or use impl='fused'"
         )
     return workspace_bytes // cost
 
@@ -93,18 +96,18 @@ def _rows(impl: str):
 # ----------------------------------------------------------------------------- the chunk loop
 
 
-def _token_grad(logp, old, ref, adv, weight, params: GRPOLossParams) -> torch.Tensor:
+def _token_grad(logp, old, ref, adv, weight, isr, params: GRPOLossParams) -> torch.Tensor:
     """d loss / d logp for one chunk: autograd on the per-token loss the epilogue uses."""
     with torch.enable_grad():
         lp = logp.detach().requires_grad_(True)
         log_ratio = lp - (lp.detach() if old is None else old)
         live = torch.ones_like(lp, dtype=torch.bool)
-        per_token, _, _ = token_terms(lp, log_ratio, ref, adv, live, params)
+        per_token, _, _ = token_terms(lp, log_ratio, ref, adv, live, params, isr)
         (grad,) = torch.autograd.grad((per_token * weight).sum(), lp)
     return grad
 
 
-def _chunk_loop(hidden, weight, bias, targets, active, adv, old, ref, w, params, workspace_bytes, rows_impl, need):
+def _chunk_loop(hidden, weight, bias, targets, active, adv, old, ref, isr, w, params, workspace_bytes, rows_impl, need):
     """logp, entropy (N,) fp32 and the gradients (None where not needed) of sum(w * per_token)."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -130,9 +133,8 @@ def _chunk_loop(hidden, weight, bias, targets, active, adv, old, ref, w, params,
         logp[idx], entropy[idx] = lp, ent
         if not any_grad:
             continue
-        g = _token_grad(
-            lp, None if old is None else old[idx], None if ref is None else ref[idx], adv[idx], w[idx], params
-        )
+        old_c, ref_c, isr_c = (None if x is None else x[idx] for x in (old, ref, isr))
+        g = _token_grad(lp, old_c, ref_c, adv[idx], w[idx], isr_c, params)
         dz = grad_(z, bias, y, lse, g, inv_temp)
         if need_dh:
             dh[idx] = dz @ weight
@@ -161,6 +163,7 @@ class _ChunkedGRPOLoss(torch.autograd.Function):
         return loss, logp2, ent2
 
     @staticmethod
+    @once_differentiable  # the stored gradients are constants: no double backward through them
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         dh, dw, db = ctx.saved_tensors
         return tuple(None if d is None else d * grad_loss.to(d.dtype) for d in (dh, dw, db)) + (None,)
@@ -181,6 +184,7 @@ def chunked_grpo_loss(
     params: GRPOLossParams,
     num_items_in_batch: float | torch.Tensor | None = None,
     workspace_bytes: int = WORKSPACE_BYTES,
+    importance_sampling_ratio: torch.Tensor | None = None,
     rows_impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """GRPO loss with token-level importance sampling in 3 GEMMs; inputs validated by ``fastgrpo.ops``.
@@ -195,6 +199,7 @@ def chunked_grpo_loss(
         old_logprobs, ref_logprobs: (B, T) float or None.
         params: loss hyper-parameters; ``importance_sampling_level`` must be "token".
         num_items_in_batch: dapo/cispo normalizer, number, fp32 tensor or None.
+        importance_sampling_ratio: (B, T) or (B, 1) float correction of the policy term, or None.
         workspace_bytes: bound on the chunk-sized memory (the logits workspace; with the torch
             row twin, its fp32 temporaries too); at least one token's row.
         rows_impl: "triton" or "torch" row kernels; None = Triton on CUDA or under the interpreter.
@@ -219,6 +224,8 @@ def chunked_grpo_loss(
         name: None if x is None else x.reshape(-1).to(torch.float32)
         for name, x in (("old", old_logprobs), ("ref", ref_logprobs))
     }
+    isr = sampling_correction(importance_sampling_ratio, mask)
+    flat["isr"] = None if isr is None else isr.reshape(-1)
     job = {
         "need": need,
         "shape": (B, T),
@@ -233,7 +240,7 @@ def chunked_grpo_loss(
             rows_impl=rows_impl,
             **flat,
         ),
-        "epilogue": (advantages, old_logprobs, ref_logprobs, params, num_items_in_batch),
+        "epilogue": (advantages, old_logprobs, ref_logprobs, params, num_items_in_batch, importance_sampling_ratio),
     }
-    loss, logp, entropy = _ChunkedGRPOLoss.apply(hidden.reshape(B * T, -1), weight, bias, job)
+    loss, logp, entropy = _ChunkedGRPOLoss.apply(hidden.reshape(B * T, hidden.shape[-1]), weight, bias, job)
     return loss, logp, entropy, job["metrics"]

@@ -92,6 +92,7 @@ def token_terms(
     adv: torch.Tensor,
     mask: torch.Tensor,
     params: GRPOLossParams,
+    is_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token loss before masking and aggregation: the formulas every path shares.
 
@@ -105,6 +106,8 @@ def token_terms(
         adv: advantages broadcastable to logp (fp32).
         mask: bool of logp's shape: tokens that count.
         params: the loss hyper-parameters.
+        is_ratio: importance-sampling correction broadcastable to logp (fp32, 0 where masked) or
+            None; it scales the policy term, not the KL (TRL's vLLM correction).
 
     Returns:
         (per_token, ratio, kl): the loss terms; the ratio TRL's clip metrics see (after ``delta``);
@@ -122,6 +125,8 @@ def token_terms(
         if p.delta is not None:
             ratio = torch.clamp(ratio, max=p.delta)  # TRL's clip metrics see this capped ratio
         per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if is_ratio is not None:
+        per_token = per_token * is_ratio
 
     kl = None
     if ref_logprobs is not None:
@@ -157,6 +162,13 @@ def token_weights(
     return mf / rows  # luspo
 
 
+def sampling_correction(ratio: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) fp32 correction, 0 where masked (a NaN the sampler left on padding never leaks)."""
+    if ratio is None:
+        return None
+    return torch.where(mask, ratio.to(torch.float32).expand(mask.shape), 0.0)
+
+
 def grpo_loss_from_logprobs(
     logp: torch.Tensor,
     entropy: torch.Tensor,
@@ -166,6 +178,7 @@ def grpo_loss_from_logprobs(
     ref_logprobs: torch.Tensor | None,
     params: GRPOLossParams,
     num_items_in_batch: float | torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Aggregate GRPO loss and metrics from per-token log-probs.
 
@@ -178,6 +191,8 @@ def grpo_loss_from_logprobs(
         ref_logprobs: (B, T) float or None; required when ``params.beta > 0``.
         params: the loss hyper-parameters.
         num_items_in_batch: dapo/cispo normalizer (default: number of masked-in tokens).
+        importance_sampling_ratio: (B, T) or (B, 1) float or None: a per-token (or per-row)
+            correction multiplying the policy term, e.g. the truncated pi_old / pi_sampler ratio.
 
     Returns:
         (loss, metrics): 0-dim loss; metrics are detached 0-dim fp32 tensors.
@@ -192,7 +207,8 @@ def grpo_loss_from_logprobs(
     log_ratio = torch.where(m, logp - old, 0.0)
     if p.importance_sampling_level == "sequence":
         log_ratio = log_ratio.sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1.0)
-    per_token, ratio, kl = token_terms(logp, log_ratio, ref_logprobs, adv, m, p)
+    isr = sampling_correction(importance_sampling_ratio, m)
+    per_token, ratio, kl = token_terms(logp, log_ratio, ref_logprobs, adv, m, p, isr)
 
     per_token = torch.where(m, per_token.expand_as(logp), 0.0)
     rows = m.shape[0]

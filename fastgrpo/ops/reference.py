@@ -52,12 +52,13 @@ def reference_grpo_loss(
     params: GRPOLossParams | None = None,
     num_items_in_batch=None,
     compute_dtype=None,
+    importance_sampling_ratio=None,
 ):
     """TRL ``_compute_loss`` transcribed (one process, no accumulation), logits materialized.
 
     Shapes as in ``fastgrpo.fused_grpo_loss``. Returns (loss, logp, entropy, metrics).
-    Deviation kept from TRL by design: ``luspo`` sums masked tokens per row (TRL multiplies the
-    unmasked per-token loss by the row length, which counts padding once the KL term is on).
+    ``luspo`` sums masked tokens per row, as TRL 1.16 does (1.1x multiplied the unmasked
+    per-token loss by the row length, which counted padding once the KL term was on).
     """
     p = GRPOLossParams() if params is None else params
     per_token_logps, entropies = reference_logprobs(hidden, weight, targets, bias, p.temperature, compute_dtype)
@@ -94,6 +95,8 @@ def reference_grpo_loss(
         if p.delta is not None:
             coef_1 = torch.clamp(coef_1, max=p.delta)
         per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    if importance_sampling_ratio is not None:
+        per_token_loss = per_token_loss * importance_sampling_ratio.to(f)
     if p.beta != 0.0:
         per_token_loss = per_token_loss + p.beta * per_token_kl
 
