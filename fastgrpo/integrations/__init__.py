@@ -1,5 +1,11 @@
-"""Adapters that put fastgrpo's fused loss inside other trainers (TRL's ``GRPOTrainer``, verl).
+"""Adapters that put fastgrpo's fused loss inside other trainers.
 
-Empty for now; the adapters arrive with their own issues. Like ``fastgrpo.train``, they use
-``fastgrpo.ops`` and nothing imports them back.
+- ``fastgrpo.integrations.trl``: ``GRPOTrainer``, a drop-in subclass of TRL's, whose log-probs,
+  entropies and loss come from the lm_head through ``fastgrpo.ops``.
+- ``fastgrpo.integrations.verl``: verl's ``linear_cross_entropy`` hook backed by
+  ``fastgrpo.ops.chunked_logprobs``; ``fastgrpo.integrations.verl_plugin`` installs it in verl's
+  workers.
+
+Like ``fastgrpo.train``, they use ``fastgrpo.ops`` and nothing imports them back. Neither TRL nor
+verl is imported until its adapter is.
 """
