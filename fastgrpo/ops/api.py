@@ -147,11 +147,7 @@ def _workspace(workspace_bytes, device: torch.device) -> int:
         if device.type != "cuda":
             return WORKSPACE_BYTES
         return max(1, min(WORKSPACE_BYTES, _memory_budget(device)))
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
-        raise TypeError(f"workspace_bytes must be an int or None, got {type(workspace_bytes).__name__}")
-    if workspace_bytes <= 0:
-        raise ValueError(f"workspace_bytes must be > 0, got {workspace_bytes}")
-    return workspace_bytes
+    return C.check_workspace_bytes(workspace_bytes)
 
 
 def _cast_for_autocast(hidden, weight, bias):
@@ -164,13 +160,15 @@ def _cast_for_autocast(hidden, weight, bias):
     return hidden, weight, bias
 
 
-def _logprobs_impl(hidden2d, weight, bias, targets1d, active, temperature, impl, grad_filter_eps=0.0):
+def _logprobs_impl(
+    hidden2d, weight, bias, targets1d, active, temperature, impl, grad_filter_eps=0.0, workspace_bytes=None
+):
     if impl == "fused":
         from ..kernels import linear_logprobs_triton
 
         return linear_logprobs_triton(hidden2d, weight, bias, targets1d, active, temperature, grad_filter_eps)
     # The torch twin ignores grad_filter_eps: exact gradients (see the module docstring).
-    return linear_logprobs_torch(hidden2d, weight, bias, targets1d, active, temperature)
+    return linear_logprobs_torch(hidden2d, weight, bias, targets1d, active, temperature, workspace_bytes)
 
 
 # ----------------------------------------------------------------------------- public
@@ -186,6 +184,7 @@ def chunked_logprobs(
     return_entropy: bool = False,
     impl: str = "auto",
     grad_filter_eps: float = 0.0,
+    workspace_bytes: int | None = None,
 ):
     """Per-token log p(target) from hidden states and the lm_head, without full logits.
 
@@ -202,6 +201,8 @@ def chunked_logprobs(
             is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
             filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Fused path only: the others
             ignore it and return exact gradients.
+        workspace_bytes: int > 0 or None: bound on one chunk's fp32 logits on the 4-pass route
+            (None: 64 MiB); the fused path keeps its logits on chip and ignores it.
 
     Returns:
         logp (``targets.shape``, fp32), or (logp, entropy) with ``return_entropy``; both are
@@ -212,6 +213,7 @@ def chunked_logprobs(
     C.check_head(hidden, weight, targets, bias)
     impl = route(impl, hidden.device, loss=False)
     C.check_targets_range(targets, weight.shape[0])
+    C.check_workspace_bytes(workspace_bytes)
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     shape = targets.shape
     logp, entropy = _logprobs_impl(
@@ -223,6 +225,7 @@ def chunked_logprobs(
         float(temperature),
         impl,
         grad_filter_eps,
+        workspace_bytes,
     )
     logp, entropy = logp.view(shape), entropy.view(shape)
     return (logp, entropy) if return_entropy else logp
@@ -239,8 +242,7 @@ class _Knobs:
     def __post_init__(self):
         _check_impl(self.impl)
         object.__setattr__(self, "grad_filter_eps", C.check_grad_filter_eps(self.grad_filter_eps))
-        if self.workspace_bytes is not None:
-            _workspace(self.workspace_bytes, torch.device("cpu"))
+        C.check_workspace_bytes(self.workspace_bytes)
 
 
 def fused_grpo_loss(
@@ -307,6 +309,7 @@ def fused_grpo_loss(
             ignore it and return exact gradients.
         workspace_bytes: int > 0 or None: bound on the chunked path's logits workspace (at least
             one token's row, V x element size). None: 1 GiB, capped on CUDA by the memory budget.
+            The torch twin takes it as its chunk's fp32 logits bound (None: 64 MiB).
 
     Returns:
         GRPOLossOutput(loss, logprobs, entropy, metrics); metrics has ``entropy``,
@@ -390,6 +393,7 @@ def _fused_grpo_loss(
         params.temperature,
         path,
         knobs.grad_filter_eps,
+        knobs.workspace_bytes,
     )
     logp, entropy = logp.view(B, T), entropy.view(B, T)
     loss, metrics = grpo_loss_from_logprobs(

@@ -75,6 +75,16 @@ def check_temperature(temperature):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
+def check_workspace_bytes(workspace_bytes):
+    if workspace_bytes is None:
+        return None
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(f"workspace_bytes must be an int or None, got {type(workspace_bytes).__name__}")
+    if workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be > 0, got {workspace_bytes}")
+    return workspace_bytes
+
+
 def check_grad_filter_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"grad_filter_eps must be a number, got {type(eps).__name__}")
@@ -146,3 +156,30 @@ def check_sampling_ratio(ratio, targets, mask) -> None:
         live = ratio.expand(B, T)[mask]
         if not bool((torch.isfinite(live) & (live >= 0)).all()):
             raise ValueError("importance_sampling_ratio must be finite and >= 0 where mask is set")
+
+
+# Model config fields that change the logits after the lm_head (softcapping, scalings). TRL's own
+# fused head reads the same families (Gemma, Cohere, Granite, MiniCPM, Falcon-H1, HyperCLOVA X).
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier",
+    "output_multiplier_scale",
+)
+
+
+def check_fusable_model(model) -> None:
+    """The fused ops compute softmax((h @ W.T + b) / temperature); a model whose head changes the
+    logits otherwise would be trained on the wrong distribution, so it is refused by name."""
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):  # multimodal configs keep text settings nested
+        configs.append(model.config.get_text_config())
+    for cfg in configs:
+        for attr in LOGIT_TRANSFORMS:
+            value = getattr(cfg, attr, None)
+            if value not in (None, 1, 1.0):
+                raise ValueError(f"model config sets {attr}={value}; the fused loss does not support it yet")
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head)")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from fastgrpo.ops.checks import check_fusable_model as check_fusable
+
 from .attention import NAME as SDPA_VARLEN
 from .attention import register as register_attention
 from .body import apply_liger_body, resolve_use_liger_body
@@ -80,28 +82,6 @@ def load_model_and_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     check_fusable(model)
     return model.to(device), tokenizer
-
-
-def check_fusable(model) -> None:
-    """The fused loss computes softmax(h·Wᵀ + b); heads that change the logits otherwise would
-    be trained on the wrong distribution, so they are refused."""
-    configs = [model.config]
-    if hasattr(model.config, "get_text_config"):  # multimodal configs keep text settings nested
-        configs.append(model.config.get_text_config())
-    attrs = (
-        "final_logit_softcapping",
-        "logit_scale",
-        "logits_scaling",
-        "lm_head_multiplier",
-        "output_multiplier_scale",
-    )
-    for cfg in configs:
-        for attr in attrs:
-            value = getattr(cfg, attr, None)
-            if value not in (None, 1, 1.0):
-                raise ValueError(f"model config sets {attr}={value}; the fused loss does not support it yet")
-    if model.get_output_embeddings() is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head)")
 
 
 # Attention paths that take a packed row without building a dense (L, L) mask.

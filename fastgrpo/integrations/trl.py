@@ -1,0 +1,343 @@
+"""TRL adapter: TRL's ``GRPOTrainer`` with every log-prob and loss computed by fastgrpo.
+
+Change one import line::
+
+    from fastgrpo.integrations.trl import GRPOTrainer  # instead of: from trl import GRPOTrainer
+
+and keep the same ``GRPOConfig``, model, rewards and launcher (``accelerate launch`` for DDP,
+FSDP2 or DeepSpeed). Checked against TRL 1.16.
+
+What changes: the policy's per-token log-probs, entropies and loss come from the final hidden
+states and the lm_head through ``fastgrpo.ops.FusedGRPOLoss`` (gradients formed in the forward on
+the chunked path, or logits on chip on the fused path), and the old and reference log-probs
+through ``fastgrpo.ops.chunked_logprobs``. Full-vocabulary logits never exist for the scored
+tokens; TRL's own chunked head keeps up to 32,768 rows of logits at a time. Everything else
+(generation, rewards, advantages, vLLM, the optimizer step, logging, checkpoints) is TRL's. The
+loss, its gradient accumulation and multi-process normalizers, and the logged metrics (``kl``,
+``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``) follow TRL 1.16's ``_compute_loss``.
+
+The fused ops run inside the model's forward (a ``fastgrpo=`` keyword the adapter adds next to
+TRL's ``fused_lm_head=``), so DDP's gradient hooks, FSDP2's gathers and PEFT's adapter switches
+see an ordinary forward. ``trainer.fastgrpo_last_route`` says which path ran the last loss.
+
+Refused at construction, each with a ``ValueError`` naming the field (the fused op computes a
+different quantity, so a silent fallback would train something else): ``loss_type="vespo"``,
+``top_entropy_quantile < 1``, ``entropy_coef != 0`` / ``use_adaptive_entropy``,
+``off_policy_mask_threshold``, an MoE router aux loss (``router_aux_loss_coef``), logit
+softcapping or scaling in the model config, a PEFT adapter on ``lm_head``
+(``target_modules`` / ``modules_to_save``), vision-language models and processors, and under
+DeepSpeed ZeRO-3 any path but ``fastgrpo_impl="chunked"`` or ``importance_sampling_level=
+"sequence"`` (their backward reads the lm_head again, outside ZeRO-3's gather).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import trl
+from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
+
+from fastgrpo.ops import IMPLS, FusedGRPOLoss, chunked_logprobs
+from fastgrpo.ops.checks import check_fusable_model, check_workspace_bytes
+
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO-clipped ratio: clip metrics
+TOKEN_MEAN_LOSS_TYPES = ("dapo", "cispo")  # normalized by num_items_in_batch in TRL
+_TRL_INIT = inspect.signature(trl.GRPOTrainer.__init__)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadCall:
+    """What the patched forward runs in place of the lm_head.
+
+    ``fn(hidden, weight, bias)`` gets the (B, logits_to_keep, H) hidden states that predict the
+    last ``logits_to_keep`` tokens, the (V, H) lm_head weight (gathered under FSDP2 / ZeRO-3) and
+    its (V,) bias or None; the forward returns what ``fn`` returns.
+    """
+
+    logits_to_keep: int
+    fn: Callable
+
+
+def add_head_call(model, *, cast_lm_head_to_fp32: bool = False) -> None:
+    """Let ``model(..., fastgrpo=HeadCall(...))`` run the backbone only and hand its final hidden
+    states and the lm_head to ``HeadCall.fn``. Without the keyword the forward is unchanged
+    (TRL's fused head, generation)."""
+    inner = model.forward
+
+    @functools.wraps(type(model).forward)  # ``generate`` validates its kwargs against this signature
+    def forward(self, *args, fastgrpo: HeadCall | None = None, **kwargs):
+        if fastgrpo is None:
+            return inner(*args, **kwargs)
+        kwargs["use_cache"] = False
+        # Looked up on every call: FSDP and PEFT replace modules after the patch.
+        backbone = self.base_model(*args, **kwargs)
+        k = fastgrpo.logits_to_keep
+        hidden = backbone.last_hidden_state[:, -k - 1 : -1]
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        hidden = hidden.to(weight.device)  # a model split over devices can end elsewhere
+        if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2 shards
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        context = nullcontext()
+        if cast_lm_head_to_fp32:
+            hidden, context = hidden.float(), torch.autocast(hidden.device.type, enabled=False)
+        with context, maybe_gather_lm_head_ctx(weight, bias):
+            return fastgrpo.fn(hidden, weight, bias)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _is_peft_tuned(module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return False
+    return isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
+
+
+def _names(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_config(args, peft_config=None) -> None:
+    """Refuse, by field name, what fastgrpo's loss cannot compute exactly (module docstring)."""
+    if args.loss_type not in SUPPORTED_LOSS_TYPES:
+        raise ValueError(
+            f"loss_type={args.loss_type!r} is not supported by fastgrpo's fused loss; use one of {SUPPORTED_LOSS_TYPES}"
+        )
+    if args.top_entropy_quantile < 1.0:
+        raise ValueError("top_entropy_quantile < 1 masks tokens by the current entropy; fastgrpo does not support it")
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        raise ValueError("entropy_coef / use_adaptive_entropy (an entropy bonus) is not supported by fastgrpo's loss")
+    if args.off_policy_mask_threshold is not None:
+        raise ValueError("off_policy_mask_threshold (off-policy sequence masking) is not supported by fastgrpo's loss")
+    if peft_config is not None:
+        targets = _names(getattr(peft_config, "target_modules", None))
+        saved = _names(getattr(peft_config, "modules_to_save", None))
+        for field, names in (("target_modules", targets), ("modules_to_save", saved)):
+            if any(t == "lm_head" or t.endswith(".lm_head") for t in names):
+                raise ValueError(f"peft_config.{field} includes lm_head; fastgrpo's loss reads the base lm_head weight")
+
+
+def check_model(model, processing_class=None) -> None:
+    """Refuse models whose head or inputs the fused loss does not cover."""
+    if getattr(model, "peft_config", None) is not None and hasattr(model, "get_base_model"):
+        base = model.get_base_model()
+    else:
+        base = model
+    config = base.config
+    if config.get_text_config() is not config or getattr(config, "vision_config", None) is not None:
+        raise ValueError(f"model {type(base).__name__} is multimodal; fastgrpo's TRL adapter supports text models only")
+    if processing_class is not None and hasattr(processing_class, "image_processor"):
+        raise ValueError("processing_class is a multimodal processor; fastgrpo's TRL adapter supports text only")
+    check_fusable_model(base)
+    if _is_peft_tuned(base.get_output_embeddings()):
+        raise ValueError("the lm_head carries a PEFT adapter (target_modules/modules_to_save includes lm_head)")
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """``trl.GRPOTrainer`` whose log-probs and loss run through fastgrpo (module docstring).
+
+    Same arguments as ``trl.GRPOTrainer``, plus, keyword-only:
+
+    Args:
+        fastgrpo_impl: fastgrpo path, one of ``fastgrpo.ops.IMPLS`` (default "auto": on CUDA the
+            chunked 3-GEMM path when its workspace fits, else logits on chip; the torch twin on
+            CPU).
+        workspace_bytes: int > 0 or None: bound on the logits of one chunk of tokens, on the
+            chunked path and the torch twin (None: 1 GiB chunked, capped by free memory on CUDA;
+            64 MiB twin). The fused path keeps its logits on chip.
+    """
+
+    def __init__(self, *args, fastgrpo_impl: str = "auto", workspace_bytes: int | None = None, **kwargs):
+        if fastgrpo_impl not in IMPLS:
+            raise ValueError(f"fastgrpo_impl must be one of {IMPLS}, got {fastgrpo_impl!r}")
+        check_workspace_bytes(workspace_bytes)
+        bound = _TRL_INIT.bind(self, *args, **kwargs).arguments
+        config = bound.get("args")
+        if config is not None:  # TRL builds a default GRPOConfig otherwise, which is supported
+            check_config(config, bound.get("peft_config"))
+        if not isinstance(bound["model"], str):
+            check_model(bound["model"], bound.get("processing_class"))
+        super().__init__(*args, **kwargs)
+        check_model(self.model, self.processing_class)
+        if self.aux_loss_enabled:
+            raise ValueError("router_aux_loss_coef != 0 (MoE load-balancing loss) is not supported by fastgrpo's loss")
+        self.fastgrpo_impl = fastgrpo_impl
+        self.fastgrpo_workspace_bytes = workspace_bytes
+        self._zero3_checks()
+        a = self.args
+        self.fastgrpo_loss = FusedGRPOLoss(
+            impl=self.fastgrpo_impl,
+            workspace_bytes=workspace_bytes,
+            beta=self.beta,
+            epsilon=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=a.delta,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            use_bias_correction_kl=a.use_bias_correction_kl,
+            sapo_temperature_pos=a.sapo_temperature_pos,
+            sapo_temperature_neg=a.sapo_temperature_neg,
+            temperature=self.temperature,
+        )
+        self.fastgrpo_last_route: str | None = None
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        add_head_call(policy, cast_lm_head_to_fp32=a.cast_lm_head_to_fp32)
+        if self.ref_model is not None:
+            add_head_call(self.accelerator.unwrap_model(self.ref_model), cast_lm_head_to_fp32=a.cast_lm_head_to_fp32)
+
+    def _zero3_checks(self) -> None:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():
+            return
+        # Only the chunked path forms its weight gradient in the forward, where the head is gathered.
+        if self.fastgrpo_impl == "auto":
+            self.fastgrpo_impl = "chunked"
+        if self.fastgrpo_impl != "chunked" or self.importance_sampling_level == "sequence":
+            raise ValueError(
+                "under DeepSpeed ZeRO-3 fastgrpo needs fastgrpo_impl='chunked' and importance_sampling_level='token'"
+            )
+
+    # ------------------------------------------------------------------ log-probs (old, ref)
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
+        given = sorted(name for name, value in multimodal.items() if value is not None)
+        if given:
+            raise ValueError(f"fastgrpo's TRL adapter supports text only; got multimodal inputs {given}")
+        if compute_aux_loss:
+            raise ValueError("the MoE router aux loss is not supported by fastgrpo's loss")
+        k = logits_to_keep
+        step = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), step):
+            ids, am = input_ids[start : start + step], attention_mask[start : start + step]
+            active = am[:, -k:] != 0
+            targets = ids[:, -k:]
+
+            def fn(hidden, weight, bias, active=active, targets=targets):
+                # Only scored tokens are projected; the rest read 0, as in TRL.
+                lp, ent = chunked_logprobs(
+                    hidden[active],
+                    weight,
+                    targets[active],
+                    bias=bias,
+                    temperature=self.temperature,
+                    return_entropy=True,
+                    impl=self.fastgrpo_impl,
+                    workspace_bytes=self.fastgrpo_workspace_bytes,
+                )
+                zeros = torch.zeros(active.shape, dtype=lp.dtype, device=lp.device)
+                return zeros.masked_scatter(active, lp), zeros.masked_scatter(active, ent)
+
+            with self.accelerator.autocast():
+                lp, ent = model(input_ids=ids, attention_mask=am, fastgrpo=HeadCall(k, fn))
+            logps.append(lp)
+            entropies.append(ent)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    # ------------------------------------------------------------------ loss
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        given = sorted(name for name in ("pixel_values", "image_grid_thw", "token_type_ids") if name in inputs)
+        if given:
+            raise ValueError(f"fastgrpo's TRL adapter supports text only; got multimodal inputs {given}")
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        advantages = inputs["advantages"]
+        old = inputs.get("old_per_token_logps")
+        ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        ratio = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"]
+        mode = "train" if self.model.training else "eval"
+        num_items = None
+        if self.loss_type in TOKEN_MEAN_LOSS_TYPES:
+            # TRL: num_items_in_batch spans the generation batch; rescale to one accumulation window.
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+
+        def fn(hidden, weight, bias):
+            return self.fastgrpo_loss(
+                hidden, weight, completion_ids, mask, advantages, old, ref, bias, num_items, ratio
+            )
+
+        call = HeadCall(completion_ids.size(1), fn)
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, fastgrpo=call)
+        self.fastgrpo_last_route = self.fastgrpo_loss.last_route
+        loss = out.loss
+        if self.loss_type not in TOKEN_MEAN_LOSS_TYPES and mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps
+        self._log_loss_metrics(mode, out.logprobs, out.entropy, old, ref, advantages, mask)
+        return loss
+
+    @torch.no_grad()
+    def _log_loss_metrics(self, mode, logp, entropy, old, ref, advantages, mask) -> None:
+        """TRL 1.16's loss metrics, from the detached log-probs the fused op returned."""
+        mask = mask.to(logp.dtype)
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        log_ratio = logp - (logp if old is None else old)
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef = torch.exp(log_ratio)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:  # one value per sequence
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+            else:
+                local = torch.stack([(x * mask).sum(), mask.sum()])
+            total = self.accelerator.reduce(local, reduction="sum")
+            return (total[0] / total[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):
+            return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+        metrics = self._metrics[mode]
+        if self.beta != 0.0:
+            kl = torch.exp(ref - logp) - (ref - logp) - 1
+            if self.args.use_bias_correction_kl:
+                kl = kl * coef
+            metrics["kl"].append(global_masked_mean(kl))
+        metrics["entropy"].append(global_masked_mean(entropy))
+        if self.loss_type in CLIPPED_LOSS_TYPES:
+            if self.args.delta is not None:  # TRL counts clipping on the delta-capped ratio
+                coef = coef.clamp(max=self.args.delta)
+            low = ((coef < 1 - self.epsilon_low) & (advantages < 0)).float()
+            high = ((coef > 1 + self.epsilon_high) & (advantages > 0)).float()
+            metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+            metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+            metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+            metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
+            metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
+        elif self.loss_type == "cispo":
+            clipped = ((coef > self.epsilon_high) & (advantages > 0)).float()
+            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped))

@@ -1,0 +1,327 @@
+"""fastgrpo.integrations.trl.GRPOTrainer against stock trl.GRPOTrainer (TRL 1.16), step by step.
+
+Both trainers run the same tiny Qwen2 (tests/trl_support.py) from the same seed in fp32; they
+must sample the same completions and log the same metrics at every step, within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+import trl  # noqa: E402
+import trl_support as S  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from fastgrpo.integrations.trl import GRPOTrainer  # noqa: E402
+
+METRICS = (
+    "loss",
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+    "cispo_clip_ratio",
+    "reward",
+    "reward_std",
+    "grad_norm",
+)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return S.save_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def run(cls, out, model_path, trainer_kwargs=None, **overrides):
+    """Train; return (logged rows, sampled completion ids per generation, final parameters)."""
+    tr = S.trainer(cls, out, model_path, trainer_kwargs=trainer_kwargs, **overrides)
+    completions = []
+    generate = tr._generate_and_score_completions
+
+    def recording(self, inputs):
+        batch = generate(inputs)
+        completions.append(batch["completion_ids"].clone())
+        return batch
+
+    tr._generate_and_score_completions = types.MethodType(recording, tr)
+    tr.train()
+    rows = [row for row in tr.state.log_history if "loss" in row and "train_loss" not in row]
+    params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    return rows, completions, params, tr
+
+
+def assert_same_run(stock, ours, rtol=2e-5, atol=2e-6):
+    rows_s, comp_s, params_s, _ = stock
+    rows_o, comp_o, params_o, tr = ours
+    assert len(rows_s) == len(rows_o) > 0
+    assert len(comp_s) == len(comp_o) > 0
+    for a, b in zip(comp_s, comp_o, strict=True):
+        assert torch.equal(a, b), "different completions"
+    for step, (a, b) in enumerate(zip(rows_s, rows_o, strict=True)):
+        for key in METRICS:
+            assert (key in a) == (key in b), (step, key)
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=rtol, abs=atol), (step, key, a[key], b[key])
+    for name, p in params_s.items():
+        torch.testing.assert_close(params_o[name], p, rtol=1e-4, atol=1e-5, msg=name)
+    assert tr.fastgrpo_last_route in ("torch", "chunked", "fused")
+
+
+GRID = [
+    pytest.param(loss, beta, iters, gas, id=f"{loss}-beta{beta}-it{iters}-gas{gas}")
+    for loss in ("dapo", "grpo")
+    for beta in (0.04, 0.0)
+    for iters, gas in ((1, 1), (2, 2), (1, 2))
+]
+
+
+@pytest.mark.parametrize("loss_type, beta, num_iterations, gas", GRID)
+def test_matches_stock_trl(tmp_path, model_path, loss_type, beta, num_iterations, gas):
+    kw = dict(loss_type=loss_type, beta=beta, num_iterations=num_iterations, gradient_accumulation_steps=gas)
+    stock = run(trl.GRPOTrainer, tmp_path / "stock", model_path, **kw)
+    ours = run(GRPOTrainer, tmp_path / "ours", model_path, **kw)
+    assert_same_run(stock, ours)
+    if num_iterations == 2:  # the second pass over a batch is off-policy: clipping must be exercised
+        assert any(row["clip_ratio/region_mean"] > 0 for row in stock[0])
+
+
+VARIANTS = {
+    "bnpo": dict(loss_type="bnpo", beta=0.04),
+    "dr_grpo": dict(loss_type="dr_grpo", beta=0.04),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.05, num_iterations=2, gradient_accumulation_steps=2),
+    "sapo": dict(loss_type="sapo", num_iterations=2, gradient_accumulation_steps=2),
+    "luspo-sequence": dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, num_iterations=2),
+    "delta-clip-higher": dict(delta=1.1, epsilon_high=0.28, num_iterations=2, gradient_accumulation_steps=2),
+    "no-bias-correction-kl": dict(beta=0.04, use_bias_correction_kl=False, num_iterations=2),
+    "temperature": dict(temperature=0.7, beta=0.04),
+    "steps-per-generation": dict(steps_per_generation=4, gradient_accumulation_steps=2, beta=0.04),
+    "cast-lm-head-fp32": dict(cast_lm_head_to_fp32=True, beta=0.04),
+}
+
+
+@pytest.mark.parametrize("overrides", list(VARIANTS.values()), ids=list(VARIANTS))
+def test_matches_stock_trl_variants(tmp_path, model_path, overrides):
+    stock = run(trl.GRPOTrainer, tmp_path / "stock", model_path, **overrides)
+    ours = run(GRPOTrainer, tmp_path / "ours", model_path, **overrides)
+    assert_same_run(stock, ours)
+
+
+def test_matches_stock_trl_with_lora_reference_as_adapters_off(tmp_path, model_path):
+    from peft import LoraConfig
+
+    def lora():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+    kw = dict(beta=0.04, num_iterations=2, learning_rate=3e-2)
+    stock = run(trl.GRPOTrainer, tmp_path / "stock", model_path, {"peft_config": lora()}, **kw)
+    ours = run(GRPOTrainer, tmp_path / "ours", model_path, {"peft_config": lora()}, **kw)
+    assert_same_run(stock, ours)
+    assert any(row["kl"] > 0 for row in stock[0][1:])  # the reference really is the base model
+
+
+def test_untied_head(tmp_path):
+    path = S.save_model(tmp_path / "untied", tie=False)
+    kw = dict(beta=0.04, num_iterations=2, max_steps=2)
+    assert_same_run(run(trl.GRPOTrainer, tmp_path / "s", path, **kw), run(GRPOTrainer, tmp_path / "o", path, **kw))
+
+
+# ----------------------------------------------------------------------------- no full logits
+
+
+class LargestTensor(TorchDispatchMode):
+    """Largest number of elements of any tensor an op returns while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_full_vocabulary_logits_and_our_loss_ran(tmp_path, monkeypatch):
+    # V = 4,099 against H = 16: one (tokens x V) logits tensor dwarfs every weight (V x H) and
+    # activation, so the largest tensor shows whether logits were materialized.
+    n_words, hidden, rows = 4096, 16, 8
+    V = n_words + len(S.SPECIAL)
+    path = S.save_model(tmp_path / "model", n_words=n_words, hidden_size=hidden)
+    kw = dict(beta=0.04, num_iterations=2, max_steps=2, max_completion_length=10)
+    largest = {}
+    for name, cls in (("stock", trl.GRPOTrainer), ("ours", GRPOTrainer)):
+        extra = {"workspace_bytes": rows * V * 4} if cls is GRPOTrainer else None
+        tr = S.trainer(cls, tmp_path / name, path, trainer_kwargs=extra, **kw)
+        for method in ("_compute_loss", "_get_per_token_logps_and_entropies"):
+            inner = getattr(tr, method)
+
+            def watched(*a, inner=inner, tr=tr, name=name, **k):
+                mode = LargestTensor()
+                with mode:
+                    out = inner(*a, **k)
+                    if torch.is_tensor(out) and out.requires_grad:  # the loss: watch its backward too
+                        out.backward(retain_graph=True)
+                        tr.model.zero_grad()
+                largest[name] = max(largest.get(name, 0), mode.largest)
+                return out
+
+            setattr(tr, method, watched)
+        if cls is GRPOTrainer:
+
+            def refuse(*a, **k):
+                raise AssertionError("TRL's chunked log-prob head ran")
+
+            import trl.trainer.utils as trl_utils
+
+            monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", refuse)
+        tr.train()
+    tokens = 8 * 10  # per_device_train_batch_size x max_completion_length
+    assert largest["stock"] >= tokens * V  # the check can fail: TRL materializes a chunk of logits
+    assert largest["ours"] <= max(V * hidden, 4 * rows * V) < tokens * V
+
+
+# ----------------------------------------------------------------------------- _compute_loss directly
+
+
+def synthetic_inputs(tr, seed=0, B=8, P=5, K=10, ratio_shape=None, tool_mask=False):
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        prompt_ids=torch.randint(3, 60, (B, P), generator=g),
+        prompt_mask=torch.ones(B, P, dtype=torch.long),
+        completion_ids=torch.randint(3, 60, (B, K), generator=g),
+        completion_mask=(torch.arange(K)[None] < torch.randint(1, K + 1, (B, 1), generator=g)).long(),
+        advantages=torch.randn(B, generator=g),
+    )
+    inputs["completion_mask"][1] = 0  # a row with no completion token
+    if tool_mask:
+        inputs["tool_mask"] = (torch.rand(B, K, generator=g) > 0.3).long()
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum().float()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        lp, _, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, K)
+    m = inputs["completion_mask"]
+    inputs["old_per_token_logps"] = lp + 0.3 * torch.randn(B, K, generator=g) * m
+    inputs["ref_per_token_logps"] = lp - 0.3 * torch.randn(B, K, generator=g) * m
+    if ratio_shape is not None:
+        inputs["importance_sampling_ratio"] = torch.rand(*ratio_shape(B, K), generator=g) * 2
+    return inputs
+
+
+def both_losses(tr, inputs):
+    """(loss, grads, metrics) of stock TRL's _compute_loss and ours on the same trainer and inputs."""
+    out = []
+    for compute in (trl.GRPOTrainer._compute_loss, GRPOTrainer._compute_loss):
+        if compute is trl.GRPOTrainer._compute_loss:  # stock end to end, TRL's head included
+            tr._get_per_token_logps_and_entropies = types.MethodType(
+                trl.GRPOTrainer._get_per_token_logps_and_entropies, tr
+            )
+        else:
+            del tr._get_per_token_logps_and_entropies
+        tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        tr.model.zero_grad()
+        loss = compute(tr, tr.model, dict(inputs))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+        out.append((loss.detach(), grads, {k: v for d in tr._metrics.values() for k, v in d.items()}))
+    return out
+
+
+def assert_same_loss(results):
+    (loss_s, grads_s, metrics_s), (loss_o, grads_o, metrics_o) = results
+    torch.testing.assert_close(loss_o, loss_s, rtol=1e-5, atol=1e-7)
+    assert grads_s.keys() == grads_o.keys() and grads_s
+    for name in grads_s:
+        torch.testing.assert_close(grads_o[name], grads_s[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert metrics_s.keys() == metrics_o.keys()
+    for key in metrics_s:
+        assert metrics_o[key] == pytest.approx(metrics_s[key], rel=1e-5, abs=1e-7), key
+
+
+RATIOS = {
+    "token": lambda B, K: (B, K),
+    "sequence": lambda B, K: (B, 1),
+}
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("ratio", list(RATIOS))
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo"])
+def test_compute_loss_with_sampler_correction_and_tool_mask(tmp_path, model_path, loss_type, ratio, level):
+    tr = S.trainer(GRPOTrainer, tmp_path, model_path, beta=0.04, loss_type=loss_type, importance_sampling_level=level)
+    tr.model.train()
+    tr.use_vllm = tr.vllm_importance_sampling_correction = True  # TRL's vLLM IS correction, without vLLM
+    tr.current_gradient_accumulation_steps = 1  # set by Trainer.train
+    inputs = synthetic_inputs(tr, ratio_shape=RATIOS[ratio], tool_mask=True)
+    assert_same_loss(both_losses(tr, inputs))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_compute_loss_in_eval_mode_and_with_accumulation(tmp_path, model_path, loss_type):
+    tr = S.trainer(GRPOTrainer, tmp_path, model_path, beta=0.04, loss_type=loss_type, gradient_accumulation_steps=3)
+    inputs = synthetic_inputs(tr)
+    tr.model.eval()  # no accumulation normalizer in eval
+    assert_same_loss(both_losses(tr, inputs))
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 3
+    assert_same_loss(both_losses(tr, inputs))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+REFUSED = {
+    "vespo": (dict(loss_type="vespo"), "loss_type='vespo'"),
+    "entropy-quantile": (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
+    "entropy-bonus": (dict(entropy_coef=0.01), "entropy_coef"),
+    "adaptive-entropy": (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
+    "off-policy-mask": (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+}
+
+
+@pytest.mark.parametrize("overrides, field", list(REFUSED.values()), ids=list(REFUSED))
+def test_unsupported_config_is_refused_before_loading(tmp_path, overrides, field, monkeypatch):
+    monkeypatch.setattr(trl.GRPOTrainer, "__init__", lambda *a, **k: pytest.fail("loaded before checking"))
+    with pytest.raises(ValueError, match=field):
+        GRPOTrainer(model="unused-model-id", reward_funcs=S.reward_length, args=S.config(tmp_path, **overrides))
+
+
+def test_lm_head_adapters_are_refused(tmp_path, model_path):
+    from peft import LoraConfig
+
+    for field, cfg in (
+        ("target_modules", LoraConfig(r=4, target_modules=["q_proj", "lm_head"])),
+        ("modules_to_save", LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    ):
+        with pytest.raises(ValueError, match=f"peft_config.{field} includes lm_head"):
+            S.trainer(GRPOTrainer, tmp_path, model_path, trainer_kwargs={"peft_config": cfg})
+
+
+def test_logit_softcapping_and_bad_knobs_are_refused(tmp_path, model_path):
+    model = S.model()
+    model.config.final_logit_softcapping = 30.0
+    args = S.config(tmp_path)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        GRPOTrainer(model=model, reward_funcs=S.reward_length, args=args, train_dataset=S.dataset())
+    with pytest.raises(ValueError, match="fastgrpo_impl"):
+        S.trainer(GRPOTrainer, tmp_path, model_path, trainer_kwargs={"fastgrpo_impl": "cuda"})
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        S.trainer(GRPOTrainer, tmp_path, model_path, trainer_kwargs={"workspace_bytes": 0})
+
+
+def test_multimodal_inputs_are_refused(tmp_path, model_path):
+    tr = S.trainer(GRPOTrainer, tmp_path, model_path)
+    ids = torch.ones(2, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="pixel_values"):
+        tr._get_per_token_logps_and_entropies(tr.model, ids, ids, 3, pixel_values=torch.zeros(2, 3))

@@ -1,0 +1,116 @@
+"""A tiny TRL GRPO setup built in code: a Qwen2 from a config, a word-level tokenizer, an
+in-memory dataset and a reward. Shared by tests/test_trl.py and the 2-process script
+tests/trl_ddp_script.py."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+WORDS = [f"w{i}" for i in range(60)]  # the prompts' words; tokenizers may hold more
+SPECIAL = ["<pad>", "<eos>", "<unk>"]
+PROMPTS = [" ".join(random.Random(i).choices(WORDS, k=3 + i % 4)) for i in range(64)]
+
+
+def tokenizer(n_words=60):
+    """Word-level: token i + 3 is the word ``w{i}``; prompts use the first 60 words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + [f"w{i}" for i in range(n_words)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )
+
+
+def model(n_words=60, seed=0, tie=True, hidden_size=32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(SPECIAL) + n_words,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    m = Qwen2ForCausalLM(config)
+    m.generation_config.pad_token_id, m.generation_config.eos_token_id = 0, 1
+    return m
+
+
+def dataset(n=16):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": PROMPTS[:n]})
+
+
+def reward_even_words(prompts, completions, **kwargs):
+    """Share of words with an even index: varies within a group, so advantages are non-zero."""
+    out = []
+    for c in completions:
+        words = c.split()
+        out.append(sum(int(w[1:]) % 2 == 0 for w in words if w[1:].isdigit()) / max(len(words), 1))
+    return out
+
+
+def reward_length(prompts, completions, **kwargs):
+    return [min(len(c.split()), 8) / 8 for c in completions]
+
+
+def config(output_dir, **overrides):
+    from trl import GRPOConfig
+
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=10,
+        learning_rate=3e-3,
+        max_steps=3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,  # GRPOConfig defaults to bf16 autocast, which would hide fp32-level differences
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        log_completions=False,
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return GRPOConfig(**base)
+
+
+def save_model(path, **model_kwargs):
+    """The tiny model and tokenizer on disk: TRL loads a reference model (beta > 0) by path."""
+    model(**model_kwargs).save_pretrained(path)
+    tokenizer(model_kwargs.get("n_words", 60)).save_pretrained(path)
+    return str(path)
+
+
+def trainer(cls, output_dir, model_path, trainer_kwargs=None, **overrides):
+    """``cls`` (``trl.GRPOTrainer`` or ours) on the tiny setup, seeded as TRL seeds a run."""
+    from transformers import AutoConfig, set_seed
+
+    args = config(output_dir, **overrides)
+    set_seed(args.seed)
+    return cls(
+        model=model_path,
+        reward_funcs=[reward_even_words, reward_length],
+        args=args,
+        train_dataset=dataset(),
+        # In memory: AutoTokenizer would map model_type qwen2 to Qwen2's BPE tokenizer class.
+        processing_class=tokenizer(AutoConfig.from_pretrained(model_path).vocab_size - len(SPECIAL)),
+        **(trainer_kwargs or {}),
+    )
