@@ -48,10 +48,11 @@ def model(n_words=60, seed=0, tie=True, hidden_size=32):
     return m
 
 
-def dataset(n=16):
+def dataset(n=16, fixed_length=False):
     from datasets import Dataset
 
-    return Dataset.from_dict({"prompt": PROMPTS[:n]})
+    prompts = [" ".join(p.split()[:3]) for p in PROMPTS[:n]] if fixed_length else PROMPTS[:n]
+    return Dataset.from_dict({"prompt": prompts})
 
 
 def reward_even_words(prompts, completions, **kwargs):
@@ -99,7 +100,7 @@ def save_model(path, **model_kwargs):
     return str(path)
 
 
-def trainer(cls, output_dir, model_path, trainer_kwargs=None, **overrides):
+def trainer(cls, output_dir, model_path, trainer_kwargs=None, train_dataset=None, **overrides):
     """``cls`` (``trl.GRPOTrainer`` or ours) on the tiny setup, seeded as TRL seeds a run."""
     from transformers import AutoConfig, set_seed
 
@@ -109,7 +110,7 @@ def trainer(cls, output_dir, model_path, trainer_kwargs=None, **overrides):
         model=model_path,
         reward_funcs=[reward_even_words, reward_length],
         args=args,
-        train_dataset=dataset(),
+        train_dataset=dataset() if train_dataset is None else train_dataset,
         # In memory: AutoTokenizer would map model_type qwen2 to Qwen2's BPE tokenizer class.
         processing_class=tokenizer(AutoConfig.from_pretrained(model_path).vocab_size - len(SPECIAL)),
         **(trainer_kwargs or {}),
