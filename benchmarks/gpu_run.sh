@@ -14,6 +14,9 @@
 #                and 3-GEMM); no new row starts after STAGE_BUDGET (200 s)
 #   ops-1.5b     the same for Qwen2.5-1.5B          ops-8b   the same for Llama-3-8B   (second call)
 #   train        fastgrpo bench train (TRAIN_BENCHES: "1.5b_packed 1.5b_padded 7b_lora") (own call)
+#   trl          fastgrpo bench trl-dropin, stock TRL vs the drop-in at the qwen2.5-0.5b shape, G=8,
+#                L=2048, at the default workspace and at 256 MiB (own call: HF generation dominates,
+#                ~2 x 2 x 2 steps of 2,048 tokens)
 #   ops-quick    the CPU smoke run of bench ops (checks this script anywhere)
 #
 # Every stage writes to $RESULTS (default /tmp/fastgrpo-results: rows appended to bench_*.jsonl/.csv,
@@ -118,6 +121,8 @@ for stage in "${@:-tests ops-7b}"; do
         ops-1.5b) ops qwen2.5-1.5b ;;
         ops-8b) ops llama3-8b ;;
         train) train ;;
+        trl) python -m fastgrpo.cli bench trl-dropin --out "$RESULTS" &&
+            python -m fastgrpo.cli bench trl-dropin --workspace-bytes 268435456 --out "$RESULTS" ;;
         *) echo "unknown stage: $s" >&2; false ;;
         esac 2>&1 | tee "$RESULTS/$s.txt"
         rc=${PIPESTATUS[0]}

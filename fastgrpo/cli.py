@@ -51,18 +51,21 @@ def resolve_train_config(args: argparse.Namespace) -> C.Config:
 BENCHMARKS = {
     "ops": "fused GRPO loss vs naive, torch.compile, Liger-Kernel and TRL vs the lm_head GEMM floor: time, memory",
     "train": "one `fastgrpo train` update step against completion length: peak memory and tokens/s, packing on/off",
+    "trl-dropin": "one TRL GRPO step, stock trl.GRPOTrainer vs fastgrpo.integrations.trl's: loss+backward time, memory",
 }
 
 
 def bench(argv: list[str]) -> int:
-    """``fastgrpo bench ops|train ...``: the rest of the line goes to that benchmark's own parser."""
+    """``fastgrpo bench ops|train|trl-dropin ...``: the rest of the line goes to that benchmark's own parser."""
     if not argv or argv[0] not in BENCHMARKS:
-        listing = "\n".join(f"  {k:6} {v}" for k, v in BENCHMARKS.items())
+        listing = "\n".join(f"  {k:10} {v}" for k, v in BENCHMARKS.items())
         stream = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
         print(f"usage: fastgrpo bench {{{','.join(BENCHMARKS)}}} [--help | options]\n\n{listing}", file=stream)
         return 0 if stream is sys.stdout else 2
     if argv[0] == "ops":
         from .benchmarks.bench_ops import main as run
+    elif argv[0] == "trl-dropin":
+        from .benchmarks.bench_trl import main as run
     else:
         from .benchmarks.bench_train import main as run
     return run(argv[1:]) or 0
@@ -88,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from .demo import add_arguments
 
     add_arguments(demo)
-    sub.add_parser(
-        "bench", help="benchmarks: `fastgrpo bench ops --help`, `fastgrpo bench train --help`", add_help=False
-    )
+    sub.add_parser("bench", help="benchmarks: `fastgrpo bench ops|train|trl-dropin --help`", add_help=False)
     args = parser.parse_args(argv)
     if args.command == "train":
         try:
