@@ -325,3 +325,27 @@ def test_multimodal_inputs_are_refused(tmp_path, model_path):
     ids = torch.ones(2, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="pixel_values"):
         tr._get_per_token_logps_and_entropies(tr.model, ids, ids, 3, pixel_values=torch.zeros(2, 3))
+
+
+def test_bf16_autocast_earns_its_tolerance(tmp_path, model_path):
+    """GRPOConfig's default bf16 autocast: our error against the fp32 loss and gradients is no
+    worse than stock TRL's own bf16 error, plus a small slack."""
+    kw = dict(beta=0.04, importance_sampling_level="token")
+    ref_tr = S.trainer(GRPOTrainer, tmp_path / "fp32", model_path, **kw)
+    inputs = synthetic_inputs(ref_tr)
+    ref_tr.model.train()
+    ref_tr.current_gradient_accumulation_steps = 1
+    (loss32, grads32, _), _ = both_losses(ref_tr, inputs)
+    tr = S.trainer(GRPOTrainer, tmp_path / "bf16", model_path, bf16=True, **kw)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    assert tr.accelerator.mixed_precision == "bf16"
+    (loss_s, grads_s, _), (loss_o, grads_o, _) = both_losses(tr, inputs)
+
+    def err(x, ref):
+        return float((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-12))
+
+    assert err(loss_s, loss32) > 1e-5  # autocast really ran in bf16
+    assert err(loss_o, loss32) <= 2 * err(loss_s, loss32) + 1e-3
+    for name in grads32:
+        assert err(grads_o[name], grads32[name]) <= 2 * err(grads_s[name], grads32[name]) + 2e-3, name

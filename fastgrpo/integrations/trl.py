@@ -10,8 +10,9 @@ FSDP2 or DeepSpeed). Checked against TRL 1.16.
 What changes: the policy's per-token log-probs, entropies and loss come from the final hidden
 states and the lm_head through ``fastgrpo.ops.FusedGRPOLoss`` (gradients formed in the forward on
 the chunked path, or logits on chip on the fused path), and the old and reference log-probs
-through ``fastgrpo.ops.chunked_logprobs``. Full-vocabulary logits never exist for the scored
-tokens; TRL's own chunked head keeps up to 32,768 rows of logits at a time. Everything else
+through ``fastgrpo.ops.chunked_logprobs``. Full-vocabulary logits never exist; TRL's own chunked
+head avoids them too, with [4096 tokens, 32768 vocab] tiles recomputed in the backward (4 head
+GEMM passes), where ours forms the gradients in the forward (3 passes). Everything else
 (generation, rewards, advantages, vLLM, the optimizer step, logging, checkpoints) is TRL's. The
 loss, its gradient accumulation and multi-process normalizers, and the logged metrics (``kl``,
 ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``) follow TRL 1.16's ``_compute_loss``.
@@ -42,6 +43,11 @@ from contextlib import nullcontext
 import torch
 import trl
 from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed: nothing is sharded
+    DTensor = ()
 
 from fastgrpo.ops import IMPLS, FusedGRPOLoss, chunked_logprobs
 from fastgrpo.ops.checks import check_fusable_model, check_workspace_bytes
@@ -83,7 +89,7 @@ def add_head_call(model, *, cast_lm_head_to_fp32: bool = False) -> None:
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         hidden = hidden.to(weight.device)  # a model split over devices can end elsewhere
-        if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2 shards
+        if isinstance(weight, DTensor):  # FSDP2 shards
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
         context = nullcontext()
