@@ -150,7 +150,7 @@ def synthetic_batch(G: int, prompt_len: int, length: int, vocab: int, device, se
         completion_mask,
         lengths == length,
     )
-    rollouts = Rollouts(*(t.to(device) for t in vars(rollouts).values()))
+    rollouts = rollouts.map(lambda t: t.to(device))
     advantages = torch.randn(G, generator=g).to(device)
     return Batch(rollouts, completion_mask.to(device), advantages, {})
 

@@ -19,6 +19,8 @@ from ..ops.api import IMPLS
 from ..ops.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 
 SCALE_REWARDS = ("group", "batch", "none")
+GENERATION_BACKENDS = ("auto", "hf", "continuous", "vllm")
+IS_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -65,7 +67,22 @@ class GenerationConfig:
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling; 0 = off
     repetition_penalty: float = 1.0  # HF repetition penalty; 1 = off
-    generation_batch_size: int | None = None  # sequences per generate call; None = all at once
+    generation_batch_size: int | None = None  # sequences per generate call (hf) or in flight (continuous); None = all
+    generation_backend: str = "auto"  # "auto" (continuous on CUDA, hf on CPU), "hf", "continuous" or "vllm"
+    vllm_gpu_memory_utilization: float = 0.3  # vllm: fraction of GPU memory vLLM may take (weights + KV cache)
+    vllm_enable_sleep_mode: bool = True  # vllm: free its KV cache and offload its weights during the update
+
+
+@dataclasses.dataclass
+class CorrectionConfig:
+    vllm_importance_sampling_correction: bool | None = (
+        None  # weight the loss by pi_train(old)/pi_sampler (TRL's name); None = auto (on for vllm)
+    )
+    vllm_importance_sampling_mode: str = "sequence_mask"  # token_truncate/token_mask/sequence_truncate/sequence_mask
+    vllm_importance_sampling_clip_max: float | None = (
+        3.0  # C_max: truncate ratios above it, or mask them; None = no cap
+    )
+    vllm_importance_sampling_clip_min: float | None = None  # C_min: truncate ratios below it, or mask them; None = none
 
 
 @dataclasses.dataclass
@@ -129,6 +146,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    correction: CorrectionConfig = dataclasses.field(default_factory=CorrectionConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOAlgoConfig = dataclasses.field(default_factory=GRPOAlgoConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -305,6 +323,28 @@ def validate(cfg: Config) -> None:
     _check(0 < g.top_p <= 1, f"top_p must be in (0, 1], got {g.top_p}")
     _check(g.top_k >= 0, f"top_k must be >= 0, got {g.top_k}")
     _check(g.generation_batch_size is None or g.generation_batch_size > 0, "generation_batch_size must be > 0 or None")
+    _check(
+        g.generation_backend in GENERATION_BACKENDS,
+        f"generation_backend must be one of {'/'.join(GENERATION_BACKENDS)}, got {g.generation_backend!r}",
+    )
+    _check(
+        0 < g.vllm_gpu_memory_utilization <= 1,
+        f"vllm_gpu_memory_utilization must be in (0, 1], got {g.vllm_gpu_memory_utilization}",
+    )
+    c = cfg.correction
+    _check(
+        c.vllm_importance_sampling_mode in IS_CORRECTION_MODES,
+        f"vllm_importance_sampling_mode must be one of {'/'.join(IS_CORRECTION_MODES)}, "
+        f"got {c.vllm_importance_sampling_mode!r}",
+    )
+    for name in ("vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min"):
+        v = getattr(c, name)
+        _check(v is None or (v > 0 and math.isfinite(v)), f"{name} must be > 0 and finite, or None, got {v}")
+    lo, hi = c.vllm_importance_sampling_clip_min, c.vllm_importance_sampling_clip_max
+    _check(
+        lo is None or hi is None or lo < hi,
+        f"vllm_importance_sampling_clip_min ({lo}) must be below vllm_importance_sampling_clip_max ({hi})",
+    )
     _check(len(r.reward_funcs) > 0, "reward_funcs must name at least one reward function")
     if r.reward_weights is not None:
         _check(

@@ -22,13 +22,20 @@ class Rollouts:
     completion_ids: torch.Tensor  # (N, C) int64, right-padded
     completion_mask: torch.Tensor  # (N, C) bool: tokens up to and including the first EOS
     truncated: torch.Tensor  # (N,) bool: reached max_completion_length without EOS
+    # (N, C) float32: the sampler's log-prob of each completion token (0 where masked), for the
+    # sampler/trainer mismatch correction; None when the backend does not report them.
+    sampler_logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
+    def map(self, fn) -> Rollouts:
+        """``fn`` applied to every tensor field (None stays None)."""
+        return Rollouts(*(None if (x := getattr(self, f.name)) is None else fn(x) for f in dataclasses.fields(self)))
+
     def select(self, rows: torch.Tensor | list[int]) -> Rollouts:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
-        return Rollouts(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+        return self.map(lambda x: x[rows])
 
     def trim(self) -> Rollouts:
         """Drop prompt columns that are padding in every row and completion columns past the
@@ -42,6 +49,7 @@ class Rollouts:
             self.completion_ids[:, :width],
             self.completion_mask[:, :width],
             self.truncated,
+            None if self.sampler_logprobs is None else self.sampler_logprobs[:, :width],
         )
 
     @staticmethod
@@ -63,6 +71,10 @@ class Rollouts:
             torch.cat([pad(r.completion_ids, C, pad_token_id, False) for r in parts]),
             torch.cat([pad(r.completion_mask, C, False, False) for r in parts]),
             torch.cat([r.truncated for r in parts]),
+            # Only when every part has them: a mixed batch could not be corrected consistently.
+            None
+            if any(r.sampler_logprobs is None for r in parts)
+            else torch.cat([pad(r.sampler_logprobs, C, 0.0, False) for r in parts]),
         )
 
 

@@ -23,11 +23,11 @@ from .advantages import compute_advantages, process_advantages, zero_std_groups
 from .config import Config, save_yaml
 from .data import PromptSampler, format_prompt, load_prompt_dataset
 from .embedded import prepare_embedded
-from .memory import format_plan, memory_plan, release_cached_memory
+from .memory import format_plan, memory_plan
 from .modeling import build_models, resolve_device, resolve_dtype
 from .rewards import RewardScorer, build_reward_functions
 from .rollouts import Batch, Rollouts
-from .sampling import HFGenerator, SamplingParams
+from .sampling import SamplingParams, build_generator, check_backend
 from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
 from .update import Updater
 
@@ -72,6 +72,7 @@ class GRPOTrainer:
         )
         self.scorer = RewardScorer(funcs, cfg.reward_weights)
         self._preflight_rewards()
+        backend = check_backend(cfg.generation_backend, self.device)  # e.g. vllm not installed: before loading
         self.resume_path = None
         if cfg.resume_from_checkpoint:
             self.resume_path = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.out)
@@ -89,7 +90,8 @@ class GRPOTrainer:
                 shutil.rmtree(path)
         cfg.model.padding_free = self.model_info["padding_free"]  # resolved; config.yaml records it
         cfg.model.use_liger_body = bool(self.model_info["liger_body"])
-        self.generator = HFGenerator(self.model, self.tokenizer, cfg.max_prompt_length)
+        self.generator = build_generator(backend, self.model, self.tokenizer, cfg)
+        self.model_info["generation_backend"] = backend
         self.sampling = SamplingParams(
             cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k,
             cfg.repetition_penalty, cfg.generation_batch_size,
@@ -270,8 +272,9 @@ class GRPOTrainer:
             t0 = time.perf_counter()
             self._step_start = self._data_and_rng_state()
             batch = self.sample_batch()
-            release_cached_memory(self.device)  # the KV cache is garbage now: give its blocks back before the update
+            self.generator.release()  # KV cache or engine memory back before the update needs it
             metrics = self.updater.update(batch)
+            self.generator.update_weights()
             self.step += 1
             dt = time.perf_counter() - t0
             tokens = batch.metrics.pop("_tokens")
