@@ -34,9 +34,11 @@ def tokens_per_microbatch(cfg) -> tuple[int, int]:
 
 
 def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
-    """Estimated GiB: weights (policy and reference copy), gradients, AdamW state, activations
-    of one micro-batch at the configured lengths, and the fused loss's buffers; plus what full
-    fp32 logits would take, which the fused loss never allocates."""
+    """Estimated GiB of both phases. The update (``total_gb``): weights (policy and reference
+    copy), gradients, AdamW state, activations of one micro-batch at the configured lengths, the
+    fused loss's buffers; plus what full fp32 logits would take, which the fused loss never
+    allocates. Sampling (``sampling_total_gb``): the resident weights and AdamW state plus the
+    backend's cache (``sampling_gb``). ``peak_gb`` is the larger phase."""
     c = _text_config(model)
     H, inter, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     head_dim = getattr(c, "head_dim", None) or H // c.num_attention_heads
@@ -72,18 +74,43 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
         "tokens_per_microbatch": float(T),
         "full_logits_gb": M * V * 4 / GB,
     }
-    plan["total_gb"] = sum(plan[k] for k in ("weights_gb", "ref_weights_gb", "gradients_gb", "optimizer_gb",
-                                               "activations_gb", "loss_gb"))  # fmt: skip
+    resident = sum(plan[k] for k in ("weights_gb", "ref_weights_gb", "optimizer_gb"))  # held in both phases
+    sampling, engine_awake = sampling_gb(cfg, info.get("generation_backend", "hf"), L * kv * b, V, params[0].device)
+    plan["sampling_gb"] = sampling
+    # The update's peak; a vLLM engine without sleep mode keeps its share of the GPU through it.
+    plan["total_gb"] = resident + engine_awake + sum(plan[k] for k in ("gradients_gb", "activations_gb", "loss_gb"))
+    # Sampling: gradients are freed by the last step's zero_grad(set_to_none=True).
+    plan["sampling_total_gb"] = resident + sampling
+    plan["peak_gb"] = max(plan["total_gb"], plan["sampling_total_gb"])
     return plan
+
+
+def sampling_gb(cfg, backend: str, kv_bytes_per_token: int, vocab: int, device: torch.device) -> tuple[float, float]:
+    """(GiB the sampling phase adds, GiB of it still held during the update).
+
+    hf: the dense KV cache of one generate call, every row at prompt + completion length, plus
+    one decode step's fp32 logits per row. continuous: its paged cache holds at most as much (rows
+    free their blocks when they finish), so the same bound. vllm: ``vllm_gpu_memory_utilization``
+    of the device (its weight copy and KV cache), handed back during the update only in sleep mode
+    (its weights then wait in host memory)."""
+    if backend == "vllm":
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        engine = cfg.vllm_gpu_memory_utilization * total / GB
+        return engine, 0.0 if cfg.vllm_enable_sleep_mode else engine
+    rows = cfg.generation_batch_size or cfg.generation_batch_size_total()
+    prompt = cfg.max_prompt_length or 512
+    kv = rows * (prompt + cfg.max_completion_length) * kv_bytes_per_token
+    return (kv + rows * vocab * 4) / GB, 0.0
 
 
 def format_plan(plan: dict[str, float], info: dict | None = None) -> str:
     parts = [f"{k[:-3]} {plan[k]:.2f}" for k in ("weights_gb", "ref_weights_gb", "gradients_gb", "optimizer_gb",
                                                   "activations_gb", "loss_gb")]  # fmt: skip
     line = (
-        f"memory plan (GiB): {', '.join(parts)}; total {plan['total_gb']:.2f} at "
+        f"memory plan (GiB): {', '.join(parts)}; update {plan['total_gb']:.2f} at "
         f"{plan['tokens_per_microbatch']:.0f} tokens per micro-batch "
-        f"(full logits would add {plan['full_logits_gb']:.2f})"
+        f"(full logits would add {plan['full_logits_gb']:.2f}); sampling {plan['sampling_total_gb']:.2f} "
+        f"(KV cache {plan['sampling_gb']:.2f})"
     )
     if info:
         line += "\n" + ", ".join(f"{k}={v}" for k, v in info.items())

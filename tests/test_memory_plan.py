@@ -1,0 +1,50 @@
+"""The memory plan counts both phases: the update and sampling (each backend's cache)."""
+
+import types
+
+import pytest
+import torch
+
+from fastgrpo.train.memory import GB, memory_plan, sampling_gb
+
+from helpers import train_config
+
+
+def _cfg(**values):
+    base = dict(max_prompt_length=100, max_completion_length=300, generation_batch_size=None,
+                per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                vllm_gpu_memory_utilization=0.25, vllm_enable_sleep_mode=True)  # fmt: skip
+    base.update(values)
+    cfg = types.SimpleNamespace(**base)
+    cfg.generation_batch_size_total = lambda: cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    return cfg
+
+
+@pytest.mark.parametrize("backend", ["hf", "continuous"])
+def test_kv_cache_bound_of_the_transformers_backends(backend):
+    # 8 rows (4 x 2) of 400 tokens at 1000 B per token, plus one fp32 logits row each.
+    assert sampling_gb(_cfg(), backend, 1000, 50, torch.device("cpu")) == ((8 * 400 * 1000 + 8 * 50 * 4) / GB, 0.0)
+    # generation_batch_size caps the rows one call (or the continuous scheduler) holds.
+    got, _ = sampling_gb(_cfg(generation_batch_size=2), backend, 1000, 50, torch.device("cpu"))
+    assert got == (2 * 400 * 1000 + 2 * 50 * 4) / GB
+
+
+@pytest.mark.parametrize("sleep", [True, False])
+def test_vllm_takes_its_share_and_keeps_it_through_the_update_without_sleep_mode(monkeypatch, sleep):
+    props = types.SimpleNamespace(total_memory=80 * GB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    engine, awake = sampling_gb(_cfg(vllm_enable_sleep_mode=sleep), "vllm", 1000, 50, torch.device("cuda"))
+    assert engine == pytest.approx(20.0) and awake == (0.0 if sleep else pytest.approx(20.0))
+
+
+def test_plan_has_both_phases_and_the_peak(embedded, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = train_config(embedded, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(embedded[0])
+    plan = memory_plan(model, cfg, {"generation_backend": "hf"})
+    resident = plan["weights_gb"] + plan["ref_weights_gb"] + plan["optimizer_gb"]
+    assert plan["sampling_total_gb"] == pytest.approx(resident + plan["sampling_gb"]) and plan["sampling_gb"] > 0
+    update = resident + plan["gradients_gb"] + plan["activations_gb"] + plan["loss_gb"]
+    assert plan["total_gb"] == pytest.approx(update)
+    assert plan["peak_gb"] == max(plan["total_gb"], plan["sampling_total_gb"])
