@@ -342,6 +342,11 @@ def validate(cfg: Config) -> None:
         _check(v is None or (v > 0 and math.isfinite(v)), f"{name} must be > 0 and finite, or None, got {v}")
     lo, hi = c.vllm_importance_sampling_clip_min, c.vllm_importance_sampling_clip_max
     _check(
+        not (c.vllm_importance_sampling_mode.endswith("_truncate") and lo is None and hi is None),
+        f"vllm_importance_sampling_mode={c.vllm_importance_sampling_mode!r} needs "
+        "vllm_importance_sampling_clip_max or vllm_importance_sampling_clip_min (nothing to truncate to)",
+    )
+    _check(
         lo is None or hi is None or lo < hi,
         f"vllm_importance_sampling_clip_min ({lo}) must be below vllm_importance_sampling_clip_max ({hi})",
     )

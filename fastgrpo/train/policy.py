@@ -88,10 +88,13 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None,
     num_items_in_batch: float | None,
     padding_free: bool = False,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> GRPOLossOutput:
     """The GRPO loss of one micro-batch, from backbone hidden states through the fused op.
 
-    ``loss_fn`` holds the loss hyper-parameters and the implementation (built once per run)."""
+    ``loss_fn`` holds the loss hyper-parameters and the implementation (built once per run).
+    ``importance_sampling_ratio``: (B, C) or (B, 1) sampler/trainer correction multiplying the
+    policy term (``correction.py``), or None."""
     hidden = completion_hidden(model, batch, padding_free)
     weight, bias = lm_head(model)
     return loss_fn(
@@ -104,4 +107,5 @@ def policy_loss(
         ref_logprobs=ref_logprobs,
         bias=bias,
         num_items_in_batch=num_items_in_batch,
+        importance_sampling_ratio=importance_sampling_ratio,
     )

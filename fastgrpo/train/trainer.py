@@ -109,7 +109,7 @@ class GRPOTrainer:
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
         total_updates = self.max_steps * cfg.num_iterations
-        self.updater = Updater(self.model, self.ref_model, self.params, cfg, self._fail)
+        self.updater = Updater(self.model, self.ref_model, self.params, cfg, self._fail, backend=backend)
         self.optimizer = self.updater.optimizer
         warmup = math.ceil(cfg.warmup_ratio * total_updates)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

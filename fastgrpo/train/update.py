@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ..ops import FusedGRPOLoss, GRPOLossParams
+from .correction import CorrectionSettings, CorrectionStats, importance_sampling_ratio, missing_sampler_logprobs
 from .policy import completion_logprobs, policy_loss
 from .rollouts import Batch, MicroBatch, Rollouts
 
@@ -66,11 +67,24 @@ class Updater:
     ``cfg`` is the trainer's ``Config`` (read live, so tests may change the micro-batch size).
     ``ref_model`` is a frozen copy, or None: then, with ``beta > 0``, the reference is the policy
     with its LoRA adapters disabled. ``on_nonfinite(what, iteration, where)`` must raise.
+    ``backend``: the resolved generation backend; with it, the sampler/trainer mismatch correction
+    (``correction.py``) is resolved from ``cfg.correction`` (auto: on for vllm). None = off.
     """
 
-    def __init__(self, model, ref_model, params: GRPOLossParams, cfg, on_nonfinite: Callable[..., None]):
+    def __init__(
+        self,
+        model,
+        ref_model,
+        params: GRPOLossParams,
+        cfg,
+        on_nonfinite: Callable[..., None],
+        backend: str | None = None,
+    ):
         self.model, self.ref_model, self.params, self.cfg = model, ref_model, params, cfg
         self.on_nonfinite = on_nonfinite
+        self.correction = (
+            CorrectionSettings() if backend is None else CorrectionSettings.resolve(cfg.correction, backend)
+        )
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
@@ -103,18 +117,43 @@ class Updater:
         with self.model.disable_adapter():  # LoRA: the base model is the reference, no second copy
             return self.logprobs(self.model, mb)
 
+    def check_sampler_logprobs(self, batch: Batch) -> None:
+        if self.correction.enabled and batch.rollouts.sampler_logprobs is None:
+            raise missing_sampler_logprobs(self.correction)
+
+    def sampling_correction(self, micro: list[MicroBatch], old: list[torch.Tensor]):
+        """(per-micro-batch ratios, metrics) of the sampler/trainer correction, or ([None]..., {})
+        when it is off. ``old``: the policy's log-probs before any update, per micro-batch."""
+        if not self.correction.enabled:
+            return [None] * len(micro), {}
+        stats = CorrectionStats(self.correction)
+        ratios = []
+        for m, lp in zip(micro, old, strict=True):
+            sampler = m.rollouts.sampler_logprobs
+            if sampler is None:
+                raise missing_sampler_logprobs(self.correction)
+            sampler = sampler.to(lp.device)
+            ratio, outside = importance_sampling_ratio(lp, sampler, m.loss_mask, self.correction)
+            stats.add(lp, sampler, m.loss_mask, ratio, outside)
+            ratios.append(ratio)
+        return ratios, stats.metrics()
+
     def update(self, batch: Batch) -> dict[str, float]:
         """``num_iterations`` optimizer updates over the batch; returns averaged metrics."""
         cfg = self.cfg
+        self.check_sampler_logprobs(batch)  # before any forward pass
         micro = self.micro_batches(batch)
         old = ref = [None] * len(micro)
-        if cfg.num_iterations > 1:  # the sampling policy's log-probs, before it moves
+        # The sampling policy's log-probs, before it moves; the correction needs them at any num_iterations
+        # (as TRL computes old_per_token_logps whenever vllm_importance_sampling_correction is on).
+        if cfg.num_iterations > 1 or self.correction.enabled:
             old = [self.logprobs(self.model, m.rollouts) for m in micro]
         if cfg.beta > 0:
             ref = [self.ref_logprobs(m.rollouts) for m in micro]
-        sums: dict[str, float] = {"micro_batches": float(len(micro))}
+        is_ratio, correction_metrics = self.sampling_correction(micro, old)
+        sums: dict[str, float] = {"micro_batches": float(len(micro)), **correction_metrics}
         for it in range(cfg.num_iterations):
-            for k, v in self.accumulate_gradients(batch, micro, old, ref, it).items():
+            for k, v in self.accumulate_gradients(batch, micro, old, ref, it, is_ratio).items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -129,13 +168,25 @@ class Updater:
             sums["learning_rate"] = self.scheduler.get_last_lr()[0]
         return sums
 
-    def accumulate_gradients(self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0):
+    def accumulate_gradients(
+        self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0, is_ratio=None
+    ) -> dict[str, float]:
         """Backward over every micro-batch, scaled so the summed gradient is that of the whole
         generation batch: dapo/cispo divide by its completion tokens, bnpo weights each
-        micro-batch by its share of them, the per-sequence types by its share of the rows."""
+        micro-batch by its share of them, the per-sequence types by its share of the rows.
+
+        ``is_ratio``: per micro-batch, the sampler/trainer correction (``sampling_correction``);
+        None with the correction on computes it here (and ``old``, if not given). It scales the
+        per-token loss only: the normalizers above still count every loss token."""
         micro = self.micro_batches(batch) if micro is None else micro
+        if is_ratio is None and self.correction.enabled:
+            self.check_sampler_logprobs(batch)
+            if old is None or any(o is None for o in old):
+                old = [self.logprobs(self.model, m.rollouts) for m in micro]
+            is_ratio, _ = self.sampling_correction(micro, old)
         old = [None] * len(micro) if old is None else old
         ref = [None] * len(micro) if ref is None else ref
+        is_ratio = [None] * len(micro) if is_ratio is None else is_ratio
         p = self.params
         # Clamped: a batch whose completions were all truncated has no loss tokens, and loss 0.
         tokens = max(float(batch.loss_mask.sum()), 1.0)
@@ -150,7 +201,8 @@ class Updater:
             else:  # per-sequence losses (grpo/sapo/dr_grpo/luspo) are means over the micro-batch's rows
                 scale = len(m.rows) / n
             out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, self.loss_fn, old_logprobs=old[k],
-                              ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.packed)  # fmt: skip
+                              ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.packed,
+                              importance_sampling_ratio=is_ratio[k])  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
                 self.on_nonfinite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
