@@ -75,14 +75,19 @@ def test_old_checkpoint_resumes_and_repeats_the_uninterrupted_run(tmp_path, kind
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_old_config_yaml_loads_with_the_same_keys(kind):
-    """The config.yaml an old checkpoint holds is a valid --config today, section for section."""
-    from fastgrpo.train.config import build_config, load_yaml
+    """The config.yaml an old checkpoint holds is a valid --config today, section for section: every
+    key it has keeps its section and value, and a key added since (a section too) takes its default."""
+    from fastgrpo.train.config import Config, build_config, load_yaml
 
     path = FIXTURES / kind / "checkpoint-2" / "config.yaml"
     old = load_yaml(path)
-    cfg = build_config((old, str(path)))
-    assert {s: list(v) for s, v in cfg.to_dict().items()} == {s: list(v) for s, v in old.items()}
-    assert cfg.to_dict()["grpo"]["num_iterations"] == 2
+    new, default = build_config((old, str(path))).to_dict(), Config().to_dict()
+    assert set(old) <= set(new)
+    for section, values in old.items():
+        assert {k: new[section].get(k, "<missing>") for k in values} == values, section
+    added = {(s, k) for s, values in new.items() for k in values if k not in old.get(s, {})}
+    assert {(s, k): new[s][k] for s, k in added} == {(s, k): default[s][k] for s, k in added}
+    assert new["grpo"]["num_iterations"] == 2
 
 
 def test_public_names_resolve_as_before():
