@@ -89,7 +89,7 @@ ops() { # ops <model>
 }
 
 gpu_tests() { # the @gpu tests first, then the kernel suites natively (they run on CUDA when it is there)
-    timeout "$TESTS_BUDGET" python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_chunked.py \
+    FASTGRPO_JIT_REPORT="$RESULTS/jit_kernels.txt" timeout "$TESTS_BUDGET" python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_chunked.py \
         tests/test_grpo_loss.py tests/test_linear_logprobs.py tests/test_grad_filter.py
 }
 

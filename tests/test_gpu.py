@@ -117,3 +117,51 @@ def test_fp32_accumulating_gemm_takes_the_out_dtype_route():
         _gemm.accumulate_mm(acc, a, b)
     assert _gemm._OUT_DTYPE_OK
     assert rel_err(acc, 1 + a.double() @ b.double()) < 1e-5
+
+
+def _compiled_kernels():
+    """(kernel name, CompiledKernel) of every fastgrpo Triton kernel the JIT has compiled so far on CUDA."""
+    import inspect
+
+    from triton.runtime.jit import JITFunction
+
+    from fastgrpo.kernels import linear_dlogits, linear_logprobs, logits_rows
+
+    for module in (linear_logprobs, linear_dlogits, logits_rows):
+        for name, fn in inspect.getmembers(module, lambda f: isinstance(f, JITFunction)):
+            for entry in getattr(fn, "device_caches", {}).values():
+                for kernel in entry[0].values():  # the kernel cache comes first in every Triton 3.x layout
+                    yield f"{module.__name__.rsplit('.', 1)[-1]}.{name}", kernel
+
+
+def test_jit_kernels_compiled_for_this_gpu_do_not_spill():
+    """The compile gate's promise, read off the JIT's own binaries on this GPU: run every public path
+    (fused fwd/bwd, filter, chunked row kernels; trainable and frozen; bf16 and fp32) at the Qwen2.5-7B
+    head, then no compiled variant may spill or exceed shared memory. FASTGRPO_JIT_REPORT names a file for
+    the table (registers, spills, shared memory) that the GPU run keeps."""
+    import os
+
+    H, V = 3584, 152_064
+    for dtype in (torch.bfloat16, torch.float32):
+        batch = _batch(2, 700, H, V, dtype)
+        for impl in ("fused", "chunked"):
+            _loss_and_grads(impl, *batch)
+        hidden, weight, targets, mask, adv, old = batch
+        h = hidden.detach().requires_grad_()
+        fastgrpo.fused_grpo_loss(h, weight, targets, mask, adv, impl="fused").loss.backward()  # frozen head
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        fastgrpo.fused_grpo_loss(h, w, targets, mask, adv, impl="fused", grad_filter_eps=1e-6).loss.backward()
+    torch.cuda.synchronize()
+    rows = []
+    for name, k in _compiled_kernels():
+        k._init_handles()
+        md = k.metadata
+        rows.append((name, md.num_warps, md.num_stages, k.n_regs, k.n_spills, md.shared))
+    assert rows, "no fastgrpo kernel was compiled"
+    table = "\n".join(["kernel | warps | stages | regs | spills | shared B"] + [" | ".join(map(str, r)) for r in rows])
+    if os.environ.get("FASTGRPO_JIT_REPORT"):
+        with open(os.environ["FASTGRPO_JIT_REPORT"], "a") as f:
+            f.write(f"# {torch.cuda.get_device_name()}\n{table}\n")
+    assert not [r for r in rows if r[4] > 0], f"spills:\n{table}"
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    assert not [r for r in rows if r[5] > limit], f"shared memory over {limit}:\n{table}"
