@@ -123,9 +123,8 @@ def _compiled_kernels():
     """(kernel name, CompiledKernel) of every fastgrpo Triton kernel the JIT has compiled so far on CUDA."""
     import inspect
 
-    from triton.runtime.jit import JITFunction
-
     from fastgrpo.kernels import linear_dlogits, linear_logprobs, logits_rows
+    from triton.runtime.jit import JITFunction
 
     for module in (linear_logprobs, linear_dlogits, logits_rows):
         for name, fn in inspect.getmembers(module, lambda f: isinstance(f, JITFunction)):
