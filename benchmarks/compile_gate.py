@@ -102,7 +102,11 @@ DTYPES = {
     "fp32-tf32": (torch.float32, True),
     "fp32-ieee": (torch.float32, False),
 }
-TOKENS = 4096  # a micro-batch's token count: small, with a real one's divisibility
+# A micro-batch's token count, both ways the JIT specializes an int: 16-divisible, and not. A
+# batch's live-token count is any number, and the odd one is what spilled on a GPU (the bf16
+# d-logits kernel with an entropy gradient at N = 1,203: 168 B of local memory on an H200) while
+# this gate, then compiling 4,096 only, saw none.
+TOKEN_COUNTS = (4096, 4093)
 
 
 # ----------------------------------------------------------------------------- capture
@@ -241,7 +245,7 @@ def specialize(launch: Launch, arch: int) -> Job:
 Recipe = Callable[[Capture, Head, torch.dtype], None]
 
 
-def _head_tensors(head: Head, dtype: torch.dtype, n: int = TOKENS):
+def _head_tensors(head: Head, dtype: torch.dtype, n: int):
     hidden = torch.empty(n, head.H, dtype=dtype)
     weight = torch.empty(head.V, head.H, dtype=dtype)
     bias = torch.empty(head.V, dtype=dtype)
@@ -253,15 +257,16 @@ def linear_logprobs_fwd_recipe(capture: Capture, head: Head, dtype: torch.dtype)
     """Every forward launch: with/without the ``active`` mask, with/without bias."""
     from fastgrpo.kernels.linear_logprobs import linear_logprobs_fwd
 
-    hidden, weight, bias, targets = _head_tensors(head, dtype)
-    active = torch.ones(TOKENS, dtype=torch.bool)
-    for use_bias in (False, True):
-        for use_active in (False, True):
-            label = "fwd" + (" bias" if use_bias else "") + (" active" if use_active else "")
-            with capture.variant(label):
-                linear_logprobs_fwd(
-                    hidden, weight, bias if use_bias else None, targets, active if use_active else None, 1.0
-                )
+    for n in TOKEN_COUNTS:
+        hidden, weight, bias, targets = _head_tensors(head, dtype, n)
+        active = torch.ones(n, dtype=torch.bool)
+        for use_bias in (False, True):
+            for use_active in (False, True):
+                label = "fwd" + (" bias" if use_bias else "") + (" active" if use_active else "")
+                with capture.variant(label):
+                    linear_logprobs_fwd(
+                        hidden, weight, bias if use_bias else None, targets, active if use_active else None, 1.0
+                    )
 
 
 # Backward flag combinations: (need_dweight, bias: "" | "frozen-bias" | "bias", entropy grad, filter).
@@ -289,13 +294,18 @@ BWD_ALL = tuple(
 def linear_logprobs_bwd_recipe(capture: Capture, head: Head, dtype: torch.dtype) -> None:
     """Backward launches: trainable/frozen head, no/frozen/trainable bias, entropy gradient
     present/absent, gradient filter off/on (``BWD_PAIRWISE``, or ``BWD_ALL`` with ``--full``),
-    each with its loop order's chunk launches (tails included)."""
+    each with its loop order's chunk launches (tails included), at every ``TOKEN_COUNTS``."""
+    for n in TOKEN_COUNTS:
+        _bwd_launches(capture, head, dtype, n)
+
+
+def _bwd_launches(capture: Capture, head: Head, dtype: torch.dtype, n: int) -> None:
     from fastgrpo.kernels.linear_logprobs import linear_logprobs_bwd
 
-    hidden, weight, bias, targets = _head_tensors(head, dtype)
-    lse, entropy = (torch.empty(TOKENS, dtype=torch.float32) for _ in range(2))
+    hidden, weight, bias, targets = _head_tensors(head, dtype, n)
+    lse, entropy = (torch.empty(n, dtype=torch.float32) for _ in range(2))
     # Every token live, as in a real batch: the exact backward compacts dead tokens away.
-    g_lp, g_ent = (torch.ones(TOKENS, dtype=torch.float32) for _ in range(2))
+    g_lp, g_ent = (torch.ones(n, dtype=torch.float32) for _ in range(2))
     for need_dw, bias_mode, use_ent, use_filter in BWD_ALL if capture.full else BWD_PAIRWISE:
         words = ("bwd", "trainable" if need_dw else "frozen", bias_mode, "dent" if use_ent else "")
         with capture.variant(" ".join(w for w in (*words, "filter" if use_filter else "") if w)):

@@ -130,23 +130,30 @@ def _target(device: torch.device) -> tuple[tuple[int, int] | None, int | None]:
 # backward, per target family and operand kind. Chosen with the compile gate
 # (benchmarks/compile_gate.py, results in benchmarks/results/compile/): every launch the ops make
 # compiles without register spills, within the chip's shared memory, on tensor cores for 16-bit
-# and TF32 operands, for the heads listed there, with triton 3.9 and 3.6. Not yet timed on a GPU. Families: "sm80" (also
+# and TF32 operands, for the heads listed there, at token counts that are and are not multiples of
+# 16 (the JIT specializes on it), with triton 3.9 and 3.6. sm90 16-bit forward/d-logits timed on an
+# H200 (benchmarks/NOTES.md); the rest not yet timed on a GPU. Families: "sm80" (also
 # the default for unknown or older devices and for sm_86/89: every sm80 config fits their 99 KiB
 # of shared memory), "sm90" (Hopper, wgmma), "sm100" (Blackwell and newer, tcgen05; the configs
 # use <= 87 KiB of shared memory, so they also fit sm_120).
 _GPU_CONFIGS = {
     # 16-bit operands
     ("sm80", "16bit"): dict(fwd=(128, 64, 64, 8, 3), bwd=(128, 128, 32, 8, 3)),
-    # sm90 backward: 3 stages spilled 4 B at GPT-2's odd vocabulary (trainable, bias, filter).
-    ("sm90", "16bit"): dict(fwd=(128, 128, 64, 8, 4), bwd=(128, 128, 64, 8, 2)),
+    # sm90 backward (the filter's atomic kernel): 128x128 spilled 24 B under triton 3.6 at a token
+    # count that is not a multiple of 16; 128x64 stays at <= 224 registers.
+    # sm90 d-logits: the forward's 128x128 tile sat at 255 registers and, at such a token count
+    # with an entropy gradient, spilled 168 B (seen on an H200, then in the gate); 128x64: <= 220.
+    ("sm90", "16bit"): dict(fwd=(128, 128, 64, 8, 4), bwd=(128, 64, 64, 8, 2), dlogits=(128, 64, 64, 8, 4)),
     ("sm100", "16bit"): dict(fwd=(128, 64, 64, 8, 3), bwd=(128, 64, 32, 8, 3)),
     # fp32 operands with TF32 allowed (torch.backends.cuda.matmul.allow_tf32)
-    ("sm80", "tf32"): dict(fwd=(64, 64, 32, 8, 2), bwd=(64, 64, 32, 8, 2)),
+    ("sm80", "tf32"): dict(fwd=(64, 64, 32, 8, 2), bwd=(64, 32, 32, 8, 2)),  # 64x64 bwd: 12 B spilled (3.6)
     ("sm90", "tf32"): dict(fwd=(64, 64, 32, 4, 2), bwd=(64, 64, 32, 4, 2)),
     ("sm100", "tf32"): dict(fwd=(64, 64, 32, 8, 2), bwd=(64, 64, 32, 8, 2)),
-    # IEEE fp32: CUDA-core FMA dots. The backward at 64x64x32 (4 warps) spilled ~12 KB/thread.
-    ("sm80", "ieee"): dict(fwd=(64, 64, 32, 4, 2), bwd=(64, 64, 16, 8, 2)),
-    ("sm90", "ieee"): dict(fwd=(64, 64, 32, 4, 2), bwd=(64, 64, 16, 8, 2)),
+    # IEEE fp32: CUDA-core FMA dots. The backward at 64x64x32 (4 warps) spilled ~12 KB/thread; the
+    # forward at 64x64x32 with 4 warps spilled 8-36 B at token counts not a multiple of 16 (an
+    # H200's JIT: 32 B), 8 warps over BLOCK_H 16 do not.
+    ("sm80", "ieee"): dict(fwd=(64, 64, 16, 8, 2), bwd=(64, 32, 16, 8, 2)),
+    ("sm90", "ieee"): dict(fwd=(64, 64, 16, 8, 2), bwd=(64, 64, 16, 8, 2)),
     ("sm100", "ieee"): dict(fwd=(32, 64, 32, 4, 2), bwd=(32, 32, 32, 4, 2)),
 }
 
@@ -184,7 +191,9 @@ def _launch_constants(dtype: torch.dtype, capability: tuple[int, int] | None = N
     cfg = _GPU_CONFIGS[(_family(capability), kind)]
     fn, fv, fh, fw, fs = cfg["fwd"]
     bn, bv, bh, bw, bs = cfg["bwd"]
+    extra = {"DLOGITS": cfg["dlogits"]} if "dlogits" in cfg else {}
     return dict(
+        **extra,
         DOT_PRECISION=prec,
         UPCAST=False,
         BLOCK_N=bn,
@@ -198,6 +207,12 @@ def _launch_constants(dtype: torch.dtype, capability: tuple[int, int] | None = N
         fwd_warps=fw,
         fwd_stages=fs,
     )
+
+
+def _dlogits_constants(c: dict) -> tuple[int, int, int, int, int]:
+    """The d-logits kernel's (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): its own where the
+    family has one (``dlogits``), else the forward's (the same logits tile, a lighter epilogue)."""
+    return c.get("DLOGITS") or _fwd_constants(c)
 
 
 def _fwd_constants(c: dict) -> tuple[int, int, int, int, int]:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _gemm
-from ._tiles import _fwd_constants, _launch_constants, _logits_tile, _target
+from ._tiles import _dlogits_constants, _launch_constants, _logits_tile, _target
 
 # Bound on one chunk's d loss / d logits workspace (input dtype); ~1,700 tokens at V = 152K, bf16.
 WORKSPACE_BYTES = 512 << 20
@@ -117,12 +117,19 @@ def _alloc_workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.de
     return torch.empty(rows, vocab, dtype=dtype, device=device)
 
 
+def _aligned(step: int) -> int:
+    """A chunk width of at least 1, rounded down to a multiple of 64 where it is that wide: every
+    slice of the weight, the hidden states and the workspace then starts 16-byte aligned, which the
+    JIT specializes on (wider loads; an unaligned slice is another, slower compile)."""
+    return step - step % 64 if step >= 64 else max(1, step)
+
+
 def _launch(c, h, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, z, inv_temp):
     """d loss / d logits of tokens ``h`` (n, H) against the vocabulary slice ``weight`` into ``z``."""
     n, V = z.shape
     H = h.shape[1]
-    # A logits tile and its epilogue, as in the forward: the forward's tiles, warps and stages.
-    block_n, block_v, block_h, warps, stages = _fwd_constants(c)
+    # A logits tile and its epilogue, as in the forward: the forward's tiles unless the family has its own.
+    block_n, block_v, block_h, warps, stages = _dlogits_constants(c)
     grid = (triton.cdiv(n, block_n) * triton.cdiv(V, block_v),)
     _dlogits_kernel[grid](
         h,
@@ -215,7 +222,7 @@ def dlogits_backward(
     dw = (weight.new_zeros if not n or sum_in_dw else weight.new_empty)(V, H) if need_dweight else weight.new_empty(0)
     db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_dbias else None
     if vocab_outer:  # dHidden sums in fp32
-        step = max(1, workspace_bytes // (n * elem))
+        step = _aligned(workspace_bytes // (n * elem))
         ws = _alloc_workspace(n, min(step, V), hidden.dtype, hidden.device)
         for v0 in range(0, V, step):
             v1 = min(V, v0 + step)
@@ -230,7 +237,7 @@ def dlogits_backward(
                 db[v0:v1] += _gemm.colsum(z)
         dh = dh.to(hidden.dtype)
     elif n:  # tokens outer: each dHidden chunk complete, dWeight (if any) sums in fp32
-        step = max(1, workspace_bytes // (V * elem))
+        step = _aligned(workspace_bytes // (V * elem))
         ws = _alloc_workspace(min(step, n), V, hidden.dtype, hidden.device)
         dw_acc = None
         if need_dweight:
