@@ -12,6 +12,11 @@ def _hand_name_to_installed_package() -> None:
     folder shadows Hugging Face's ``kernels``, which transformers (5.25+ depends on it) imports
     whenever the distribution is installed. The import system returns whatever ``sys.modules``
     holds once this body finishes, so putting the real package there hands the name over.
+
+    Without the installed package this module stays, empty: transformers before 5.25 (5.17 on a
+    GPU image, seen) finds this folder, imports it to read a version, and does not catch an
+    ImportError, so raising one broke ``import transformers`` from the root. An empty module with
+    no ``__version__`` is what its check reads as "kernels unavailable".
     """
     import importlib.machinery
     import importlib.util
@@ -22,7 +27,7 @@ def _hand_name_to_installed_package() -> None:
     path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
     if spec is None or spec.loader is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module
     spec.loader.exec_module(module)

@@ -203,22 +203,40 @@ def test_every_package_is_installed():
 
 def test_the_kernels_folder_does_not_shadow_hugging_face_kernels():
     """From the checkout's root (``python -m pytest``, ``python -c``), ``import kernels`` must reach
-    the installed Hugging Face package that transformers imports, never our ``kernels/`` folder."""
+    the installed Hugging Face package that transformers imports, never our ``kernels/`` folder;
+    where none is installed (transformers before 5.25 does not need it), it gets an empty module
+    with no version, which transformers reads as unavailable, and neither import fails."""
     import importlib.metadata
     import subprocess
 
+    # Hides an installed Hugging Face ``kernels`` from the path search, as on an image without it.
+    hide = (
+        "import importlib.machinery as m, os\n"
+        "find = m.PathFinder.find_spec\n"
+        "def find_spec(name, path=None, target=None):\n"
+        "    spec = find(name, path, target)\n"
+        f"    ours = spec is not None and os.path.dirname(spec.origin or '') == {str(ROOT / 'kernels')!r}\n"
+        "    return None if name == 'kernels' and spec is not None and not ours else spec\n"
+        "m.PathFinder.find_spec = find_spec\n"
+    )
+    # Hidden, only the import itself is probed: the installed distribution's metadata stays visible, and
+    # transformers 5.25 would take it for a real install.
     probe = (
-        "import transformers.models.qwen2.modeling_qwen2\n"
-        "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('missing')\n"
-        "else:\n    print(kernels.__file__)\n"
+        "import kernels\n"
+        "names = [n for n in dir(kernels) if n[0] != '_']\n"
+        "print(kernels.__file__, getattr(kernels, '__version__', 'N/A'), len(names))\n"
         "import fastgrpo.kernels\nprint(fastgrpo.kernels.linear_logprobs_triton.__module__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    found, ours = out.stdout.split()
-    try:
-        importlib.metadata.version("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        assert found == "missing"
-    else:
-        assert Path(found).resolve().parent != ROOT / "kernels"
-    assert ours == "fastgrpo.kernels.linear_logprobs"
+    for hidden in (False, True):
+        code = hide + probe if hidden else "import transformers.models.qwen2.modeling_qwen2\n" + probe
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+        found, version, names, ours = out.stdout.split()
+        try:
+            installed = not hidden and bool(importlib.metadata.version("kernels"))
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+        if installed:
+            assert Path(found).resolve().parent != ROOT / "kernels" and version != "N/A"
+        else:
+            assert Path(found).resolve().parent == ROOT / "kernels" and (version, names) == ("N/A", "0")
+        assert ours == "fastgrpo.kernels.linear_logprobs"
