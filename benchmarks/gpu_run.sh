@@ -66,7 +66,7 @@ fi
 
 {
     echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || head -n1 COMMIT 2>/dev/null || echo unknown)"
+    echo "commit: $(python -c 'from fastgrpo.benchmarks._common import git_commit; print(git_commit())')"
     python - <<'EOF'
 import importlib.metadata as md, sys
 import torch
@@ -89,7 +89,7 @@ ops() { # ops <model>
 }
 
 gpu_tests() { # the @gpu tests first, then the kernel suites natively (they run on CUDA when it is there)
-    FASTGRPO_JIT_REPORT="$RESULTS/jit_kernels.txt" timeout "$TESTS_BUDGET" python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_chunked.py \
+    FASTGRPO_JIT_REPORT="$RESULTS/jit_kernels.txt" timeout "$TESTS_BUDGET" python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_sampling.py tests/test_chunked.py \
         tests/test_grpo_loss.py tests/test_linear_logprobs.py tests/test_grad_filter.py
 }
 

@@ -86,7 +86,10 @@ def test_workspace_stays_within_its_budget(rows, monkeypatch):
     assert abs(float(small.loss) - float(big.loss)) < 1e-6 and abs(float(small.loss) - float(twin.loss)) < 1e-6
     for a, b, c in zip(g_small, g_big, g_twin, strict=True):
         assert rel_err(a, b) < 1e-5 and rel_err(a, c) < 1e-5
-    assert torch.equal(small.logprobs, big.logprobs)
+    if DEVICE.type == "cpu":
+        assert torch.equal(small.logprobs, big.logprobs)
+    else:  # cuBLAS picks its GEMM by the chunk's row count, so the rounding may differ
+        assert rel_err(small.logprobs, big.logprobs) < 1e-6
 
 
 def test_workspace_must_hold_one_row():

@@ -53,9 +53,10 @@ def test_int64_offsets_large_n_and_v():
     mask = torch.zeros(1, N, dtype=torch.bool, device="cuda")
     mask[0, -5:] = True
     adv = torch.ones(1, device="cuda")
-    r, rdh, rdw = _loss_and_grads("torch", hidden, weight, targets, mask, adv, None)
+    old = torch.zeros(1, N, device="cuda")  # old = ref = 0: the clip and KL terms are live
+    r, rdh, rdw = _loss_and_grads("torch", hidden, weight, targets, mask, adv, old)
     for impl in ("fused", "chunked"):
-        f, fdh, fdw = _loss_and_grads(impl, hidden, weight, targets, mask, adv, None)
+        f, fdh, fdw = _loss_and_grads(impl, hidden, weight, targets, mask, adv, old)
         assert torch.isfinite(f.loss) and abs(float(f.loss) - float(r.loss)) < 2e-2 * max(1.0, abs(float(r.loss)))
         assert rel_err(fdh[0, -5:], rdh[0, -5:]) < 2e-2 and torch.all(fdh[0, :-64] == 0)
         assert rel_err(fdw[-1000:], rdw[-1000:]) < 2e-2

@@ -256,7 +256,9 @@ def _grpo_dz64(inp, hp):
     )  # fmt: skip
     (g_lp,) = torch.autograd.grad(loss, logp)
     active = m.reshape(-1)
-    dz, scale, _ = _dz64(h2d, inp["weight"], None, y, active, g_lp.reshape(-1), torch.zeros(B * T), 1.0)
+    dz, scale, _ = _dz64(
+        h2d, inp["weight"], None, y, active, g_lp.reshape(-1), torch.zeros(B * T, device=m.device), 1.0
+    )
     return dz, scale
 
 
@@ -362,9 +364,14 @@ def test_bad_grad_filter_eps_is_refused_with_its_name(eps, exc):
         fastgrpo.FusedGRPOLoss(grad_filter_eps=eps)
 
 
-def test_module_keeps_eps_outside_the_loss_params():
+def test_module_keeps_eps_outside_the_loss_params(monkeypatch):
+    import fastgrpo.kernels as kernels
+
     mod = fastgrpo.FusedGRPOLoss(loss_type="dapo", grad_filter_eps=2**-12, impl="triton")
     assert mod.grad_filter_eps == 2**-12 and "grad_filter_eps" not in repr(mod.params)
+    seen = []
+    launcher = kernels.linear_logprobs_triton
+    monkeypatch.setattr(kernels, "linear_logprobs_triton", lambda *a: seen.append(a[-1]) or launcher(*a))
     inp = _peaked_grpo_inputs(torch.float32, seed=5)
     args = (inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"])
     h = leaf(inp["hidden"])
@@ -373,7 +380,9 @@ def test_module_keeps_eps_outside_the_loss_params():
     fastgrpo.fused_grpo_loss(
         h2, *args[1:], old_logprobs=inp["old_logprobs"], loss_type="dapo", impl="triton", grad_filter_eps=2**-12
     ).loss.backward()
-    assert torch.equal(h.grad, h2.grad)
+    assert seen == [2**-12, 2**-12]
+    # The interpreter sums in a fixed order; a GPU's atomics do not, so there the two runs agree to rounding.
+    assert torch.equal(h.grad, h2.grad) if DEVICE.type == "cpu" else rel_err(h.grad, h2.grad) < 1e-6
 
 
 def test_torch_impl_ignores_eps_and_stays_exact():
@@ -406,7 +415,8 @@ def test_non_finite_upstream_gradient_is_never_filtered_away():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_filter_is_independent_of_the_vocabulary_chunking(monkeypatch, dtype):
     """The backward's vocabulary chunks (SCRATCH_BYTES) change neither the tiles' filter decisions
-    nor the sums: a many-chunk run equals the single-chunk run bit for bit."""
+    nor the sums: a many-chunk run equals the single-chunk run bit for bit (to rounding on a GPU,
+    whose atomics add in no fixed order; the forward stays bit for bit)."""
     import importlib
 
     kernel = importlib.import_module("fastgrpo.kernels.linear_logprobs")
@@ -419,4 +429,7 @@ def test_filter_is_independent_of_the_vocabulary_chunking(monkeypatch, dtype):
     monkeypatch.setattr(kernel, "SCRATCH_BYTES", 4 * H * _tiles(dtype)[1])  # one vocabulary tile a chunk
     many = _run(h, w, None, y, active, g_lp, g_ent, 1.0, 2.0**-5)
     for name, a, r in zip(("logp", "entropy", "dhidden", "dweight"), many, one, strict=False):
-        assert torch.equal(a, r), name
+        if DEVICE.type == "cpu" or name in ("logp", "entropy"):
+            assert torch.equal(a, r), name
+        else:
+            assert rel_err(a, r) < (1e-6 if dtype == torch.float32 else 8e-3), name
