@@ -37,20 +37,28 @@ def version(pkg: str) -> str | None:
 
 
 def git_commit() -> str:
-    """HEAD, or the COMMIT file a copied tree carries (the GPU machine's copy has no .git).
+    """HEAD, or the COMMIT file a copied tree carries.
 
-    Only a source checkout asks git: an installed package may sit inside someone else's repository.
+    A GPU machine's copy of the tree may hold a ``.git`` of another, older state (seen: HEAD named a
+    commit weeks behind the tree), so COMMIT wins wherever git does not know that commit; in the
+    checkout that wrote it, git knows it and HEAD is asked. Only a source checkout asks git: an
+    installed package may sit inside someone else's repository.
     """
     if not (REPO / "pyproject.toml").is_file():
         return f"fastgrpo {version('fastgrpo')}"
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
     commit_file = REPO / "COMMIT"
-    return commit_file.read_text().strip() if commit_file.is_file() else "unknown"
+    carried = commit_file.read_text().strip() if commit_file.is_file() else None
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    if carried and git("cat-file", "-e", f"{carried}^{{commit}}") is None:
+        return carried
+    return git("rev-parse", "HEAD") or carried or "unknown"
 
 
 def device_name(device: torch.device) -> str:

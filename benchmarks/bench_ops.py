@@ -41,6 +41,7 @@ from fastgrpo.benchmarks.ops_impls import (
     REFERENCES,
     Missing,
     configure_compile,
+    float64_reference,
     floor_fns,
     floor_passes,
     make_inputs,
@@ -199,6 +200,12 @@ def bench_config(model, N, head, x, device, args, deadline=None) -> list[dict]:
     mem_floor = (N * H + (V * H if trainable else 0)) * x.hidden.element_size() / 2**20
     base = dict(model=model, H=H, V=V, N=N, head=head, dtype=str(x.hidden.dtype).removeprefix("torch."))
     rows, ref = [], None
+    if "fwd+bwd" in args.modes and any(i != FLOOR for i in args.impls):
+        try:
+            ref = ("float64", float64_reference(x))
+        except Exception as e:  # e.g. OOM: the first reference impl's own outputs stand in, and say so
+            print(f"float64 reference: {C.failure(e)}; errors are against {'/'.join(REFERENCES)}", file=sys.stderr)
+        C.free_memory(device)
     for impl in (i for i in ALL_IMPLS if i in args.impls):
         why = unavailable(impl, x)
         if why is not None:  # one row for the impl, not one per mode

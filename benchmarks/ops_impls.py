@@ -227,7 +227,39 @@ IMPLS: dict[str, Callable[[Inputs, str], Callable[[], torch.Tensor]]] = {
     "liger-triton": _liger_triton,
     "trl-chunked": _trl_chunked,
 }
-REFERENCES = ("naive", "fastgrpo-torch")
+REFERENCES = ("naive", "fastgrpo-torch")  # where the float64 reference does not fit
+
+
+def float64_reference(x: Inputs, chunk_bytes: int = 1 << 30) -> tuple[torch.Tensor, ...]:
+    """(loss, dHidden[, dWeight]) of the benchmark loss in float64, as CPU copies: what every row's
+    errors are measured against.
+
+    Logits in float64 one token chunk (``chunk_bytes``) at a time, each chunk checkpointed, so the
+    backward recomputes it instead of keeping N x V. A 16-bit naive row is no reference: it rounds
+    every logit to bf16 (0.06 apart near a target logit of ~13), which moves its log-probs, ratios
+    and gradients by a few per cent; a path that keeps logits in fp32 then looks that far off (seen
+    on an H200, benchmarks/NOTES.md).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    h = x.hidden.detach().double().requires_grad_()
+    w = x.weight.detach().double().requires_grad_(x.weight.requires_grad)
+    flat_h, flat_y = h.reshape(-1, h.shape[-1]), x.targets.reshape(-1)
+    step = max(1, chunk_bytes // (8 * w.shape[0]))
+    parts = [
+        checkpoint(_logp64, flat_h[s : s + step], w, flat_y[s : s + step], use_reentrant=False)
+        for s in range(0, flat_h.shape[0], step)
+    ]
+    logp = torch.cat(parts).view(x.targets.shape)
+    loss = epilogue(logp, None, x.mask, x.advantages.double(), x.old.double(), x.ref.double())
+    grads = torch.autograd.grad(loss, (h, w) if w.requires_grad else (h,))
+    return tuple(t.detach().cpu() for t in (loss, *grads))
+
+
+def _logp64(hidden, weight, targets):
+    return reference_logprobs(hidden, weight, targets, compute_dtype=torch.float64, with_entropy=False)[0]
+
+
 FLOOR = "gemm-floor"
 
 
