@@ -196,10 +196,12 @@ def rollouts_from_outputs(
         completion[j, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         if logprob_rows is not None:
             logprobs[j, : len(tokens)] = torch.tensor(logprob_rows[j], dtype=torch.float32)
-    # Pad ids are not EOS ids only by accident: recompute the mask from the tokens, as hf does, and pad after it.
-    cmask, truncated = completion_mask_and_truncation(completion, list(eos_token_ids))
+    # Pad ids are not EOS ids only by accident: recompute the mask from the returned tokens only (-1 is no EOS id:
+    # a row cut short without EOS stays truncated when the pad is an EOS id), as hf does, and pad after it.
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    cmask &= torch.arange(C)[None, :] < lengths[:, None]
+    returned = torch.arange(C)[None, :] < lengths[:, None]
+    cmask, truncated = completion_mask_and_truncation(torch.where(returned, completion, -1), list(eos_token_ids))
+    cmask &= returned
     completion = torch.where(cmask, completion, pad_token_id)
     sampler_logprobs = None if logprob_rows is None else torch.where(cmask, logprobs, 0.0)
     ro = Rollouts(
@@ -225,10 +227,10 @@ def vllm_weight_name(name: str) -> str | None:
     wrapper prefixes (activation checkpointing, ``torch.compile``) are removed."""
     if ".lora_" in name or name.startswith("lora_") or "original_module" in name:
         return None
-    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
     for prefix in (*_WRAPPER_PREFIXES, "modules_to_save.default."):
         name = name.replace(prefix, "")
-    return name
+    # After the wrappers: a compiled peft model's names start with _orig_mod.base_model.model.
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def _is_peft(model) -> bool:
@@ -282,7 +284,7 @@ def vllm_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if not parts:
             yield target, param.detach()
             continue
-        merged = param.detach().float()
+        merged = param.detach().to(torch.float32, copy=True)  # .float() of an fp32 parameter is the parameter
         for module, adapter in parts:
             merged += module.get_delta_weight(adapter).float()
         yield target, merged.to(param.dtype)
