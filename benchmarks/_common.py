@@ -65,6 +65,40 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
+# The command line a row records, as its user typed it: set by ``fastgrpo bench`` (``set_command``).
+_COMMAND: list[str] | None = None
+
+
+def set_command(words: Sequence[str] | None) -> None:
+    """What ``environment`` records as the command, e.g. ``["fastgrpo", "bench", "ops", "--quick"]``;
+    None: the script's own ``sys.argv`` again."""
+    global _COMMAND
+    _COMMAND = None if words is None else [str(w) for w in words]
+
+
+def typed_command(words: Sequence[str] | None = None) -> str:
+    """The command as typed, with no machine's paths: ``fastgrpo bench ...`` where the CLI ran it
+    (``set_command``), else the script and its arguments; every absolute path inside the repository
+    becomes relative to it, and one under the home folder starts with ``~``. Never the interpreter."""
+    if words is None:
+        words = _COMMAND if _COMMAND is not None else sys.argv
+    return shlex.join(_unplaced(str(w)) for w in words)
+
+
+def _unplaced(word: str) -> str:
+    if not word.startswith("/"):
+        return word
+    path = Path(word)
+    for base, shown in ((REPO, None), (Path.home(), "~")):
+        try:
+            rel = path.relative_to(base)
+        except ValueError:
+            continue
+        text = rel.as_posix() or "."
+        return text if shown is None else f"{shown}/{text}"
+    return word
+
+
 def environment(device: torch.device) -> dict:
     """Metadata every result row carries."""
     return dict(
@@ -74,7 +108,7 @@ def environment(device: torch.device) -> dict:
         git_commit=git_commit(),
         triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1",
         utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=shlex.join([sys.executable, *sys.argv]),
+        command=typed_command(),
     )
 
 

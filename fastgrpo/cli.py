@@ -71,7 +71,13 @@ def bench(argv: list[str]) -> int:
         from .benchmarks.bench_generate import main as run
     else:
         from .benchmarks.bench_train import main as run
-    return run(argv[1:]) or 0
+    from .benchmarks._common import set_command
+
+    set_command(["fastgrpo", "bench", *argv])  # what the result rows record (no interpreter, no machine paths)
+    try:
+        return run(argv[1:]) or 0
+    finally:
+        set_command(None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,3 +213,39 @@ def test_peak_memory_counts_what_the_closure_retains(monkeypatch):
     fn, out, peak, first_call_s = bench_ops.measure_memory(make, torch.device("cuda"))
     # retained graph + the warm call's outputs (this fake never frees them) + the transient peak
     assert out == "grads" and peak == 300 + 20 + 50 and first_call_s >= 0
+
+
+def test_rows_record_the_command_as_typed(tmp_path):
+    """``fastgrpo bench ...`` rows record that line, never the interpreter or the checkout's path."""
+    from fastgrpo.benchmarks import _common
+
+    argv = ["bench", "ops", "--quick", "--tokens", "32", "--impls", "fastgrpo-torch", "--modes", "fwd"]
+    assert cli_main([*argv, "--heads", "frozen", "--repeats", "1", "--no-plot", "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path)
+    assert row["command"].startswith("fastgrpo bench ops --quick --tokens 32 ") and sys.executable not in row["command"]
+    root = Path(_common.REPO)
+    assert _common.typed_command(["fastgrpo", "x", str(root / "benchmarks" / "out")]) == "fastgrpo x benchmarks/out"
+    assert _common.typed_command(["fastgrpo", str(Path.home() / "runs")]) == "fastgrpo '~/runs'"
+    assert _common._COMMAND is None  # the CLI's line does not stick to later in-process runs
+
+
+def test_committed_results_carry_no_machine_paths():
+    """Every committed row and run table names its command as typed: ``fastgrpo ...``."""
+    import glob
+
+    from fastgrpo.benchmarks import _common
+
+    results = Path(_common.BENCH_DIR) / "results"
+    commands = []
+    for path in glob.glob(str(results / "*.jsonl")):
+        commands += [json.loads(line).get("command") for line in Path(path).read_text().splitlines()]
+    for path in glob.glob(str(results / "*.csv")):
+        with open(path, newline="") as f:
+            commands += [r["command"] for r in csv.DictReader(f) if "command" in r]
+    for path in glob.glob(str(results / "*" / "*.md")):
+        line = Path(path).read_text().splitlines()[2]
+        if line.startswith("`"):  # a run's table (the compile gate's have none)
+            commands.append(line.strip("`"))
+    assert len(commands) > 100
+    bad = [c for c in commands if not (c or "").startswith("fastgrpo ") or ".venv" in c or "/python" in c]
+    assert not bad, bad[:3]
