@@ -166,3 +166,18 @@ def test_memory_plan_is_in_the_first_metrics_row(embedded, tmp_path):
     assert plan["memory/plan_total_gb"] >= plan["memory/plan_activations_gb"] > 0
     assert not any(k.startswith("memory/plan_") for k in rows[1])
     assert rows[0]["micro_batches"] == 2
+
+
+def test_config_yaml_records_what_was_asked_not_what_it_resolved_to(embedded, tmp_path):
+    """auto stays auto in config.yaml (the run's and each checkpoint's): a GPU run resolves padding_free
+    and use_liger_body to on, and its checkpoint must still resume on a CPU, where auto means off."""
+    from fastgrpo.train.config import load_yaml
+
+    trainer = GRPOTrainer(train_config(embedded, tmp_path, max_steps=1, save_steps=1))
+    trainer.train()
+    for path in (tmp_path / "config.yaml", tmp_path / "checkpoint-1" / "config.yaml"):
+        saved = load_yaml(path)["model"]
+        assert saved["padding_free"] is None and saved["use_liger_body"] is None, path
+    assert trainer.model_info["padding_free"] is False and trainer.updater.packed is False  # resolved, kept apart
+    forced = GRPOTrainer(train_config(embedded, tmp_path / "on", max_steps=1, padding_free=True))
+    assert forced.updater.packed is True and load_yaml(tmp_path / "on" / "config.yaml")["model"]["padding_free"]

@@ -387,6 +387,11 @@ def validate(cfg: Config) -> None:
         "offload_activations needs gradient_checkpointing: true (it offloads the checkpointed layer inputs)",
     )
     _check(m.lora_r > 0, f"lora_r must be > 0, got {m.lora_r}")
+    _check(
+        not any(name.rsplit(".", 1)[-1] == "lm_head" for name in m.lora_target_modules or []),
+        "lora_target_modules must not include lm_head: the fused loss reads the output layer's base weight, "
+        "so an adapter there would never train",
+    )
     _check(0 <= m.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {m.lora_dropout}")
     _check(t.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be > 0")
     total = cfg.generation_batch_size_total()

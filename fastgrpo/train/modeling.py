@@ -113,6 +113,19 @@ def is_adapter_checkpoint(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def check_checkpoint_kind(path: Path, use_peft: bool) -> None:
+    """A LoRA checkpoint holds adapters only and a full one whole weights: resuming either with the other
+    ``use_peft`` would silently train something else (fresh adapters on a trained model, or the base
+    without its adapters)."""
+    adapters = is_adapter_checkpoint(path)
+    if adapters != bool(use_peft):
+        kind = "LoRA adapters (a use_peft run)" if adapters else "full model weights (a run without use_peft)"
+        raise ValueError(
+            f"resume_from_checkpoint {str(path)!r} holds {kind}, but use_peft is {str(bool(use_peft)).lower()}; "
+            f"resume with --use_peft {str(adapters).lower()}"
+        )
+
+
 def prepare_model(model, cfg, device: torch.device, resume_path: Path | None = None):
     """Liger body kernels, LoRA adapters (new, or a checkpoint's when resuming) and gradient
     checkpointing on a loaded model. Returns ``(model, info)``; ``info["liger_body"]`` lists the
@@ -128,6 +141,12 @@ def prepare_model(model, cfg, device: torch.device, resume_path: Path | None = N
             model = peft.PeftModel.from_pretrained(model, str(resume_path), is_trainable=True)
         else:
             model = peft.get_peft_model(model, lora_cfg)
+        head = model.get_output_embeddings()
+        if hasattr(head, "lora_A"):  # an output layer under another name (embed_out, output) matched a target
+            raise ValueError(
+                f"lora_target_modules {cfg.lora_target_modules} adapt the output layer ({type(head).__name__}): the "
+                "fused loss reads its base weight, so that adapter would never train; leave it out"
+            )
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=cfg.offload_activations)
     model.config.use_cache = False
@@ -147,6 +166,8 @@ def build_models(cfg, device: torch.device, dtype: torch.dtype, resume_path: Pat
     """
     if cfg.use_peft:
         lora_config(cfg)  # peft missing: fail before loading anything
+    if resume_path is not None:
+        check_checkpoint_kind(resume_path, cfg.use_peft)
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
     load = dict(dtype=dtype, device=device, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     # LoRA checkpoints hold adapters only: the base always comes from cfg.model.model.

@@ -88,8 +88,8 @@ class GRPOTrainer:
         if not self.resume_path:
             for path in ckpt.list_checkpoints(self.out):
                 shutil.rmtree(path)
-        cfg.model.padding_free = self.model_info["padding_free"]  # resolved; config.yaml records it
-        cfg.model.use_liger_body = bool(self.model_info["liger_body"])
+        # The resolved padding_free / Liger body live in model_info: config.yaml keeps what was asked
+        # (auto), so a GPU run's checkpoint resumes on a CPU, where auto resolves the other way.
         self.generator = build_generator(backend, self.model, self.tokenizer, cfg)
         self.model_info["generation_backend"] = backend
         self.sampling = SamplingParams(
@@ -109,7 +109,10 @@ class GRPOTrainer:
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
         total_updates = self.max_steps * cfg.num_iterations
-        self.updater = Updater(self.model, self.ref_model, self.params, cfg, self._fail, backend=backend)
+        self.updater = Updater(
+            self.model, self.ref_model, self.params, cfg, self._fail, backend=backend,
+            padding_free=self.model_info["padding_free"],
+        )  # fmt: skip
         self.optimizer = self.updater.optimizer
         warmup = math.ceil(cfg.warmup_ratio * total_updates)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

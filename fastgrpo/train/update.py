@@ -69,6 +69,8 @@ class Updater:
     with its LoRA adapters disabled. ``on_nonfinite(what, iteration, where)`` must raise.
     ``backend``: the resolved generation backend; with it, the sampler/trainer mismatch correction
     (``correction.py``) is resolved from ``cfg.correction`` (auto: on for vllm). None = off.
+    ``padding_free``: the resolved packing switch (``modeling.resolve_padding_free``); None reads
+    ``cfg.padding_free`` (None there: off).
     """
 
     def __init__(
@@ -79,8 +81,10 @@ class Updater:
         cfg,
         on_nonfinite: Callable[..., None],
         backend: str | None = None,
+        padding_free: bool | None = None,
     ):
         self.model, self.ref_model, self.params, self.cfg = model, ref_model, params, cfg
+        self._padding_free = padding_free
         self.on_nonfinite = on_nonfinite
         self.correction = (
             CorrectionSettings() if backend is None else CorrectionSettings.resolve(cfg.correction, backend)
@@ -98,7 +102,7 @@ class Updater:
 
     @property
     def packed(self) -> bool:
-        return bool(self.cfg.model.padding_free)
+        return bool(self.cfg.model.padding_free if self._padding_free is None else self._padding_free)
 
     def micro_batches(self, batch: Batch) -> list[MicroBatch]:
         ro = batch.rollouts

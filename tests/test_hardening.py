@@ -1,0 +1,51 @@
+"""Flags honoured or refused (issue 15): a LoRA adapter on the output layer, a resume whose checkpoint
+kind disagrees with ``use_peft``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fastgrpo.cli import main
+from fastgrpo.train.config import Config, build_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "old_checkpoints"
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["model.lm_head"]])
+def test_lora_on_the_lm_head_is_refused_by_the_config(targets):
+    with pytest.raises(ValueError, match="lora_target_modules must not include lm_head"):
+        build_config(({"use_peft": True, "lora_target_modules": targets}, "test"))
+    build_config(({"use_peft": True, "lora_target_modules": ["q_proj", "v_proj"]}, "test"))  # the body is fine
+
+
+def test_lora_on_the_output_layer_is_refused_after_wrapping():
+    """Whatever the output layer is called, an adapter on it is caught once peft has wrapped the model."""
+    import transformers
+
+    from fastgrpo.train.modeling import prepare_model
+
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    cfg = Config()
+    cfg.model.use_peft, cfg.model.lora_target_modules = True, ["lm_head"]  # past the config's own check
+    with pytest.raises(ValueError, match=r"adapt the output layer \(.*\).*never train"):
+        prepare_model(transformers.Qwen2ForCausalLM(config), cfg, "cpu")
+
+
+@pytest.mark.parametrize("kind, use_peft", [("full", "true"), ("lora", "false")])
+def test_resume_with_the_other_checkpoint_kind_is_refused(tmp_path, capsys, kind, use_peft):
+    out = tmp_path / kind
+    shutil.copytree(FIXTURES / kind / "checkpoint-2", out / "checkpoint-2")
+    argv = ["train", "--model", str(FIXTURES / "base_model"), "--dataset", str(FIXTURES / "prompts.jsonl")]
+    argv += ["--prompt_column", "prompt", "--answer_column", "answer", "--reward_funcs", "accuracy"]
+    argv += ["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--use_peft", use_peft]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    want = "LoRA adapters" if kind == "lora" else "full model weights"
+    assert len(err) == 1 and want in err[0] and f"use_peft is {use_peft}" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # nothing written, nothing removed
