@@ -49,3 +49,34 @@ def test_resume_with_the_other_checkpoint_kind_is_refused(tmp_path, capsys, kind
     want = "LoRA adapters" if kind == "lora" else "full model weights"
     assert len(err) == 1 and want in err[0] and f"use_peft is {use_peft}" in err[0], err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # nothing written, nothing removed
+
+
+def test_old_and_reference_passes_run_without_dropout(embedded, tmp_path):
+    """LoRA dropout 0.1 at num_iterations 2: the scoring passes (pi_old) run in eval mode, as the sampler
+    did, so they repeat exactly; the first iteration's ratio is exactly 1 (no token clipped); the
+    second iteration, whose forward has dropout against that pi_old, does clip here (the check can fail)."""
+    import torch
+
+    from fastgrpo.train.trainer import GRPOTrainer
+
+    from helpers import train_config
+
+    cfg = train_config(embedded, tmp_path, max_steps=1, use_peft=True, lora_r=4, lora_dropout=0.1, num_iterations=2)
+    trainer = GRPOTrainer(cfg)
+    with torch.no_grad():  # adapters that matter, so dropout on their input moves the log-probs
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    batch = trainer.sample_batch()
+    upd = trainer.updater
+    micro = upd.micro_batches(batch)
+    signs = torch.Generator().manual_seed(1)
+    for m in micro:  # the random adapters score every completion alike: advantages of both signs, by hand
+        m.advantages = torch.randint(0, 2, m.advantages.shape, generator=signs).float() * 2 - 1
+    old = [upd.logprobs(upd.model, m.rollouts) for m in micro]
+    assert all(torch.equal(a, upd.logprobs(upd.model, m.rollouts)) for a, m in zip(old, micro, strict=True))
+    assert upd.model.training  # the scoring pass leaves the mode as it found it
+    first = upd.accumulate_gradients(batch, micro, old, None, iteration=0)
+    second = upd.accumulate_gradients(batch, micro, old, None, iteration=1)
+    assert first["clip_ratio/region_mean"] == 0.0
+    assert second["clip_ratio/region_mean"] > 0.0

@@ -113,7 +113,15 @@ class Updater:
         return [batch.micro_batch(g) for g in groups]
 
     def logprobs(self, model, mb: Rollouts) -> torch.Tensor:
-        return completion_logprobs(model, mb, self.params.temperature, self.loss_fn.impl, self.packed)
+        """Log-probs of a scoring pass (old, reference): in eval mode, as the sampler ran, so LoRA or
+        attention dropout never makes pi_old differ from the policy that sampled."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return completion_logprobs(model, mb, self.params.temperature, self.loss_fn.impl, self.packed)
+        finally:
+            model.train(was_training)
 
     def ref_logprobs(self, mb: Rollouts) -> torch.Tensor:
         if self.ref_model is not None:
@@ -204,7 +212,10 @@ class Updater:
                 scale = float(m.loss_mask.sum()) / tokens
             else:  # per-sequence losses (grpo/sapo/dr_grpo/luspo) are means over the micro-batch's rows
                 scale = len(m.rows) / n
-            out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, self.loss_fn, old_logprobs=old[k],
+            # Iteration 0 is the sampling policy itself: pi_old is this very forward, detached (ratio exactly 1,
+            # dropout or not), as TRL does at num_iterations 1. The stored pass serves the later iterations.
+            old_k = None if iteration == 0 else old[k]
+            out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, self.loss_fn, old_logprobs=old_k,
                               ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.packed,
                               importance_sampling_ratio=is_ratio[k])  # fmt: skip
             loss = out.loss * scale
