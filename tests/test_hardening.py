@@ -80,3 +80,41 @@ def test_old_and_reference_passes_run_without_dropout(embedded, tmp_path):
     second = upd.accumulate_gradients(batch, micro, old, None, iteration=1)
     assert first["clip_ratio/region_mean"] == 0.0
     assert second["clip_ratio/region_mean"] > 0.0
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_metrics_over_uneven_micro_batches_are_the_batch_means(embedded, tmp_path, level):
+    """Entropy, KL and clip ratios of a batch split into uneven micro-batches (rows 3, 3, ..., 1 and their
+    tokens) equal those of the batch as one micro-batch: each part weighted by its tokens (rows for
+    sequence-level ratios), not a plain mean of the parts."""
+    import torch
+
+    from fastgrpo.train.trainer import GRPOTrainer
+
+    from helpers import train_config
+
+    trainer = GRPOTrainer(train_config(embedded, tmp_path, max_steps=1, beta=0.04, importance_sampling_level=level))
+    batch, upd, cfg = trainer.sample_batch(), trainer.updater, trainer.cfg
+
+    def metrics(rows_per_micro: int) -> dict[str, float]:
+        cfg.train.per_device_train_batch_size = rows_per_micro
+        micro = upd.micro_batches(batch)
+        olds, refs = [], []
+        for m in micro:  # the same per-row inputs however the batch is split: keyed by global row ids
+            m.advantages = ((m.rows % 3) - 1).float()
+            lp = upd.logprobs(upd.model, m.rollouts)
+            # per token, and per row (so that sequence-level ratios, a mean over the row, clip too)
+            wobble = 0.3 * torch.sin(m.rollouts.completion_ids * 7.1 + m.rows[:, None]) + 0.5 * (
+                m.rows[:, None] % 2 - 0.5
+            )
+            olds.append(lp + wobble)
+            refs.append(lp - wobble)
+        out = upd.accumulate_gradients(batch, micro, olds, refs, iteration=1)
+        upd.optimizer.zero_grad(set_to_none=True)
+        return {k: v for k, v in out.items() if k.startswith(("entropy", "kl", "clip_ratio"))}, len(micro)
+
+    whole, one = metrics(len(batch.rollouts))
+    parts, many = metrics(3)
+    assert one == 1 and many > 2 and whole["clip_ratio/region_mean"] > 0 and whole.keys() == parts.keys()
+    for name, value in whole.items():
+        assert parts[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name

@@ -223,6 +223,11 @@ class Updater:
                 self.on_nonfinite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
             loss.backward()
             sums["loss"] += loss.item()
+            # The op's metrics are means over this micro-batch's loss tokens (or rows, for sequence-level
+            # ratios): weighted by its share of them, the sum is the whole batch's mean, however uneven the
+            # token-budget micro-batches are.
+            token_share = float(m.loss_mask.sum()) / tokens
             for name, v in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + v.item() / len(micro)
+                by_rows = p.importance_sampling_level == "sequence" and name.startswith(("clip_ratio", "cispo"))
+                sums[name] = sums.get(name, 0.0) + v.item() * (len(m.rows) / n if by_rows else token_share)
         return sums
