@@ -118,3 +118,86 @@ def test_metrics_over_uneven_micro_batches_are_the_batch_means(embedded, tmp_pat
     assert one == 1 and many > 2 and whole["clip_ratio/region_mean"] > 0 and whole.keys() == parts.keys()
     for name, value in whole.items():
         assert parts[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+# A value other than the embedded preset's for every preset key (reward_funcs and reward_weights go together).
+PRESET_OVERRIDES = {
+    "num_generations": 4,
+    "per_device_train_batch_size": 16,
+    "gradient_accumulation_steps": 4,
+    "max_completion_length": 12,
+    "max_prompt_length": 48,
+    "temperature": 0.9,
+    "top_p": 0.95,
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "linear",
+    "max_steps": 7,
+    "beta": 0.04,
+    "seed": 3,
+    "reward_funcs": ["accuracy"],
+    "reward_weights": [1.0],
+    "output_dir": "my-run",
+    "overwrite_output_dir": False,
+}
+
+
+def test_the_overrides_cover_every_preset_key():
+    from fastgrpo.train.embedded import EMBEDDED_PRESET
+
+    assert set(PRESET_OVERRIDES) == set(EMBEDDED_PRESET)
+    assert all(PRESET_OVERRIDES[k] != v for k, v in EMBEDDED_PRESET.items())
+
+
+def _resolved(monkeypatch, argv):
+    """The Config ``fastgrpo train ARGV`` would train with (the run itself replaced by a recorder)."""
+    import fastgrpo.train.trainer as trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "train", lambda cfg: seen.append(cfg) or [])
+    assert main(["train", *argv]) == 0
+    (cfg,) = seen
+    return cfg
+
+
+@pytest.mark.parametrize("key", [k for k in PRESET_OVERRIDES if k != "reward_weights"])
+@pytest.mark.parametrize("where", ["command line", "yaml"])
+def test_a_value_the_user_gave_wins_over_the_embedded_preset(monkeypatch, tmp_path, key, where):
+    import yaml
+
+    values = {key: PRESET_OVERRIDES[key]}
+    if key == "reward_funcs":
+        values["reward_weights"] = PRESET_OVERRIDES["reward_weights"]
+    if where == "yaml":
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(values))
+        argv = ["--config", str(path)]
+    else:
+        argv = []
+        for k, v in values.items():
+            argv += [f"--{k}", *(str(x) for x in (v if isinstance(v, list) else [v]))]
+    cfg = _resolved(monkeypatch, argv)
+    assert cfg.model.model is None  # still the embedded default, with the user's value
+    for k, v in values.items():
+        assert getattr(cfg, k) == v, (k, getattr(cfg, k))
+
+
+@pytest.mark.parametrize(
+    "argv, flags",
+    [
+        (["--dataset", "my_data.jsonl"], "--dataset"),
+        (["--prompt_column", "question", "--dataset_split", "test"], "--dataset_split, --prompt_column"),
+    ],
+)
+def test_data_without_a_model_is_refused_naming_the_flags(tmp_path, capsys, argv, flags):
+    out = tmp_path / "run"
+    assert main(["train", *argv, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flags} given without --model" in err[0], err
+    assert not out.exists()
+
+
+def test_data_without_a_model_is_refused_from_yaml_too(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  dataset: my_data.jsonl\n")
+    assert main(["train", "--config", str(path), "--output_dir", str(tmp_path / "run")]) == 2
+    assert "--dataset given without --model" in capsys.readouterr().err

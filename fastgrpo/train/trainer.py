@@ -20,7 +20,7 @@ import torch
 from ..ops import GRPOLossParams
 from . import checkpoint as ckpt
 from .advantages import compute_advantages, process_advantages, zero_std_groups
-from .config import Config, save_yaml
+from .config import Config, DataConfig, save_yaml
 from .data import PromptSampler, format_prompt, load_prompt_dataset
 from .embedded import prepare_embedded
 from .memory import format_plan, memory_plan
@@ -338,10 +338,29 @@ def embedded_cache_dir() -> Path:
     return Path(root) / "embedded"
 
 
+# The data section's source fields: the embedded default brings its own data, so any of these set without
+# a model would be silently replaced by it.
+DATA_SOURCE_FIELDS = ("dataset", "dataset_config", "dataset_split", "prompt_column", "answer_column")
+
+
+def check_no_data_without_model(cfg: Config) -> None:
+    """No model named means the embedded default, model and data both: a data source the user set would be
+    replaced, so it is refused, naming the flags, instead."""
+    default = DataConfig()
+    given = [f for f in DATA_SOURCE_FIELDS if getattr(cfg.data, f) != getattr(default, f)]
+    if given:
+        flags = ", ".join(f"--{f}" for f in given)
+        raise ValueError(
+            f"{flags} given without --model: the embedded default (no --model) trains its own tiny model on its "
+            "own data, so yours would be ignored; name the model to train on it, e.g. --model Qwen/Qwen2.5-0.5B"
+        )
+
+
 def train(cfg: Config) -> list[dict[str, Any]]:
     """Run ``fastgrpo train`` with a resolved config; the embedded task is prepared when no
     model is given. Returns the metrics rows."""
     if cfg.model.model is None:
+        check_no_data_without_model(cfg)
         cfg = copy.deepcopy(cfg)
         model_dir, data_path = prepare_embedded(embedded_cache_dir(), seed=0)
         cfg.model.model, cfg.data.dataset = str(model_dir), str(data_path)
