@@ -111,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"fastgrpo train: error: {e}", file=sys.stderr)
             return 2
+        except RuntimeError as e:  # a failure mid-run that says what to do: a reward function, a NaN loss
+            from .train.rewards import RewardFunctionError
+            from .train.trainer import NonFiniteLossError
+
+            if not isinstance(e, (RewardFunctionError, NonFiniteLossError)):
+                raise
+            print(f"fastgrpo train: error: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "demo":
         from .demo import run

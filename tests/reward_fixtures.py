@@ -19,3 +19,14 @@ def raises(prompts, completions, **kwargs):
 def answer_digit_steps(prompts, completions, completion_ids, **kwargs):
     # Process supervision: one step ending at the last token, rewarded by the completion's length parity.
     return [[(len(ids) - 1, float(len(ids) % 2))] for ids in completion_ids]
+
+
+# fails_from_call: the call (1-based, the trainer's pre-flight call included) from which it raises.
+CALLS = {"n": 0, "fail_from": 4}
+
+
+def fails_from_call(prompts, completions, **kwargs):
+    CALLS["n"] += 1
+    if CALLS["n"] >= CALLS["fail_from"]:
+        raise ConnectionError("the grader went away")
+    return [0.0] * len(completions)

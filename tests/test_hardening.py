@@ -201,3 +201,88 @@ def test_data_without_a_model_is_refused_from_yaml_too(tmp_path, capsys):
     path.write_text("data:\n  dataset: my_data.jsonl\n")
     assert main(["train", "--config", str(path), "--output_dir", str(tmp_path / "run")]) == 2
     assert "--dataset given without --model" in capsys.readouterr().err
+
+
+# ---- bad input, end to end: one line naming the field, before any model loads
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  max_steps: [1\n", r"is not valid YAML: .* at line 3"),
+        ("train:\n  max_stepz: 3\n", r"unknown config key train.max_stepz"),
+        ("max_steps: many\n", r"max_steps must be an integer, got 'many'"),
+        ("grpo:\n  beta: [0.1]\n", r"beta must be a number"),
+        ("- a list\n", r"must hold a mapping"),
+    ],
+    ids=["malformed", "unknown-key", "type-int", "type-float", "not-a-mapping"],
+)
+def test_bad_yaml_is_one_line(tmp_path, capsys, text, message):
+    import re
+
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "run").exists()
+
+
+def _data(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: _data(d, "empty.jsonl", ""), "is empty (no rows)"),
+        (lambda d: str((d / "no-data").mkdir() or d / "no-data"), "holds no data file"),
+        (lambda d: _data(d, "ints.jsonl", '{"prompt": 5, "answer": "1"}\n'), "row 0 holds int '5'"),
+        (lambda d: _data(d, "bad.jsonl", '{"prompt": [{"role": "user"}], "answer": "1"}\n'), "row 0 holds list"),
+        (lambda d: _data(d, "broken.jsonl", '{"prompt": "1+1", "answer": \n'), "could not read dataset"),
+    ],
+    ids=["empty", "folder-without-data", "non-string", "message-without-content", "malformed"],
+)
+def test_bad_datasets_are_one_line_before_the_model_loads(tmp_path, capsys, make, message):
+    dataset = make(tmp_path)
+    argv = ["train", "--model", str(tmp_path / "no-model-here"), "--dataset", dataset, "--output_dir", str(tmp_path)]
+    assert main(argv) == 2  # the model path does not exist: an error about it would mean it was tried first
+    err = capsys.readouterr().err.strip().splitlines()  # (datasets may print progress bars first)
+    assert err[-1].startswith("fastgrpo train: error: ") and message in err[-1], err[-1]
+
+
+def test_a_dataset_folder_and_chat_prompts_load(tmp_path):
+    from fastgrpo.train.data import load_prompt_dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
+    (folder / "b.jsonl").write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "3+3", "answer": "6"}\n')
+    (folder / "notes.txt").write_text("not data")
+    ds = load_prompt_dataset(str(folder), "train", "prompt", "answer")
+    assert len(ds) == 3 and sorted(ds["answer"]) == ["2", "4", "6"]
+    chat = '{"prompt": [{"role": "system", "content": "Add."}, {"role": "user", "content": "2+2"}], "answer": "4"}\n'
+    ds = load_prompt_dataset(_data(tmp_path, "chat.jsonl", chat), "train", "prompt", "answer")
+    assert ds[0]["prompt"][1] == {"role": "user", "content": "2+2"}
+
+
+def test_a_reward_function_failing_mid_run_names_itself_and_keeps_the_last_checkpoint(embedded, tmp_path, capsys):
+    from fastgrpo.train import checkpoint as ckpt
+
+    import reward_fixtures
+
+    reward_fixtures.CALLS.update(n=0, fail_from=4)
+    model, data = embedded
+    out = tmp_path / "run"
+    argv = ["train", "--model", model, "--dataset", data, "--output_dir", str(out), "--max_steps", "6"]
+    argv += ["--reward_funcs", "reward_fixtures:fails_from_call", "accuracy", "--save_steps", "1"]
+    argv += ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--disable_tqdm", "true"]
+    assert main([*argv, "--max_resample_rounds", "1"]) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    step = int(err.split("step ")[1].split(":")[0])
+    assert step >= 2 and "reward function 'fails_from_call' raised ConnectionError: the grader went away" in err, err
+    saved = ckpt.list_checkpoints(out)
+    assert [p.name for p in saved] == [f"checkpoint-{s}" for s in range(1, step)]
+    assert ckpt.resolve_checkpoint("latest", out) == saved[-1] and f"the last checkpoint is {saved[-1]}" in err

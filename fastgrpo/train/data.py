@@ -13,22 +13,23 @@ _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".cs
 def load_prompt_dataset(
     name: str, split: str, prompt_column: str, answer_column: str | None, config_name: str | None = None
 ):
-    """A ``datasets.Dataset`` from a local json/jsonl/parquet/csv file or a hub name.
+    """A ``datasets.Dataset`` from a local json/jsonl/parquet/csv file, a local folder of such files (one
+    format), or a hub name.
 
-    Raises ValueError (before anything heavy) when the file does not exist, the format is
-    unknown, or a named column is missing (the message lists the columns the data has).
+    Raises ValueError (before anything heavy) when the file does not exist or is empty, a folder holds no
+    data file, the format is unknown, a named column is missing (the message lists the columns the data
+    has), or the prompt column holds something other than strings or chat-message lists.
     """
     import datasets
 
     path = Path(os.path.expanduser(name))
     looks_local = path.suffix.lower() in _LOCAL_FORMATS or name.startswith((".", "/", "~")) or path.exists()
     if looks_local:
-        if not path.is_file():
-            raise ValueError(f"dataset file {name!r} does not exist")
-        fmt = _LOCAL_FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(f"dataset {name!r}: unknown file type; use one of {sorted(_LOCAL_FORMATS)}")
-        ds = datasets.load_dataset(fmt, data_files={split: str(path)}, split=split)
+        files, fmt = _local_files(name, path)
+        try:
+            ds = datasets.load_dataset(fmt, data_files={split: [str(f) for f in files]}, split=split)
+        except Exception as e:  # a malformed file: one line naming it, not the loader's traceback
+            raise ValueError(f"could not read dataset {name!r}: {type(e).__name__}: {e}") from e
     else:
         try:
             ds = datasets.load_dataset(name, config_name, split=split)
@@ -39,7 +40,45 @@ def load_prompt_dataset(
             raise ValueError(f"dataset {name!r} has no {what} {column!r}; its columns are {ds.column_names}")
     if len(ds) == 0:
         raise ValueError(f"dataset {name!r} (split {split!r}) is empty")
+    for i, prompt in enumerate(ds[prompt_column]):
+        if not _is_prompt(prompt):
+            raise ValueError(
+                f"dataset {name!r}: prompt_column {prompt_column!r} must hold strings or lists of "
+                f"{{'role', 'content'}} messages; row {i} holds {type(prompt).__name__} {str(prompt)[:60]!r}"
+            )
     return ds
+
+
+def _local_files(name: str, path: Path) -> tuple[list[Path], str]:
+    """The data files of a local ``--dataset`` (a file, or a folder's files of one format) and their format."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _LOCAL_FORMATS)
+        if not files:
+            raise ValueError(f"dataset folder {name!r} holds no data file ({', '.join(sorted(_LOCAL_FORMATS))})")
+        formats = {_LOCAL_FORMATS[p.suffix.lower()] for p in files}
+        if len(formats) > 1:
+            raise ValueError(f"dataset folder {name!r} mixes formats {sorted(formats)}; keep one")
+    elif not path.is_file():
+        raise ValueError(f"dataset file {name!r} does not exist")
+    else:
+        if path.suffix.lower() not in _LOCAL_FORMATS:
+            raise ValueError(f"dataset {name!r}: unknown file type; use one of {sorted(_LOCAL_FORMATS)}")
+        files = [path]
+    if all(f.stat().st_size == 0 for f in files):
+        raise ValueError(f"dataset {name!r} is empty (no rows)")
+    return files, _LOCAL_FORMATS[files[0].suffix.lower()]
+
+
+def _is_prompt(prompt: Any) -> bool:
+    """A string, or a non-empty list of chat messages with string roles and contents."""
+    if isinstance(prompt, str):
+        return True
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in prompt)
+    )  # fmt: skip
 
 
 def format_prompt(tokenizer, prompt: Any, system_prompt: str | None) -> str:

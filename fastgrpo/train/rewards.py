@@ -316,6 +316,10 @@ def _number(v: Any) -> float | None:
     return None
 
 
+class RewardFunctionError(RuntimeError):
+    """A reward function raised: the message names it and what it raised."""
+
+
 class RewardScorer:
     """Run reward functions over a batch and combine them.
 
@@ -348,7 +352,7 @@ class RewardScorer:
             try:
                 values = fn(prompts=prompts, completions=completions, **kwargs)
             except Exception as e:
-                raise RuntimeError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+                raise RewardFunctionError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
             if not isinstance(values, (list, tuple)):
                 raise ValueError(f"reward function {name!r} returned a {type(values).__name__}, expected a list")
             if len(values) != n:

@@ -25,7 +25,7 @@ from .data import PromptSampler, format_prompt, load_prompt_dataset
 from .embedded import prepare_embedded
 from .memory import format_plan, memory_plan
 from .modeling import build_models, resolve_device, resolve_dtype
-from .rewards import RewardScorer, build_reward_functions
+from .rewards import RewardFunctionError, RewardScorer, build_reward_functions
 from .rollouts import Batch, Rollouts
 from .sampling import SamplingParams, build_generator, check_backend
 from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
@@ -253,11 +253,12 @@ class GRPOTrainer:
             path = self.save(snapshot=self._step_start)
             saved = f"saved the last good weights to {path}"
         else:
-            found = ckpt.list_checkpoints(self.out)
-            saved = "the weights already changed in this step, so nothing was saved" + (
-                f"; the last checkpoint is {found[-1]}" if found else ""
-            )
+            saved = f"the weights already changed in this step, so nothing was saved; {self._last_saved()}"
         raise NonFiniteLossError(f"{what} at {where}; stopped, {saved}")
+
+    def _last_saved(self) -> str:
+        found = ckpt.list_checkpoints(self.out)
+        return f"the last checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
 
     # ---- loop, checkpoints ------------------------------------------------------------------
 
@@ -274,7 +275,10 @@ class GRPOTrainer:
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
             self._step_start = self._data_and_rng_state()
-            batch = self.sample_batch()
+            try:
+                batch = self.sample_batch()
+            except RewardFunctionError as e:  # nothing of this step was saved: the last checkpoint stands
+                raise RewardFunctionError(f"step {self.step + 1}: {e}; {self._last_saved()}") from e
             self.generator.release()  # KV cache or engine memory back before the update needs it
             metrics = self.updater.update(batch)
             self.generator.update_weights()
