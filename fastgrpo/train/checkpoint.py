@@ -16,6 +16,9 @@ import torch
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+# What a save killed midway leaves: its unpublished copy (mkdtemp's ".checkpoint-N.xxxx") or, when it
+# was re-saving a step, the old copy moved aside (".checkpoint-N.old").
+_PARTIAL = re.compile(rf"^\.{PREFIX}\d+\.")
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,6 +94,16 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         if match and (path / STATE_FILE).is_file():
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete what killed saves left in ``output_dir`` (never a complete checkpoint); returns what went.
+    For a resume: only one run writes into an output_dir at a time."""
+    output_dir = Path(output_dir)
+    gone = [p for p in output_dir.iterdir() if p.is_dir() and _PARTIAL.match(p.name)] if output_dir.is_dir() else []
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
 
 
 def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> None:

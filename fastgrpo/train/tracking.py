@@ -56,10 +56,19 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a last line cut short (a run killed while writing it: no newline
+    after it) is left out, any other unreadable line raises."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines = lines[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def summary_line(rows: list[dict[str, Any]]) -> str:

@@ -76,6 +76,7 @@ class GRPOTrainer:
         self.resume_path = None
         if cfg.resume_from_checkpoint:
             self.resume_path = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.out)
+            ckpt.remove_partial_checkpoints(self.out)  # a killed save's copy: never complete, often GBs
         elif ckpt.list_checkpoints(self.out) and not cfg.overwrite_output_dir:
             # A fresh run would interleave with (and rotate away against) an earlier run's checkpoints.
             raise ValueError(
