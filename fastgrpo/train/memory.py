@@ -37,8 +37,11 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
     """Estimated GiB of both phases. The update (``total_gb``): weights (policy and reference
     copy), gradients, AdamW state, activations of one micro-batch at the configured lengths, the
     fused loss's buffers; plus what full fp32 logits would take, which the fused loss never
-    allocates. Sampling (``sampling_total_gb``): the resident weights and AdamW state plus the
-    backend's cache (``sampling_gb``). ``peak_gb`` is the larger phase."""
+    allocates. The optimizer step (``optimizer_step_gb``): AdamW's foreach step allocates one more
+    copy of the trainable weights' size (its sqrt(v), measured) while the gradients are still held;
+    the update's total is the larger of backward and step. Sampling (``sampling_total_gb``): the
+    resident weights and AdamW state plus the backend's cache (``sampling_gb``). ``peak_gb`` is the
+    larger phase. ``host_gb``: pinned host memory (offloaded activations; vLLM's weights asleep)."""
     c = _text_config(model)
     H, inter, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     head_dim = getattr(c, "head_dim", None) or H // c.num_attention_heads
@@ -69,6 +72,7 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
         else sum(p.numel() * p.element_size() for p in ref_model.parameters()) / GB,
         "gradients_gb": sum(p.numel() * p.element_size() for p in trainable) / GB,
         "optimizer_gb": 2 * sum(p.numel() * p.element_size() for p in trainable) / GB,
+        "optimizer_step_gb": sum(p.numel() * p.element_size() for p in trainable) / GB,
         "activations_gb": activations / GB,
         "loss_gb": loss / GB,
         "tokens_per_microbatch": float(T),
@@ -78,7 +82,13 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
     sampling, engine_awake = sampling_gb(cfg, info.get("generation_backend", "hf"), L * kv * b, V, params[0].device)
     plan["sampling_gb"] = sampling
     # The update's peak; a vLLM engine without sleep mode keeps its share of the GPU through it.
-    plan["total_gb"] = resident + engine_awake + sum(plan[k] for k in ("gradients_gb", "activations_gb", "loss_gb"))
+    backward = sum(plan[k] for k in ("gradients_gb", "activations_gb", "loss_gb"))
+    step = plan["gradients_gb"] + plan["optimizer_step_gb"]
+    plan["total_gb"] = resident + engine_awake + max(backward, step)
+    # Host: the checkpointed layer inputs offloaded to pinned memory; vLLM's weights while it sleeps (level 1).
+    offloaded = L * T * H * b if cfg.gradient_checkpointing and cfg.offload_activations else 0
+    asleep = plan["weights_gb"] if info.get("generation_backend") == "vllm" and cfg.vllm_enable_sleep_mode else 0.0
+    plan["host_gb"] = offloaded / GB + asleep
     # Sampling: gradients are freed by the last step's zero_grad(set_to_none=True).
     plan["sampling_total_gb"] = resident + sampling
     plan["peak_gb"] = max(plan["total_gb"], plan["sampling_total_gb"])
@@ -110,7 +120,8 @@ def format_plan(plan: dict[str, float], info: dict | None = None) -> str:
         f"memory plan (GiB): {', '.join(parts)}; update {plan['total_gb']:.2f} at "
         f"{plan['tokens_per_microbatch']:.0f} tokens per micro-batch "
         f"(full logits would add {plan['full_logits_gb']:.2f}); sampling {plan['sampling_total_gb']:.2f} "
-        f"(KV cache {plan['sampling_gb']:.2f})"
+        f"(KV cache {plan['sampling_gb']:.2f}); optimizer step +{plan['optimizer_step_gb']:.2f}; "
+        f"pinned host {plan['host_gb']:.2f}"
     )
     if info:
         line += "\n" + ", ".join(f"{k}={v}" for k, v in info.items())
