@@ -57,7 +57,7 @@ from fastgrpo.train.memory import format_plan, memory_plan
 from fastgrpo.train.modeling import prepare_model
 from fastgrpo.train.rollouts import Batch, Rollouts
 from fastgrpo.train.tracking import peak_memory_gb
-from fastgrpo.train.update import Updater
+from fastgrpo.train.update import Updater, resolve_kahan_summation
 
 NAME = "bench_train"
 SKIPPED = "skipped: time budget"
@@ -198,13 +198,15 @@ class ModeRun:
         ), "bench"))  # fmt: skip
         model = build_model(args.model, dtype, device, args.attn)
         self.model, self.info = prepare_model(model, cfg, device)
+        # The optimizer a run resolves to (auto: Kahan summation on 16-bit weights); OOM probes find its limit.
+        self.info["kahan_summation"] = resolve_kahan_summation(cfg.kahan_summation, self.model, lambda: True)
         self.plan = memory_plan(self.model, cfg, self.info)
         params = GRPOLossParams(loss_type="dapo", beta=args.beta, epsilon=0.2, epsilon_high=0.28)
 
         def fail(what, *_):
             raise RuntimeError(what)
 
-        self.updater = Updater(self.model, None, params, cfg, fail)
+        self.updater = Updater(self.model, None, params, cfg, fail, kahan_summation=self.info["kahan_summation"])
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.warm = False  # a step has completed: kernels compiled, optimizer state allocated
         self.fields = dict(

@@ -286,3 +286,102 @@ def test_a_reward_function_failing_mid_run_names_itself_and_keeps_the_last_check
     saved = ckpt.list_checkpoints(out)
     assert [p.name for p in saved] == [f"checkpoint-{s}" for s in range(1, step)]
     assert ckpt.resolve_checkpoint("latest", out) == saved[-1] and f"the last checkpoint is {saved[-1]}" in err
+
+
+# ---- no silently lost updates: 16-bit weights and Kahan summation
+
+
+def test_kahan_adamw_is_torchs_adamw_in_fp32():
+    """torch-optimi's AdamW (what kahan_summation selects) takes the same steps as torch's on fp32 weights."""
+    import torch
+
+    from fastgrpo.train.update import build_optimizer
+
+    cfg = build_config(({"learning_rate": 1e-2, "weight_decay": 0.1, "adam_beta2": 0.99}, "test"))
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(50, 30, generator=g), torch.randn(7, generator=g)]
+    runs = []
+    for kahan in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = build_optimizer(params, cfg, kahan)
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads)
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_updates_are_not_lost_with_kahan_summation(embedded, tmp_path):
+    """lr 1e-6, 10 steps on one batch of the tiny model: the fraction of weights that moved, fp32 against
+    bf16 with plain AdamW and with Kahan summation (the weight being its bf16 value plus its compensation).
+    Plain bf16 keeps almost none of the updates; Kahan summation keeps them as fp32 does."""
+    import torch
+
+    from fastgrpo.train.trainer import GRPOTrainer
+    from fastgrpo.train.update import Updater
+
+    from helpers import train_config
+
+    cfg = train_config(embedded, tmp_path, max_steps=1, learning_rate=1e-6, kahan_summation=False)
+    trainer = GRPOTrainer(cfg)
+    batch = trainer.sample_batch()
+    batch.advantages = torch.linspace(-1.0, 1.0, len(batch.advantages))  # a signal in every group
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    def moved(dtype, kahan: bool) -> float:
+        model = trainer.model.to(dtype)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+        upd = Updater(model, None, trainer.params, cfg, pytest.fail, kahan_summation=kahan)
+        for _ in range(10):
+            upd.update(batch)
+        changed = total = 0
+        for n, p in model.named_parameters():
+            value = p.detach().double()
+            if kahan:
+                value = value + upd.optimizer.state[p]["kahan_comp"].double()
+            changed += int((value != start[n].to(dtype).double()).sum())
+            total += p.numel()
+        return changed / total
+
+    fp32, plain, kahan = moved(torch.float32, False), moved(torch.bfloat16, False), moved(torch.bfloat16, True)
+    print(f"\nweights moved after 10 steps at lr 1e-6: fp32 {fp32:.3f}, bf16 {plain:.3f}, bf16 + Kahan {kahan:.3f}")
+    assert fp32 > 0.5 and plain < 0.2 and abs(kahan - fp32) < 0.05, (fp32, plain, kahan)
+
+
+def test_the_optimizer_choice_is_resolved_printed_and_planned(embedded, tmp_path, capsys):
+    import torch
+
+    from fastgrpo.train.trainer import GRPOTrainer
+
+    from helpers import train_config
+
+    on = GRPOTrainer(train_config(embedded, tmp_path / "bf16", max_steps=1, dtype="bfloat16"))
+    assert on.updater.kahan and on.model_info["kahan_summation"] and on.memory_plan["kahan_summation"] == 1.0
+    assert "optimizer: AdamW with Kahan summation (bfloat16 trainable weights" in capsys.readouterr().out
+    trainable = sum(p.numel() * 2 for p in on.model.parameters() if p.requires_grad) / 2**30
+    assert on.memory_plan["optimizer_gb"] == pytest.approx(3 * trainable)
+    off = GRPOTrainer(train_config(embedded, tmp_path / "fp32", max_steps=1))
+    assert not off.updater.kahan and isinstance(off.optimizer, torch.optim.AdamW)
+    assert "optimizer: AdamW (float32 trainable weights)" in capsys.readouterr().out
+    forced = GRPOTrainer(train_config(embedded, tmp_path / "off", max_steps=1, dtype="bfloat16", kahan_summation=False))
+    assert "Kahan summation off (bfloat16 trainable weights lose updates" in capsys.readouterr().out
+    assert not forced.updater.kahan
+
+
+def test_a_resume_with_the_other_optimizer_state_is_refused(embedded, tmp_path):
+    from fastgrpo.train.trainer import GRPOTrainer
+
+    from helpers import train_config
+
+    GRPOTrainer(train_config(embedded, tmp_path, max_steps=1, dtype="bfloat16")).train()  # Kahan (auto)
+    again = train_config(
+        embedded, tmp_path, max_steps=2, dtype="bfloat16", kahan_summation=False, resume_from_checkpoint="latest"
+    )
+    with pytest.raises(ValueError, match="with Kahan summation, but this run resolves kahan_summation to false"):
+        GRPOTrainer(again)
+    GRPOTrainer(train_config(embedded, tmp_path, max_steps=2, dtype="bfloat16", resume_from_checkpoint="latest"))

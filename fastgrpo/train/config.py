@@ -130,6 +130,11 @@ class TrainConfig:
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.99  # AdamW beta2
     adam_epsilon: float = 1e-8  # AdamW epsilon
+    # A 16-bit compensation buffer per trainable weight keeps the part of each update that bf16/fp16 rounding
+    # drops (plain AdamW on bf16 weights at lr 1e-6 loses most updates).
+    kahan_summation: bool | None = (
+        None  # Kahan-summed AdamW (torch-optimi); None = auto: on for 16-bit trainable weights if it fits memory
+    )
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = off
     seed: int = 42  # seeds data order, sampling and initialization
     save_steps: int = 0  # checkpoint every this many steps (0 = only at the end)

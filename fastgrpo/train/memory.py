@@ -71,11 +71,15 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
         if ref_model is None
         else sum(p.numel() * p.element_size() for p in ref_model.parameters()) / GB,
         "gradients_gb": sum(p.numel() * p.element_size() for p in trainable) / GB,
-        "optimizer_gb": 2 * sum(p.numel() * p.element_size() for p in trainable) / GB,
+        # AdamW's two moments, plus Kahan summation's compensation buffer when it is on (all in the weights' dtype).
+        "optimizer_gb": (3 if info.get("kahan_summation") else 2)
+        * sum(p.numel() * p.element_size() for p in trainable)
+        / GB,
         "optimizer_step_gb": sum(p.numel() * p.element_size() for p in trainable) / GB,
         "activations_gb": activations / GB,
         "loss_gb": loss / GB,
         "tokens_per_microbatch": float(T),
+        "kahan_summation": float(bool(info.get("kahan_summation"))),
         "full_logits_gb": M * V * 4 / GB,
     }
     resident = sum(plan[k] for k in ("weights_gb", "ref_weights_gb", "optimizer_gb"))  # held in both phases

@@ -29,7 +29,7 @@ from .rewards import RewardFunctionError, RewardScorer, build_reward_functions
 from .rollouts import Batch, Rollouts
 from .sampling import SamplingParams, build_generator, check_backend
 from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
-from .update import Updater
+from .update import Updater, resolve_kahan_summation
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,9 +110,10 @@ class GRPOTrainer:
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
         total_updates = self.max_steps * cfg.num_iterations
+        self.model_info["kahan_summation"] = resolve_kahan_summation(cfg.kahan_summation, self.model, self._fits)
         self.updater = Updater(
             self.model, self.ref_model, self.params, cfg, self._fail, backend=backend,
-            padding_free=self.model_info["padding_free"],
+            padding_free=self.model_info["padding_free"], kahan_summation=self.model_info["kahan_summation"],
         )  # fmt: skip
         self.optimizer = self.updater.optimizer
         warmup = math.ceil(cfg.warmup_ratio * total_updates)
@@ -121,6 +122,7 @@ class GRPOTrainer:
         )
         self.updater.scheduler = self.scheduler
         self.memory_plan = memory_plan(self.model, cfg, self.model_info, self.ref_model)
+        print(optimizer_line(self.model, self.model_info["kahan_summation"], cfg.kahan_summation), flush=True)
         if self.device.type == "cuda":
             print(format_plan(self.memory_plan, self.model_info), flush=True)
         self.step, self.num_tokens = 0, 0
@@ -129,6 +131,13 @@ class GRPOTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, self.out / "config.yaml")
         self.log = MetricsLog(self.out, resume_step=self.step if self.resume_path else None)
+
+    def _fits(self) -> bool:
+        """The memory plan with Kahan summation's buffer within the device's memory (always, off CUDA)."""
+        if self.device.type != "cuda":
+            return True
+        plan = memory_plan(self.model, self.cfg, {**self.model_info, "kahan_summation": True}, self.ref_model)
+        return plan["peak_gb"] * 2**30 <= torch.cuda.get_device_properties(self.device).total_memory
 
     def _preflight_rewards(self) -> None:
         """Call every reward function once on the first prompt with a one-token placeholder completion, so one
@@ -319,6 +328,7 @@ class GRPOTrainer:
             "num_tokens": self.num_tokens,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "kahan_summation": self.updater.kahan,
             **snapshot,
         }
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
@@ -331,10 +341,31 @@ class GRPOTrainer:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.step, self.num_tokens = int(state["step"]), int(state["num_tokens"])
+        saved = bool(state.get("kahan_summation", False))  # checkpoints before the option: plain AdamW
+        if saved != self.updater.kahan:
+            raise ValueError(
+                f"resume_from_checkpoint {str(self.resume_path)!r} holds the state of AdamW "
+                f"{'with' if saved else 'without'} Kahan summation, but this run resolves kahan_summation to "
+                f"{str(self.updater.kahan).lower()}; resume with --kahan_summation {str(saved).lower()}"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])
+
+
+def optimizer_line(model, kahan: bool, asked: bool | None) -> str:
+    """The run's optimizer choice, printed at start."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+    weights = f"{'/'.join(dtypes)} trainable weights"
+    if kahan:
+        return f"optimizer: AdamW with Kahan summation ({weights}; updates below their resolution are kept)"
+    low = any(d in ("bfloat16", "float16") for d in dtypes)
+    if low and asked is None:
+        return f"optimizer: AdamW, no Kahan summation: its buffer does not fit memory ({weights} lose small updates)"
+    if low:
+        return f"optimizer: AdamW, Kahan summation off ({weights} lose updates below their resolution)"
+    return f"optimizer: AdamW ({weights})"
 
 
 def embedded_cache_dir() -> Path:

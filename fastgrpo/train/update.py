@@ -61,6 +61,27 @@ def plan_micro_batches(
     return [sorted(b) for b in bins]
 
 
+def build_optimizer(params, cfg, kahan: bool) -> torch.optim.Optimizer:
+    """AdamW over ``params``; ``kahan``: torch-optimi's AdamW with Kahan-summed updates (the same update
+    as torch's AdamW, decoupled weight decay ``lr * weight_decay``, tested to agree in fp32), whose
+    16-bit compensation buffer keeps what rounding the weights to bf16/fp16 would lose."""
+    hyper = dict(lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if not kahan:
+        return torch.optim.AdamW(params, betas=(cfg.adam_beta1, cfg.adam_beta2), **hyper)
+    import optimi
+
+    return optimi.AdamW(params, betas=(cfg.adam_beta1, cfg.adam_beta2), kahan_sum=True, **hyper)
+
+
+def resolve_kahan_summation(spec: bool | None, model, fits: Callable[[], bool]) -> bool:
+    """``kahan_summation`` for this run: as given, or (None) on when a trainable weight is 16-bit and
+    ``fits()`` (the memory plan with the buffer within the device's memory)."""
+    if spec is not None:
+        return bool(spec)
+    low = any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+    return low and fits()
+
+
 class Updater:
     """Owns the optimizer and scheduler; ``update(batch)`` runs ``num_iterations`` steps.
 
@@ -70,7 +91,8 @@ class Updater:
     ``backend``: the resolved generation backend; with it, the sampler/trainer mismatch correction
     (``correction.py``) is resolved from ``cfg.correction`` (auto: on for vllm). None = off.
     ``padding_free``: the resolved packing switch (``modeling.resolve_padding_free``); None reads
-    ``cfg.padding_free`` (None there: off).
+    ``cfg.padding_free`` (None there: off). ``kahan_summation``: the resolved optimizer choice
+    (``resolve_kahan_summation``); None reads ``cfg.kahan_summation`` (None there: off).
     """
 
     def __init__(
@@ -82,6 +104,7 @@ class Updater:
         on_nonfinite: Callable[..., None],
         backend: str | None = None,
         padding_free: bool | None = None,
+        kahan_summation: bool | None = None,
     ):
         self.model, self.ref_model, self.params, self.cfg = model, ref_model, params, cfg
         self._padding_free = padding_free
@@ -92,10 +115,8 @@ class Updater:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(
-            trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )  # fmt: skip
+        self.kahan = bool(cfg.kahan_summation if kahan_summation is None else kahan_summation)
+        self.optimizer = build_optimizer(trainable, cfg, self.kahan)
         self.scheduler = None  # set by the trainer once the number of updates is known
         # The one source of the loss settings and the implementation for every pass, log-probs included.
         self.loss_fn = FusedGRPOLoss(impl=cfg.loss_impl, **dataclasses.asdict(params))
