@@ -85,3 +85,42 @@ def completion_mask_and_truncation(completion_ids: torch.Tensor, eos_token_ids: 
     positions = torch.arange(C, device=completion_ids.device)
     mask = positions[None, :] <= first[:, None]
     return mask, ~is_eos.any(1)
+
+
+def rollouts_from_token_rows(
+    rows: list[list[int]],
+    logprob_rows: list[list[float]] | None,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    num_generations: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    device: torch.device | str,
+) -> Rollouts:
+    """``Rollouts`` from an engine's sampled token lists (N = n * G of them, groups contiguous), laid out as
+    ``hf`` lays them out: completions (N, C) right-padded with ``pad_token_id``, C the longest (at least 1),
+    the mask up to and including the first EOS, ``truncated`` where none came; ``sampler_logprobs`` (N, C)
+    float32, 0 where masked, or None. ``prompt_ids`` / ``prompt_mask``: (n, P), what was sent."""
+    N = len(rows)
+    C = max([len(r) for r in rows] + [1])
+    completion = torch.full((N, C), pad_token_id, dtype=torch.long)
+    logprobs = torch.zeros((N, C), dtype=torch.float32)
+    for j, tokens in enumerate(rows):
+        completion[j, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        if logprob_rows is not None and logprob_rows[j]:
+            logprobs[j, : len(logprob_rows[j])] = torch.tensor(logprob_rows[j], dtype=torch.float32)
+    # EOS is searched among the returned tokens only (-1 is no id): with a pad id that is also an EOS id, a row
+    # cut short without EOS stays truncated.
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    returned = torch.arange(C)[None, :] < lengths[:, None]
+    cmask, truncated = completion_mask_and_truncation(torch.where(returned, completion, -1), list(eos_token_ids))
+    cmask &= returned
+    ro = Rollouts(
+        prompt_ids.repeat_interleave(num_generations, 0),
+        prompt_mask.repeat_interleave(num_generations, 0),
+        torch.where(cmask, completion, pad_token_id),
+        cmask,
+        truncated,
+        None if logprob_rows is None else torch.where(cmask, logprobs, 0.0),
+    )
+    return ro.map(lambda x: x.to(device))

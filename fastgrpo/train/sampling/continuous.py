@@ -34,7 +34,7 @@ import torch
 
 from ..memory import release_cached_memory
 from ..rollouts import Rollouts
-from .base import SamplingParams, completion_mask_and_truncation, eos_and_pad, tokenize_prompts
+from .base import SamplingParams, eos_and_pad, rollouts_from_token_rows, tokenize_prompts
 
 # With SDPA, continuous batching runs a step's sequences as one packed row under a dense
 # (batch tokens x cached tokens) mask, whose planned size grows with the square of the sequences in
@@ -228,22 +228,7 @@ class ContinuousGenerator:
         failed = [o.error for o in rows if o.error is not None]
         if failed:
             raise RuntimeError(f"continuous batching failed {len(failed)} of {N} requests: {failed[0]}")
-        C = max(1, max(len(o.generated_tokens) for o in rows))
-        completion = torch.full((N, C), self.pad_token_id, dtype=torch.long)
-        logprobs = torch.zeros(N, C, dtype=torch.float32)
-        for i, o in enumerate(rows):
-            completion[i, : len(o.generated_tokens)] = torch.tensor(o.generated_tokens, dtype=torch.long)
-            if self.return_logprobs and o.logprobs:
-                logprobs[i, : len(o.logprobs)] = torch.tensor(o.logprobs, dtype=torch.float32)
-        cmask, truncated = completion_mask_and_truncation(completion, self.eos_token_ids)
-        completion = torch.where(cmask, completion, self.pad_token_id)
-        sampler_logprobs = torch.where(cmask, logprobs, 0.0) if self.return_logprobs else None
-        ro = Rollouts(
-            ids.repeat_interleave(G, 0),
-            mask.repeat_interleave(G, 0),
-            completion,
-            cmask,
-            truncated,
-            sampler_logprobs,
-        )
-        return ro.map(lambda x: x.to(device))
+        tokens = [list(o.generated_tokens) for o in rows]
+        logprob_rows = [list(o.logprobs or []) for o in rows] if self.return_logprobs else None
+        eos, pad = self.eos_token_ids, self.pad_token_id
+        return rollouts_from_token_rows(tokens, logprob_rows, ids, mask, G, eos, pad, device)

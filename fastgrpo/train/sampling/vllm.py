@@ -52,7 +52,7 @@ import torch
 
 from ..memory import release_cached_memory
 from ..rollouts import Rollouts
-from .base import SamplingParams, completion_mask_and_truncation, eos_and_pad, tokenize_prompts
+from .base import SamplingParams, eos_and_pad, rollouts_from_token_rows, tokenize_prompts
 
 # vllm.sampling_params: temperatures in (0, _MAX_TEMP) are silently raised to it; above 2 are refused.
 VLLM_MIN_TEMPERATURE = 1e-2
@@ -188,31 +188,9 @@ def rollouts_from_outputs(
                     raise RuntimeError(f"vLLM returned {len(c.logprobs)} log-probs for {len(tokens)} tokens")
                 # The sampled token is always in its position's dict, also when it is not among the top ones.
                 logprob_rows.append([float(lp[t].logprob) for lp, t in zip(c.logprobs, tokens, strict=True)])
-    N = len(rows)
-    C = max([len(r) for r in rows] + [1])
-    completion = torch.full((N, C), pad_token_id, dtype=torch.long)
-    logprobs = torch.zeros((N, C), dtype=torch.float32)
-    for j, tokens in enumerate(rows):
-        completion[j, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        if logprob_rows is not None:
-            logprobs[j, : len(tokens)] = torch.tensor(logprob_rows[j], dtype=torch.float32)
-    # Pad ids are not EOS ids only by accident: recompute the mask from the returned tokens only (-1 is no EOS id:
-    # a row cut short without EOS stays truncated when the pad is an EOS id), as hf does, and pad after it.
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    returned = torch.arange(C)[None, :] < lengths[:, None]
-    cmask, truncated = completion_mask_and_truncation(torch.where(returned, completion, -1), list(eos_token_ids))
-    cmask &= returned
-    completion = torch.where(cmask, completion, pad_token_id)
-    sampler_logprobs = None if logprob_rows is None else torch.where(cmask, logprobs, 0.0)
-    ro = Rollouts(
-        prompt_ids.repeat_interleave(G, 0),
-        prompt_mask.repeat_interleave(G, 0),
-        completion,
-        cmask,
-        truncated,
-        sampler_logprobs,
+    return rollouts_from_token_rows(
+        rows, logprob_rows, prompt_ids, prompt_mask, G, list(eos_token_ids), pad_token_id, device
     )
-    return ro.map(lambda x: x.to(device))
 
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
