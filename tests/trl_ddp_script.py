@@ -52,6 +52,10 @@ def main(out: Path, model_path: str) -> None:
         world, backend = tr.accelerator.num_processes, torch.distributed.get_backend()
         result = dict(loss=loss, world=world, backend=backend, route=tr.fastgrpo_last_route)
         (out / "result.json").write_text(json.dumps(result))
+    # An orderly teardown: a rank that exits with gloo's threads still up can abort in their destructor
+    # ("terminate called without an active exception", SIGABRT; seen once in CI after a finished step).
+    tr.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
