@@ -65,12 +65,13 @@ def build_optimizer(params, cfg, kahan: bool) -> torch.optim.Optimizer:
     """AdamW over ``params``; ``kahan``: torch-optimi's AdamW with Kahan-summed updates (the same update
     as torch's AdamW, decoupled weight decay ``lr * weight_decay``, tested to agree in fp32), whose
     16-bit compensation buffer keeps what rounding the weights to bf16/fp16 would lose."""
-    hyper = dict(lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    hyper = dict(lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     if not kahan:
-        return torch.optim.AdamW(params, betas=(cfg.adam_beta1, cfg.adam_beta2), **hyper)
+        return torch.optim.AdamW(params, **hyper)
     import optimi
 
-    return optimi.AdamW(params, betas=(cfg.adam_beta1, cfg.adam_beta2), kahan_sum=True, **hyper)
+    return optimi.AdamW(params, kahan_sum=True, **hyper)
 
 
 def resolve_kahan_summation(spec: bool | None, model, fits: Callable[[], bool]) -> bool:
