@@ -131,8 +131,8 @@ def _target(device: torch.device) -> tuple[tuple[int, int] | None, int | None]:
 # (benchmarks/compile_gate.py, results in benchmarks/results/compile/): every launch the ops make
 # compiles without register spills, within the chip's shared memory, on tensor cores for 16-bit
 # and TF32 operands, for the heads listed there, at token counts that are and are not multiples of
-# 16 (the JIT specializes on it), with triton 3.9 and 3.6. sm90 16-bit forward/d-logits timed on an
-# H200 (benchmarks/NOTES.md); the rest not yet timed on a GPU. Families: "sm80" (also
+# 16 (the JIT specializes on it), with triton 3.9 and 3.6. Timed on an H200 (benchmarks/NOTES.md):
+# the sm90 16-bit forward, and the d-logits kernel at its former 128x128 tile; the rest not yet. Families: "sm80" (also
 # the default for unknown or older devices and for sm_86/89: every sm80 config fits their 99 KiB
 # of shared memory), "sm90" (Hopper, wgmma), "sm100" (Blackwell and newer, tcgen05; the configs
 # use <= 87 KiB of shared memory, so they also fit sm_120).

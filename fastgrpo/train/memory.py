@@ -65,17 +65,16 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
     path = route(cfg.loss_impl, params[0].device, shape=(M, H, V), dtype=dtype, trainable_head=head_trainable)
     # The path's own buffers (workspace, fp32 accumulators) plus the dHidden it returns.
     loss = extra_bytes(path, M, H, V, dtype, trainable_head=head_trainable) + M * H * b
+    trainable_gb = sum(p.numel() * p.element_size() for p in trainable) / GB
     plan = {
         "weights_gb": sum(p.numel() * p.element_size() for p in params) / GB,
         "ref_weights_gb": 0.0
         if ref_model is None
         else sum(p.numel() * p.element_size() for p in ref_model.parameters()) / GB,
-        "gradients_gb": sum(p.numel() * p.element_size() for p in trainable) / GB,
+        "gradients_gb": trainable_gb,
         # AdamW's two moments, plus Kahan summation's compensation buffer when it is on (all in the weights' dtype).
-        "optimizer_gb": (3 if info.get("kahan_summation") else 2)
-        * sum(p.numel() * p.element_size() for p in trainable)
-        / GB,
-        "optimizer_step_gb": sum(p.numel() * p.element_size() for p in trainable) / GB,
+        "optimizer_gb": (3 if info.get("kahan_summation") else 2) * trainable_gb,
+        "optimizer_step_gb": trainable_gb,
         "activations_gb": activations / GB,
         "loss_gb": loss / GB,
         "tokens_per_microbatch": float(T),

@@ -29,7 +29,7 @@ from .rewards import RewardFunctionError, RewardScorer, build_reward_functions
 from .rollouts import Batch, Rollouts
 from .sampling import SamplingParams, build_generator, check_backend
 from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
-from .update import Updater, resolve_kahan_summation
+from .update import Updater, has_16bit_trainable, resolve_kahan_summation
 
 
 class NonFiniteLossError(RuntimeError):
@@ -360,7 +360,7 @@ def optimizer_line(model, kahan: bool, asked: bool | None) -> str:
     weights = f"{'/'.join(dtypes)} trainable weights"
     if kahan:
         return f"optimizer: AdamW with Kahan summation ({weights}; updates below their resolution are kept)"
-    low = any(d in ("bfloat16", "float16") for d in dtypes)
+    low = has_16bit_trainable(model)
     if low and asked is None:
         return f"optimizer: AdamW, no Kahan summation: its buffer does not fit memory ({weights} lose small updates)"
     if low:

@@ -74,13 +74,17 @@ def build_optimizer(params, cfg, kahan: bool) -> torch.optim.Optimizer:
     return optimi.AdamW(params, kahan_sum=True, **hyper)
 
 
+def has_16bit_trainable(model) -> bool:
+    """Whether a trainable weight is bf16/fp16: plain AdamW then drops updates below its resolution."""
+    return any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+
+
 def resolve_kahan_summation(spec: bool | None, model, fits: Callable[[], bool]) -> bool:
     """``kahan_summation`` for this run: as given, or (None) on when a trainable weight is 16-bit and
     ``fits()`` (the memory plan with the buffer within the device's memory)."""
     if spec is not None:
         return bool(spec)
-    low = any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
-    return low and fits()
+    return has_16bit_trainable(model) and fits()
 
 
 class Updater:
