@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _gemm
+from ._args import as_contiguous, nan_where_invalid
 from ._tiles import _dlogits_constants, _launch_constants, _logits_tile, _target
 
 # Bound on one chunk's d loss / d logits workspace (input dtype); ~1,700 tokens at V = 152K, bf16.
@@ -187,8 +188,9 @@ def dlogits_backward(
     the outer loop: each dHidden chunk is complete, and dWeight (if any) sums in fp32.
 
     Args:
-        hidden: (N, H) fp32/fp16/bf16; weight: (V, H); bias: (V,) or None.
-        targets: (N,) int32/int64; lse, entropy: (N,) fp32 from the forward.
+        hidden: (N, H) fp32/fp16/bf16; weight: (V, H); bias: (V,) or None. Any strides.
+        targets: (N,) int32/int64; lse, entropy: (N,) fp32 from the forward. A target outside
+            [0, V) with a nonzero ``grad_logp`` makes the gradients NaN (its logp is NaN).
         grad_logp: (N,) fp32 d loss / d logp; grad_entropy: (N,) fp32 or None.
         inv_temp: 1 / temperature.
         need_dweight, need_dbias: which parameter gradients to form.
@@ -198,6 +200,11 @@ def dlogits_backward(
     workspace_bytes = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     N, H = hidden.shape
     V = weight.shape[0]
+    # The kernel indexes the vectors with unit stride; hidden and weight go in with their strides.
+    bias, targets, lse, entropy, grad_logp, grad_entropy = as_contiguous(
+        bias, targets, lse, entropy, grad_logp, grad_entropy
+    )
+    grad_logp = nan_where_invalid(grad_logp, targets, V)
     capability, _ = _target(hidden.device)
     c = _launch_constants(hidden.dtype, capability)
     elem = hidden.element_size()

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._args import as_contiguous, nan_where_invalid
 from ._debug import alloc_output
 from ._tiles import (
     _fwd_constants,
@@ -89,7 +90,11 @@ def _fwd_kernel(
         m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         s0 = tl.zeros((BLOCK_N,), tl.float32)
         s1 = tl.zeros((BLOCK_N,), tl.float32)
-        u_y = tl.zeros((BLOCK_N,), tl.float32)
+        # A target outside [0, V) matches no column (or a -inf pad column) and would report a
+        # plausible log p = -lse, since the host check on targets is skipped under torch.compile:
+        # its accumulator starts at NaN in every split, so the merged logp is NaN. (Set here, not
+        # after the loop: a select there spilled the sm_90 16-bit tile, at 255 registers.)
+        u_y = tl.where((y >= 0) & (y < V), 0.0, float("nan"))
         v_start = pid_s * v_per_split
         v_stop = tl.minimum(v_start + v_per_split, V)
         for v0 in range(v_start, v_stop, BLOCK_V):
@@ -310,7 +315,9 @@ def linear_logprobs_fwd(
     active: Optional[torch.Tensor],
     inv_temp: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (logp, lse, entropy), each (N,) fp32; zeros where ``active`` is False."""
+    """Per-token (logp, lse, entropy), each (N,) fp32; zeros where ``active`` is False, logp NaN
+    where an active target lies outside [0, V). Hidden and weight go in with their strides."""
+    bias, targets, active = as_contiguous(bias, targets, active)
     N, H = hidden.shape
     V = weight.shape[0]
     capability, sm_count = _target(hidden.device)
@@ -387,6 +394,8 @@ def linear_logprobs_bwd(
     ``grad_filter_eps`` = 0 (exact): d loss / d logits tiles into a bounded workspace, then cuBLAS
     (``linear_dlogits``), no atomics. > 0: ``_bwd_kernel``, which skips the GEMMs and atomics of
     tiles whose d loss / d logits is negligible (its relaxed fp32 atomics only pay for live tiles).
+    A token whose target lies outside [0, V) and whose ``grad_logp`` is nonzero makes the
+    gradients NaN (its logp is NaN).
     """
     if grad_filter_eps == 0:
         return dlogits_backward(
@@ -394,6 +403,10 @@ def linear_logprobs_bwd(
         )
     N, H = hidden.shape
     V = weight.shape[0]
+    bias, targets, lse, entropy, grad_logp, grad_entropy = as_contiguous(
+        bias, targets, lse, entropy, grad_logp, grad_entropy
+    )
+    grad_logp = nan_where_invalid(grad_logp, targets, V)
     c = _launch_constants(hidden.dtype, _target(hidden.device)[0])
     low_precision = hidden.dtype != torch.float32
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
@@ -552,11 +565,17 @@ def linear_logprobs_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused lm_head log-probs and entropies; inputs are validated by ``fastgrpo.ops``.
 
+    Any strides: hidden and weight are read through theirs (a transposed weight, hidden with a
+    non-unit stride in H), the (N,) and (V,) vectors are made contiguous where they are not.
+
     Args:
-        hidden: (N, H) fp32/fp16/bf16, unit stride in H.
-        weight: (V, H), same dtype and device; (V, H) row-major view of the lm_head.
+        hidden: (N, H) fp32/fp16/bf16.
+        weight: (V, H), same dtype and device (e.g. the lm_head weight, or a transposed (H, V)
+            matrix's ``.t()``).
         bias: (V,) same dtype, or None.
-        targets: (N,) int32/int64 in [0, V) wherever ``active``.
+        targets: (N,) int32/int64 in [0, V) wherever ``active``. An active target outside it gets
+            logp = NaN and makes the gradients NaN (nothing is read out of bounds); an inactive
+            token may hold any id (e.g. -100).
         active: (N,) bool or None; inactive tokens cost no FLOPs and get logp = entropy = 0.
         temperature: logits are divided by it before the softmax.
         grad_filter_eps: in [0, 1). The backward skips the dHidden / dWeight / dBias GEMMs of a

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._args import as_contiguous, nan_where_invalid
 from ._debug import alloc_output
 from ._tiles import _online_lse_update
 
@@ -63,12 +64,16 @@ def _row_stats_kernel(
         u = _scaled_tile(z_rows, b_ptr, offs_v, r_mask, offs_v < V, inv_temp, HAS_BIAS)
         m_i, s0, s1 = _online_lse_update(m_i, s0, s1, u)
     y = tl.load(y_ptr + offs_r, mask=r_mask, other=0).to(tl.int64)
-    u_y = tl.load(z_rows + y, mask=r_mask, other=0.0).to(tl.float32)
+    # The host check on targets is skipped under torch.compile: an id outside [0, V) reads
+    # nothing (clamped address, masked load) and reports logp = NaN, not a neighbour's logit.
+    y_ok = (y >= 0) & (y < V)
+    y_in = tl.where(y_ok, y, 0)
+    u_y = tl.load(z_rows + y_in, mask=r_mask & y_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        u_y += tl.load(b_ptr + y, mask=r_mask, other=0.0).to(tl.float32)
+        u_y += tl.load(b_ptr + y_in, mask=r_mask & y_ok, other=0.0).to(tl.float32)
     log_s0 = tl.log(s0)
     lse = m_i + log_s0
-    tl.store(out_ptr + offs_r, u_y * inv_temp - lse, mask=r_mask)
+    tl.store(out_ptr + offs_r, tl.where(y_ok, u_y * inv_temp - lse, float("nan")), mask=r_mask)
     tl.store(out_ptr + R + offs_r, lse, mask=r_mask)
     tl.store(out_ptr + 2 * R + offs_r, log_s0 - s1 / s0, mask=r_mask)
 
@@ -140,14 +145,16 @@ def row_stats(
 
     Args:
         z: (R, V) fp32/fp16/bf16 logits, unit stride in V.
-        bias: (V,) or None.
-        targets: (R,) int32/int64 in [0, V).
+        bias: (V,) or None, any stride.
+        targets: (R,) int32/int64 in [0, V), any stride; outside it, logp is NaN (nothing is
+            read out of bounds).
         inv_temp: 1 / temperature.
 
     Returns:
         logp, lse, entropy: each (R,) fp32.
     """
     _check_workspace(z, targets, bias)
+    bias, targets = as_contiguous(bias, targets)
     R, V = z.shape
     c = _launch_constants()
     out = alloc_output((3, R), z.device)
@@ -181,8 +188,9 @@ def row_grad_(
 
     Args:
         z: (R, V) logits as given to ``row_stats``; overwritten.
-        bias: (V,) or None.
-        targets: (R,) int32/int64.
+        bias: (V,) or None; the vectors may have any stride.
+        targets: (R,) int32/int64; a row whose target lies outside [0, V) and whose
+            ``grad_logp`` is nonzero gets NaN (its logp is NaN).
         lse: (R,) fp32 from ``row_stats``.
         grad_logp: (R,) fp32 d loss / d logp.
         inv_temp: 1 / temperature.
@@ -192,14 +200,16 @@ def row_grad_(
     """
     _check_workspace(z, targets, bias)
     R, V = z.shape
+    bias, targets, lse, grad_logp = as_contiguous(bias, targets, lse, grad_logp)
+    grad_logp = nan_where_invalid(grad_logp, targets, V)
     c = _launch_constants()
     if R:
         _row_grad_kernel[(triton.cdiv(R, c["BLOCK_R"]),)](
             z,
             bias if bias is not None else lse,
             targets,
-            lse.contiguous(),
-            grad_logp.contiguous(),
+            lse,
+            grad_logp,
             R,
             V,
             z.stride(0),

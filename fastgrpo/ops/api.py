@@ -188,10 +188,17 @@ def chunked_logprobs(
 ):
     """Per-token log p(target) from hidden states and the lm_head, without full logits.
 
+    Every tensor may be a strided view (a transposed weight, ``pairs[:, 1]`` targets, ``b[::2]``):
+    each path reads it through its strides or copies the O(N) / O(V) vectors at the kernel's
+    boundary; hidden and weight are never copied.
+
     Args:
         hidden: (..., H) fp32/fp16/bf16 final hidden states at the positions predicting ``targets``.
         weight: (V, H) lm_head weight, same dtype and device (tied embeddings work as is).
-        targets: (...) int32/int64 token ids in [0, V), shape ``hidden.shape[:-1]``.
+        targets: (...) int32/int64 token ids in [0, V), shape ``hidden.shape[:-1]``. Eagerly an
+            id outside [0, V) raises ValueError; under ``torch.compile`` (which skips that check,
+            it reads data back) such a token's logp is NaN and so are the gradients that use it,
+            on every path: never a plausible finite number, never an out-of-bounds read.
         bias: (V,) lm_head bias or None.
         temperature: logits are divided by it before the softmax (> 0).
         return_entropy: also return the per-token entropy of the softmax.
@@ -205,8 +212,9 @@ def chunked_logprobs(
             (None: 64 MiB); the fused path keeps its logits on chip and ignores it.
 
     Returns:
-        logp (``targets.shape``, fp32), or (logp, entropy) with ``return_entropy``; both are
-        differentiable w.r.t. hidden, weight and bias.
+        logp (``targets.shape``, fp32; NaN at an out-of-range target, see ``targets``), or
+        (logp, entropy) with ``return_entropy``; both are differentiable w.r.t. hidden, weight
+        and bias.
     """
     C.check_temperature(temperature)
     grad_filter_eps = C.check_grad_filter_eps(grad_filter_eps)
@@ -277,11 +285,18 @@ def fused_grpo_loss(
     Semantics match TRL 1.16's ``GRPOTrainer._compute_loss`` (one process, no gradient
     accumulation; ``fastgrpo.integrations.trl`` adds TRL's accumulation and multi-process
     normalizers). Masked tokens cost no FLOPs, and their ``logprobs``/``entropy`` are returned as 0.
+    Every tensor may be a strided view (``(T, B)`` tensors' ``.t()``, ``ids[:, ::2]``, ``expand``,
+    ``b[::2]``, hidden transposed from (T, B, H)): each path honours the strides or copies the
+    O(N) / O(V) vectors at the kernel's boundary; hidden and weight are never copied.
 
     Args:
         hidden: (B, T, H) fp32/fp16/bf16 hidden states at the positions that predict ``targets``.
         weight: (V, H) lm_head weight, same dtype and device as hidden.
-        targets: (B, T) int32/int64 completion token ids, in [0, V) where ``mask`` is set.
+        targets: (B, T) int32/int64 completion token ids, in [0, V) where ``mask`` is set (masked
+            tokens may hold any id, e.g. -100). Eagerly an id outside [0, V) where ``mask`` is
+            set raises ValueError; under ``torch.compile`` (which skips that check, it reads data
+            back) such a token's logprob is NaN, so the loss and the gradients are NaN, on every
+            path: never a plausible finite number, never an out-of-bounds read.
         mask: (B, T) bool, integer or float with 0/1 values: completion tokens that count.
         advantages: (B,) per sequence or (B, T) per token, float, finite.
         old_logprobs: (B, T) float log-probs of the sampling policy; None = current (ratio 1).
@@ -312,7 +327,8 @@ def fused_grpo_loss(
             The torch twin takes it as its chunk's fp32 logits bound (None: 64 MiB).
 
     Returns:
-        GRPOLossOutput(loss, logprobs, entropy, metrics); metrics has ``entropy``,
+        GRPOLossOutput(loss, logprobs, entropy, metrics) (loss and logprobs NaN at an out-of-range
+        target, see ``targets``); metrics has ``entropy``,
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``kl``
         (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
     """

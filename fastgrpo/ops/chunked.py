@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels._gemm import accumulate_mm
 from .loss import GRPOLossParams, grpo_loss_from_logprobs, sampling_correction, token_terms, token_weights
+from .twin import clamp_targets, nan_where_invalid
 
 # Default bound on the logits workspace of one chunk.
 WORKSPACE_BYTES = 1 << 30
@@ -69,7 +70,9 @@ def _row_stats_torch(z, bias, targets, inv_temp):
     u.mul_(inv_temp)
     lse = torch.logsumexp(u, dim=-1)
     u.sub_(lse[:, None])
-    logp = u.gather(1, targets[:, None].long()).squeeze(1)
+    # As the row kernel does: an id outside [0, V) reads in bounds and reports NaN.
+    y, ok = clamp_targets(targets, u.shape[1])
+    logp = torch.where(ok, u.gather(1, y[:, None]).squeeze(1), float("nan"))
     # p * log p with 0 * -inf (a -inf bias) counted as 0.
     entropy = -u.exp().mul_(u).nan_to_num_(nan=0.0).sum(-1)
     return logp, lse, entropy
@@ -80,8 +83,8 @@ def _row_grad_torch_(z, bias, targets, lse, grad_logp, inv_temp):
     if bias is not None:
         u.add_(bias)
     p = u.mul_(inv_temp).sub_(lse[:, None]).exp_()
-    g = grad_logp * inv_temp
-    dz = p.mul_(-g[:, None]).scatter_add_(1, targets[:, None].long(), g[:, None])
+    g = nan_where_invalid(grad_logp, targets, u.shape[1]) * inv_temp
+    dz = p.mul_(-g[:, None]).scatter_add_(1, clamp_targets(targets, u.shape[1])[0][:, None], g[:, None])
     return z.copy_(dz)
 
 

@@ -13,6 +13,22 @@ import torch
 CHUNK_BYTES = 64 << 20
 
 
+# The kernels' rule for a target outside [0, V) (``fastgrpo.kernels._args``), restated here so the
+# torch paths stay inside ``fastgrpo.ops``: the host check is skipped under torch.compile, and a
+# gather at such an id raises on CPU and asserts on CUDA, so the twins read a clamped id and
+# report NaN instead.
+def clamp_targets(targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 ids clamped into [0, vocab), bool: whether each id was in range)."""
+    return targets.long().clamp(0, vocab - 1), (targets >= 0) & (targets < vocab)
+
+
+def nan_where_invalid(grad_logp: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """d loss / d logp, NaN where the target is out of range and the coefficient nonzero (its logp
+    is NaN, so a finite upstream there must not give a finite update; 0 adds nothing)."""
+    bad = ((targets < 0) | (targets >= vocab)) & (grad_logp != 0)
+    return torch.where(bad, float("nan"), grad_logp)
+
+
 def _chunk_tokens(vocab: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * vocab))
 
@@ -38,7 +54,10 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             logp_all = _scaled_logits(hidden[idx], weight, bias, inv_temp)
             lz = torch.logsumexp(logp_all, dim=-1)
             logp_all.sub_(lz[:, None])
-            logp[idx] = logp_all.gather(1, targets[idx, None].long()).squeeze(1)
+            # As the kernels do: an id outside [0, V) reads in bounds and reports NaN (the host
+            # check is skipped under torch.compile; a CUDA gather would assert instead).
+            y, ok = clamp_targets(targets[idx], logp_all.shape[1])
+            logp[idx] = torch.where(ok, logp_all.gather(1, y[:, None]).squeeze(1), float("nan"))
             lse[idx] = lz
             # p * log p, with 0 * -inf (a -inf bias: a banned token) counted as 0.
             plogp = logp_all.exp().mul_(logp_all).nan_to_num_(nan=0.0)
@@ -57,6 +76,8 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         if active is not None:
             # Inactive outputs are the constant 0: whatever flows into them is dropped here.
             g_lp, g_ent = torch.where(active, g_lp, 0.0), torch.where(active, g_ent, 0.0)
+        V = weight.shape[0]
+        g_lp = nan_where_invalid(g_lp, targets, V)
         rows = ((g_lp != 0) | (g_ent != 0)).nonzero().squeeze(1)
         dh = torch.zeros_like(hidden) if need_dh else None
         dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_dw else None
@@ -70,7 +91,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             dz.add_(entropy[idx, None]).mul_(p).nan_to_num_(nan=0.0).mul_(-g_ent[idx, None])
             dz.addcmul_(p, g_lp[idx, None], value=-1.0)
             del p
-            dz.scatter_add_(1, targets[idx, None].long(), g_lp[idx, None])
+            dz.scatter_add_(1, clamp_targets(targets[idx], V)[0][:, None], g_lp[idx, None])
             dz = dz.mul_(ctx.inv_temp).to(hidden.dtype)
             if need_dh:
                 dh[idx] = dz @ weight
@@ -105,7 +126,8 @@ def linear_logprobs_torch(
         hidden: (N, H) fp32/fp16/bf16.
         weight: (V, H), same dtype and device.
         bias: (V,) same dtype, or None.
-        targets: (N,) int32/int64 in [0, V) wherever ``active``.
+        targets: (N,) int32/int64 in [0, V) wherever ``active``. An active target outside it gets
+            logp = NaN and makes the gradients NaN, as in the kernels; inactive ones may hold any id.
         active: (N,) bool or None; inactive tokens cost no FLOPs and get logp = entropy = 0.
         temperature: logits are divided by it before the softmax.
         chunk_bytes: bound on one chunk's fp32 logits (default: the module's ``CHUNK_BYTES``).

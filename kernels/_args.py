@@ -1,0 +1,32 @@
+"""What every launcher does to its arguments at the boundary; torch only.
+
+- Per-token and per-vocabulary vectors (targets, active, bias, lse, entropy, upstream
+  coefficients) reach the kernels as bare pointers indexed with unit stride, so a strided view
+  (``pairs[:, 1]``, ``expand``, ``b[::2]``) would be read as the wrong elements.
+  ``as_contiguous`` copies the few that are not contiguous: O(N) or O(V) bytes against the
+  O(N x V x H) GEMM work. Hidden states and the weight are never copied: the kernels take both
+  of their strides.
+- A target outside [0, V) cannot be refused on the host while ``torch.compile`` traces (the
+  check reads data back), so the ops flag it instead: the forward kernels read nothing out of
+  bounds and report logp = NaN for that token, and ``nan_where_invalid`` makes its gradient NaN
+  too, so a bad label never turns into a plausible finite loss or update. The torch twins in
+  ``fastgrpo.ops.twin`` restate the same rule (the torch paths stay inside ``fastgrpo.ops``).
+"""
+
+import torch
+
+
+def as_contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor made contiguous (a no-op when it already is); None stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def nan_where_invalid(grad_logp: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """d loss / d logp with NaN where the target is invalid and the coefficient nonzero.
+
+    Such a token's logp is NaN, so whatever used it has a NaN gradient; an upstream that happens
+    to be finite there (``logp.sum()``) must not yield a finite update. A zero coefficient (a
+    masked token, or a loss that reads only the entropy) stays 0: that token adds nothing.
+    """
+    bad = ((targets < 0) | (targets >= vocab)) & (grad_logp != 0)
+    return torch.where(bad, float("nan"), grad_logp)
