@@ -30,3 +30,32 @@ def fails_from_call(prompts, completions, **kwargs):
     if CALLS["n"] >= CALLS["fail_from"]:
         raise ConnectionError("the grader went away")
     return [0.0] * len(completions)
+
+
+# exits_from_call: from its EXIT_FROM-th call (the pre-flight call included) it calls sys.exit(0), which a
+# run must not take for success.
+EXIT_FROM = 4
+EXIT_CALLS = {"n": 0}
+
+
+def exits_from_call(prompts, completions, **kwargs):
+    import sys
+
+    EXIT_CALLS["n"] += 1
+    if EXIT_CALLS["n"] >= EXIT_FROM:
+        sys.exit(0)
+    return [0.0] * len(completions)
+
+
+def rewrites_inputs(prompts, completions, answer=None, completion_ids=None, **kwargs):
+    # Edits every input in place, as a careless grader might: a well-formatted right answer everywhere.
+    for i, c in enumerate(completions):
+        text = "<think>x</think><answer>" + str(answer[i] if answer else 0) + "</answer>"
+        if isinstance(c, list):
+            c[-1]["content"] = text
+        else:
+            completions[i] = text
+    for ids in completion_ids or []:
+        ids.append(0)
+    prompts.clear()
+    return [0.0] * len(completions)

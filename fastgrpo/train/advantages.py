@@ -17,9 +17,10 @@ def _group_view(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
 
 
 def group_reward_stats(rewards: torch.Tensor, num_generations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-completion (group mean, group std), NaN-aware: rows whose reward is NaN (every
-    reward function returned None) are left out of their group's statistics."""
-    g = _group_view(rewards, num_generations)
+    """Per-completion (group mean, group std) in float64, NaN-aware: rows whose reward is NaN (every
+    reward function returned None) are left out of their group's statistics. float64 because the
+    squares of rewards above about 1.8e19 overflow float32, which zeroed every advantage of the group."""
+    g = _group_view(rewards.to(torch.float64), num_generations)
     valid = ~torch.isnan(g)
     count = valid.sum(1, keepdim=True)
     mean = torch.where(valid, g, 0.0).sum(1, keepdim=True) / count.clamp(min=1)
@@ -37,9 +38,9 @@ def compute_advantages(rewards: torch.Tensor, num_generations: int, scale_reward
             or "none" (no division: Dr. GRPO).
 
     Returns:
-        (N,) float32 advantages.
+        (N,) float32 advantages, computed in float64. ValueError when one does not fit float32.
     """
-    rewards = rewards.to(torch.float32)
+    rewards = rewards.to(torch.float64)
     mean, std = group_reward_stats(rewards, num_generations)
     centered = rewards - mean
     if scale_rewards == "group":
@@ -52,7 +53,20 @@ def compute_advantages(rewards: torch.Tensor, num_generations: int, scale_reward
         adv = centered
     else:
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
-    return torch.nan_to_num(adv, nan=0.0)
+    return _to_float32(torch.nan_to_num(adv, nan=0.0), scale_rewards)
+
+
+def _to_float32(adv: torch.Tensor, scale_rewards: str) -> torch.Tensor:
+    """float64 advantages as float32, refused where one is beyond float32's range (only unscaled ones of
+    rewards near float32's limit get there; ``RewardScorer`` keeps its rewards within half of it)."""
+    out = adv.to(torch.float32)
+    if not out.isfinite().all():
+        worst = adv.abs().max().item()
+        raise ValueError(
+            f"an advantage of {worst:.3g} (scale_rewards={scale_rewards!r}) is beyond float32's range: the "
+            "rewards differ by too much; scale the reward functions down"
+        )
+    return out
 
 
 def process_advantages(
@@ -88,7 +102,7 @@ def process_advantages(
                 # The normalized reward lands on the step's last token; a reverse cumulative sum
                 # then hands each token the rewards of every step ending at or after it.
                 out[row, min(index, length - 1)] += (reward - mean) / scale
-    return out[:, :length].flip(1).cumsum(1).flip(1).to(torch.float32)
+    return _to_float32(out[:, :length].flip(1).cumsum(1).flip(1), scale_rewards)
 
 
 def zero_std_groups(rewards: torch.Tensor, num_generations: int, atol: float = 1e-6) -> torch.Tensor:
@@ -96,7 +110,7 @@ def zero_std_groups(rewards: torch.Tensor, num_generations: int, atol: float = 1
 
     NaN rows (no reward) are ignored, as in the advantages, so a group counts as zero-std when
     fewer than two of its rewards are known or the known ones are equal."""
-    g = _group_view(rewards.to(torch.float32), num_generations)
+    g = _group_view(rewards.to(torch.float64), num_generations)  # float32 would merge rewards 1 apart at 1e10
     valid = ~torch.isnan(g)
     spread = torch.where(valid, g, -torch.inf).max(1).values - torch.where(valid, g, torch.inf).min(1).values
     return ~(spread > atol)

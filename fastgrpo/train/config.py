@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,15 @@ SCALE_REWARDS = ("group", "batch", "none")
 GENERATION_BACKENDS = ("auto", "hf", "continuous", "vllm")
 IS_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# numpy (which vLLM seeds) takes seeds in [0, 2**32); torch takes more, so this is the range all accept.
+MAX_SEED = 2**32 - 1
+# Where an infinite value would mean something, the field already has a finite or None way to say it.
+INF_SPELLED_OTHERWISE = {
+    "max_grad_norm": "0 turns clipping off",
+    "vllm_importance_sampling_clip_max": "none = no cap",
+    "delta": "none = off",
+}
 
 
 @dataclasses.dataclass
@@ -290,6 +300,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not a text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -311,13 +323,29 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_finite(cfg: Config) -> None:
+    """Every float field (and each value of a float list) is finite: nan and inf fail late or silently
+    (inf epochs overflow the step count, an inf learning rate samples from NaN logits)."""
+    for name, tp in field_types().items():
+        kinds = {tp, *typing.get_args(tp)}
+        if float not in kinds and list[float] not in kinds:
+            continue
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not math.isfinite(v):
+                hint = f" ({INF_SPELLED_OTHERWISE[name]})" if name in INF_SPELLED_OTHERWISE else ""
+                raise ValueError(f"{name} must be a finite number, got {v}{hint}")
+
+
 def validate(cfg: Config) -> None:
     """Invalid values get a one-line ValueError naming the field, before any heavy work."""
+    _check_finite(cfg)
     m, d, g, r, a, t = cfg.model, cfg.data, cfg.generation, cfg.reward, cfg.grpo, cfg.train
     _check(
         m.dtype in ("auto", "float32", "bfloat16", "float16"),
         f"dtype must be auto/float32/bfloat16/float16, got {m.dtype!r}",
     )
+    _check(DEVICE_RE.fullmatch(m.device) is not None, f"device must be auto, cpu, cuda or cuda:N, got {m.device!r}")
     _check(m.loss_impl in IMPLS, f"loss_impl must be one of {'/'.join(IMPLS)}, got {m.loss_impl!r}")
     _check(d.max_prompt_length is None or d.max_prompt_length > 0, "max_prompt_length must be > 0 or None")
     _check(
@@ -332,6 +360,7 @@ def validate(cfg: Config) -> None:
     )
     _check(g.temperature > 0 and math.isfinite(g.temperature), f"temperature must be > 0, got {g.temperature}")
     _check(0 < g.top_p <= 1, f"top_p must be in (0, 1], got {g.top_p}")
+    _check(g.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {g.repetition_penalty}")
     _check(g.top_k >= 0, f"top_k must be >= 0, got {g.top_k}")
     _check(g.generation_batch_size is None or g.generation_batch_size > 0, "generation_batch_size must be > 0 or None")
     _check(
@@ -369,6 +398,7 @@ def validate(cfg: Config) -> None:
         )
         _check(all(math.isfinite(w) for w in r.reward_weights), "reward_weights must be finite")
     _check(r.overlong_buffer >= 0, f"overlong_buffer must be >= 0, got {r.overlong_buffer}")
+    _check(r.overlong_penalty_factor >= 0, f"overlong_penalty_factor must be >= 0, got {r.overlong_penalty_factor}")
     if "soft_overlong" in r.reward_funcs:
         _check(
             0 < r.overlong_buffer <= g.max_completion_length,
@@ -379,6 +409,8 @@ def validate(cfg: Config) -> None:
     _check(a.epsilon >= 0, f"epsilon must be >= 0, got {a.epsilon}")
     _check(a.epsilon_high is None or a.epsilon_high >= 0, f"epsilon_high must be >= 0, got {a.epsilon_high}")
     _check(a.delta is None or a.delta > 1, f"delta must be > 1 or None, got {a.delta}")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        _check(getattr(a, name) > 0, f"{name} must be > 0, got {getattr(a, name)}")
     _check(
         a.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
         f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {a.importance_sampling_level!r}",
@@ -398,6 +430,7 @@ def validate(cfg: Config) -> None:
         "offload_activations needs gradient_checkpointing: true (it offloads the checkpointed layer inputs)",
     )
     _check(m.lora_r > 0, f"lora_r must be > 0, got {m.lora_r}")
+    _check(m.lora_alpha > 0, f"lora_alpha must be > 0 (the adapters' scale is lora_alpha / lora_r), got {m.lora_alpha}")
     _check(
         not any(name.rsplit(".", 1)[-1] == "lm_head" for name in m.lora_target_modules or []),
         "lora_target_modules must not include lm_head: the fused loss reads the output layer's base weight, "
@@ -414,7 +447,12 @@ def validate(cfg: Config) -> None:
     _check(t.learning_rate >= 0, f"learning_rate must be >= 0, got {t.learning_rate}")
     _check(t.lr_scheduler_type in LR_SCHEDULERS, f"lr_scheduler_type must be one of {LR_SCHEDULERS}")
     _check(0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    _check(t.weight_decay >= 0, f"weight_decay must be >= 0, got {t.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(t, name) < 1, f"{name} must be in [0, 1), got {getattr(t, name)}")
+    _check(t.adam_epsilon >= 0, f"adam_epsilon must be >= 0, got {t.adam_epsilon}")
     _check(t.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    _check(0 <= t.seed <= MAX_SEED, f"seed must be in [0, 2**32 - 1] (numpy's range, which vLLM seeds), got {t.seed}")
     _check(t.save_steps >= 0, f"save_steps must be >= 0, got {t.save_steps}")
     _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or None")
     _check(t.logging_steps >= 1, f"logging_steps must be >= 1, got {t.logging_steps}")

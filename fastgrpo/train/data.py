@@ -97,8 +97,9 @@ def format_prompt(tokenizer, prompt: Any, system_prompt: str | None) -> str:
 
 
 class PromptSampler:
-    """Indices into the dataset in a seeded order, reshuffled every epoch; its state is two ints,
-    so a resumed run sees exactly the prompts an uninterrupted run would have seen."""
+    """Indices into the dataset in a seeded order, reshuffled every epoch; its state is the epoch, the
+    position in it and the dataset size, so a resumed run sees exactly the prompts an uninterrupted run
+    would have seen (or is refused, when the dataset is not the one it was saved with)."""
 
     def __init__(self, size: int, seed: int, shuffle: bool = True):
         self.size, self.seed, self.shuffle = size, seed, shuffle
@@ -126,8 +127,23 @@ class PromptSampler:
         return self.epoch * self.size + self.position
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "size": self.size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """ValueError when ``state`` was saved over a dataset of another size: the order is a shuffle of
+        that many prompts, so a position in it means nothing here (and past the end, an IndexError later).
+        States saved before the size was recorded are checked by their position only."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        saved = state.get("size")
+        if saved is not None and int(saved) != self.size:
+            raise ValueError(
+                f"the checkpoint's dataset has {int(saved)} prompts, this dataset has {self.size}: resume with the "
+                "dataset the checkpoint was trained on"
+            )
+        if epoch < 0 or not 0 <= position <= self.size:
+            raise ValueError(
+                f"the checkpoint's data position (epoch {epoch}, prompt {position}) is past this dataset's "
+                f"{self.size} prompts: resume with the dataset the checkpoint was trained on"
+            )
+        self.epoch, self.position = epoch, position
         self._order = self._make_order()

@@ -31,6 +31,8 @@ def resolve_device(spec: str) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
@@ -40,12 +42,31 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
+# Weights are loaded from safetensors only: unpickling a .bin/.pt file can run any code it holds.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+NO_PICKLES = (
+    "fastgrpo loads safetensors weights only, never pickled ones (unpickling can run code); convert them "
+    "where you trust them: model.save_pretrained(dir, safe_serialization=True)"
+)
+
+
+def check_safetensors_weights(name: str, path: Path) -> None:
+    """A local model directory whose weights are pickled only (pytorch_model.bin) is refused in one line."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(f"model directory {name!r} holds pickled weights ({', '.join(pickled)}): {NO_PICKLES}")
+
+
 def check_model_path(name: str) -> None:
-    """A local path that does not exist fails here, before anything is loaded."""
+    """A local path that does not exist, or holds no config.json or only pickled weights, fails here,
+    before anything is loaded."""
     path = Path(os.path.expanduser(name))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {name!r} has no config.json")
+        check_safetensors_weights(name, path)
         return
     if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
         raise ValueError(f"model path {name!r} does not exist")
@@ -75,9 +96,13 @@ def load_model_and_tokenizer(
             dtype=dtype,
             attn_implementation=resolve_attn_implementation(attn_implementation, device),
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # a hub repo with pickled weights only is refused, not unpickled
         )
     except (OSError, ValueError) as e:
-        raise ValueError(f"could not load model {name!r}: {e}") from e
+        text = " ".join(str(e).split())
+        if "safetensors" in text and ("no file named" in text or "does not appear to have" in text):
+            text = f"it has no safetensors weights; {NO_PICKLES}"  # (transformers' own line says "do not set" it)
+        raise ValueError(f"could not load model {name!r}: {text}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     check_fusable(model)

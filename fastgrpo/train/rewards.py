@@ -14,6 +14,7 @@ import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -213,13 +214,19 @@ class RewardModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         import transformers  # slow to import, and only reward models need it
 
+        from .modeling import check_safetensors_weights
+
+        check_safetensors_weights(path, Path(path))
+
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         # `dtype=` replaced `torch_dtype=` in transformers 4.56; older releases only know the latter.
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         dtype_kw = {} if dtype is None else {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(path, **dtype_kw)
+        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=True, **dtype_kw
+        )
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {path!r} has num_labels={self.model.config.num_labels}, expected 1")
         if self.tokenizer.pad_token is None:
@@ -308,12 +315,27 @@ class RewardOutput(NamedTuple):
     metrics: dict[str, float]
 
 
+# Rewards leave the scorer as float32, and their differences (the advantages with scale_rewards="none")
+# must fit float32 too: so each value, and each completion's weighted sum, stays within half its range.
+REWARD_LIMIT = float(torch.finfo(torch.float32).max) / 2
+
+
 def _number(v: Any) -> float | None:
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = v.item()
-    if isinstance(v, numbers.Real) and math.isfinite(v):
+    if isinstance(v, numbers.Real) and abs(v) <= REWARD_LIMIT:  # False for NaN
         return float(v)
     return None
+
+
+def _own_copy(value: Any) -> Any:
+    """A copy of nested lists and dicts (their str/int/float leaves are immutable), so a reward function
+    that edits its inputs in place cannot change what the next one scores."""
+    if isinstance(value, list):
+        return [_own_copy(v) for v in value] if any(isinstance(v, (list, dict)) for v in value) else list(value)
+    if isinstance(value, dict):
+        return {k: _own_copy(v) for k, v in value.items()}
+    return value
 
 
 class RewardFunctionError(RuntimeError):
@@ -349,10 +371,7 @@ class RewardScorer:
         is_process = [False] * len(self.funcs)
         steps: list[dict[int, float]] = [{} for _ in range(n)]
         for j, ((name, fn), w) in enumerate(zip(self.funcs, self.weights, strict=True)):
-            try:
-                values = fn(prompts=prompts, completions=completions, **kwargs)
-            except Exception as e:
-                raise RewardFunctionError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+            values = self._call(name, fn, prompts, completions, kwargs)
             if not isinstance(values, (list, tuple)):
                 raise ValueError(f"reward function {name!r} returned a {type(values).__name__}, expected a list")
             if len(values) != n:
@@ -367,12 +386,16 @@ class RewardScorer:
                 if is_process[j]:
                     per_func[i, j] = self._add_steps(name, v, kwargs.get("completion_ids"), i, w, steps[i])
                 elif (x := _number(v)) is None:
-                    raise ValueError(f"reward function {name!r} returned {v!r} for completion {i}: not a finite number")
+                    raise ValueError(
+                        f"reward function {name!r} returned {v!r} for completion {i}: not a finite number "
+                        f"within +-{REWARD_LIMIT:.3g}"
+                    )
                 else:
                     per_func[i, j] = x
         outcome = torch.tensor([not p for p in is_process], dtype=torch.bool)
         weighted = per_func[:, outcome] * torch.tensor(self.weights, dtype=torch.float64)[outcome]
         rewards = weighted.nansum(1)
+        self._check_sums(rewards, per_func, outcome)
         rewards[per_func.isnan().all(1)] = float("nan")
         metrics: dict[str, float] = {}
         for j, name in enumerate(self.names):
@@ -382,6 +405,32 @@ class RewardScorer:
             metrics[f"rewards/{name}/std"] = col.std().item() if len(col) > 1 else 0.0 if len(col) else math.nan
         merged = [sorted(s.items()) for s in steps] if any(is_process) else None
         return RewardOutput(per_func.float(), rewards.float(), merged, metrics)
+
+    @staticmethod
+    def _call(name: str, fn: RewardFunc, prompts: list, completions: list, columns: dict[str, Any]) -> Any:
+        """``fn`` on its own copy of every input. Whatever it raises, short of Ctrl-C, stops the run naming
+        it: a ``sys.exit()`` inside a grader must not end training silently with exit status 0."""
+        try:
+            return fn(
+                prompts=_own_copy(prompts),
+                completions=_own_copy(completions),
+                **{k: _own_copy(v) for k, v in columns.items()},
+            )
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            raise RewardFunctionError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+
+    def _check_sums(self, rewards: torch.Tensor, per_func: torch.Tensor, outcome: torch.Tensor) -> None:
+        """Each completion's weighted sum within the limit its values are held to, naming the functions."""
+        over = (rewards.abs() > REWARD_LIMIT).nonzero().flatten().tolist()
+        if over:
+            i = over[0]
+            names = [n for j, n in enumerate(self.names) if outcome[j] and not per_func[i, j].isnan()]
+            raise ValueError(
+                f"the weighted sum of reward functions {', '.join(map(repr, names))} is {rewards[i].item():.3g} "
+                f"for completion {i}: beyond +-{REWARD_LIMIT:.3g} (float32 advantages could not hold it)"
+            )
 
     @staticmethod
     def _add_steps(name: str, pairs, completion_ids, i: int, weight: float, into: dict[int, float]) -> float:
@@ -397,7 +446,15 @@ class RewardScorer:
                     f"expected (token_index in [0, {length}), reward)"
                 )
             if (x := _number(r)) is None:
-                raise ValueError(f"reward function {name!r} gave step reward {r!r} for completion {i}: not finite")
+                raise ValueError(
+                    f"reward function {name!r} gave step reward {r!r} for completion {i}: not a finite number "
+                    f"within +-{REWARD_LIMIT:.3g}"
+                )
             into[int(idx)] = into.get(int(idx), 0.0) + weight * x
             total += x
+        if abs(total) > REWARD_LIMIT:
+            raise ValueError(
+                f"reward function {name!r} gave steps summing to {total:.3g} for completion {i}: "
+                f"beyond +-{REWARD_LIMIT:.3g}"
+            )
         return total
