@@ -111,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"fastgrpo train: error: {e}", file=sys.stderr)
             return 2
-        except RuntimeError as e:  # a failure mid-run that says what to do: a reward function, a NaN loss
+        except RuntimeError as e:  # a failure mid-run that says what to do: a reward function, a NaN loss, a save
             from .train.rewards import RewardFunctionError
-            from .train.trainer import NonFiniteLossError
+            from .train.trainer import RunStopped
 
-            if not isinstance(e, (RewardFunctionError, NonFiniteLossError)):
+            if not isinstance(e, (RewardFunctionError, RunStopped)):
                 raise
             print(f"fastgrpo train: error: {e}", file=sys.stderr)
             return 1

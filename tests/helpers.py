@@ -79,5 +79,6 @@ def train_config(embedded, out, **values):
 
     model, data = embedded
     base = {**EMBEDDED_PRESET, "model": model, "dataset": data, "output_dir": str(out), "disable_tqdm": True}
+    base["overwrite_output_dir"] = True  # tests reuse their folders
     base.update(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_resample_rounds=1)
     return build_config((base, "test"), (values, "test overrides"))

@@ -33,7 +33,9 @@ def _args(out: Path) -> list[str]:
 
 def _start(out: Path, resume: bool, pause: tuple[int, Path] | None = None) -> subprocess.Popen:
     hook = [] if pause is None else [str(pause[0]), str(pause[1])]
-    extra = ["--resume_from_checkpoint", "latest"] if resume else []
+    # Killed before the first checkpoint: the folder holds that run's metrics rows, which a fresh start
+    # replaces only when asked to.
+    extra = ["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir", "true"]
     cmd = [sys.executable, str(DRIVER), *hook, "--", *_args(out), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
@@ -128,7 +130,7 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(reference,
     _wait(proc, marker.exists)
     _kill(proc)
     assert any(p.name.startswith(f".{ckpt.PREFIX}4.") for p in out.iterdir())  # the unpublished copy is there
-    assert ckpt.resolve_checkpoint("latest", out).name == f"{ckpt.PREFIX}3"
+    assert ckpt.resolve_checkpoint("latest", out)[0].name == f"{ckpt.PREFIX}3"
     _check_latest_is_complete(out)
     _finish(out)
     _assert_same_run(reference, _rows(out))

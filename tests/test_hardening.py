@@ -137,7 +137,6 @@ PRESET_OVERRIDES = {
     "reward_funcs": ["accuracy"],
     "reward_weights": [1.0],
     "output_dir": "my-run",
-    "overwrite_output_dir": False,
 }
 
 
@@ -285,7 +284,7 @@ def test_a_reward_function_failing_mid_run_names_itself_and_keeps_the_last_check
     assert step >= 2 and "reward function 'fails_from_call' raised ConnectionError: the grader went away" in err, err
     saved = ckpt.list_checkpoints(out)
     assert [p.name for p in saved] == [f"checkpoint-{s}" for s in range(1, step)]
-    assert ckpt.resolve_checkpoint("latest", out) == saved[-1] and f"the last checkpoint is {saved[-1]}" in err
+    assert ckpt.resolve_checkpoint("latest", out) == (saved[-1], []) and f"the last checkpoint is {saved[-1]}" in err
 
 
 # ---- no silently lost updates: 16-bit weights and Kahan summation

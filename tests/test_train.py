@@ -207,7 +207,7 @@ def test_process_only_rewards_keep_groups_whose_steps_differ(embedded, tmp_path)
 
 def test_output_dir_with_checkpoints_needs_resume_or_overwrite(embedded, tmp_path):
     GRPOTrainer(_config(embedded, tmp_path, max_steps=1, overwrite_output_dir=False)).train()
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(ValueError, match=r"holds an earlier run \(1 checkpoint, metrics.jsonl \(1 rows\)\)"):
         GRPOTrainer(_config(embedded, tmp_path, max_steps=1, overwrite_output_dir=False))
     trainer = GRPOTrainer(_config(embedded, tmp_path, max_steps=1, overwrite_output_dir=True))
     assert trainer.step == 0 and ckpt.list_checkpoints(tmp_path) == []

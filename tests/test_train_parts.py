@@ -169,9 +169,11 @@ class _Saveable:
         self.fail = fail
 
     def save_pretrained(self, path):
+        from safetensors.torch import save_file
+
         if self.fail:
             raise OSError("disk full")
-        (path / "weights.bin").write_text("w")
+        save_file({"w": torch.zeros(2)}, path / "model.safetensors")
 
 
 def test_checkpoint_save_is_atomic_and_rotates(tmp_path):
@@ -186,7 +188,7 @@ def test_checkpoint_save_is_atomic_and_rotates(tmp_path):
         ckpt.save_checkpoint(tmp_path, step, _Saveable(), _Saveable(), {"step": step}, "")
     ckpt.rotate_checkpoints(tmp_path, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
-    assert ckpt.resolve_checkpoint("latest", tmp_path).name == "checkpoint-3"
+    assert ckpt.resolve_checkpoint("latest", tmp_path) == (tmp_path / "checkpoint-3", [])
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         ckpt.resolve_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
     with pytest.raises(ValueError, match="has no checkpoint"):

@@ -75,9 +75,9 @@ EMBEDDED_PRESET: dict[str, Any] = {
     # Reward on a 0-1 scale: accuracy is the goal; format rewards keeping the <think> block.
     "reward_funcs": ["accuracy", "format"],
     "reward_weights": [0.75, 0.25],
+    # A demo: running it again replaces its own earlier run here (the trainer marks this folder as the
+    # embedded default's), never a folder the user named.
     "output_dir": "fastgrpo-output",
-    # A demo: running it again starts afresh instead of refusing the earlier run's checkpoints.
-    "overwrite_output_dir": True,
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,17 +21,27 @@ from . import checkpoint as ckpt
 from .advantages import compute_advantages, process_advantages, zero_std_groups
 from .config import Config, DataConfig, save_yaml
 from .data import PromptSampler, format_prompt, load_prompt_dataset
-from .embedded import prepare_embedded
+from .embedded import EMBEDDED_PRESET, prepare_embedded
 from .memory import format_plan, memory_plan
-from .modeling import build_models, resolve_device, resolve_dtype
+from .modeling import build_models, check_checkpoint_kind, resolve_device, resolve_dtype
+from .resume import apply_optimizer_settings, changed_settings, check_resume_settings
 from .rewards import RewardFunctionError, RewardScorer, build_reward_functions
 from .rollouts import Batch, Rollouts
+from .run_dir import RunDir
 from .sampling import SamplingParams, build_generator, check_backend
 from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
 from .update import Updater, has_16bit_trainable, resolve_kahan_summation
 
 
-class NonFiniteLossError(RuntimeError):
+class RunStopped(RuntimeError):
+    """A failure mid-run that says what happened and what was kept; the command line prints it, exit 1."""
+
+
+class NonFiniteLossError(RunStopped):
+    pass
+
+
+class CheckpointSaveError(RunStopped):
     pass
 
 
@@ -51,7 +60,13 @@ def _lr_lambda(kind: str, warmup: int, total: int):
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: Config, title: str | None = None):
+    """The loop over one output folder, which it holds (``run_dir``) until ``train`` ends or ``close``.
+
+    ``owner``: a name the folder is marked with; a fresh run may replace an earlier run only in a folder
+    carrying the same mark (the embedded default's demo folder), or with ``overwrite_output_dir``.
+    """
+
+    def __init__(self, cfg: Config, title: str | None = None, owner: str | None = None):
         self.cfg = cfg
         self.title = title or f"fastgrpo train: {cfg.model.model}"
         self.out = Path(cfg.output_dir)
@@ -73,22 +88,29 @@ class GRPOTrainer:
         self.scorer = RewardScorer(funcs, cfg.reward_weights)
         self._preflight_rewards()
         backend = check_backend(cfg.generation_backend, self.device)  # e.g. vllm not installed: before loading
-        self.resume_path = None
-        if cfg.resume_from_checkpoint:
-            self.resume_path = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.out)
-            ckpt.remove_partial_checkpoints(self.out)  # a killed save's copy: never complete, often GBs
-        elif ckpt.list_checkpoints(self.out) and not cfg.overwrite_output_dir:
-            # A fresh run would interleave with (and rotate away against) an earlier run's checkpoints.
-            raise ValueError(
-                f"output_dir {str(self.out)!r} holds checkpoints of an earlier run; pass "
-                "--resume_from_checkpoint latest to continue it or --overwrite_output_dir true to start afresh"
-            )
+        self.run_dir = RunDir(self.out, owner=owner)  # made, writable, locked: one writer per folder
+        try:
+            self._build(cfg, dtype, backend)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Config, dtype: torch.dtype, backend: str) -> None:
+        self.prompts_per_step = cfg.generation_batch_size_total() // cfg.num_generations
+        self.sampler = PromptSampler(len(self.dataset), cfg.seed, cfg.shuffle_dataset)
+        self.run_dir.recover_and_clean()
+        self.resume_path, state, changes = self._check_resume()  # before the model: a refusal costs no load
         self.model, self.ref_model, self.tokenizer, self.model_info = build_models(cfg, self.device, dtype,
                                                                                    self.resume_path)  # fmt: skip
-        # Only once the model has loaded: a mistyped --model must not have cost the earlier run its checkpoints.
-        if not self.resume_path:
-            for path in ckpt.list_checkpoints(self.out):
-                shutil.rmtree(path)
+        # Only once the model has loaded: a mistyped --model must not have cost the earlier run anything.
+        if self.resume_path is None:
+            gone = self.run_dir.start_fresh()
+            if gone:
+                print(f"overwrite_output_dir: removed the earlier run's {', '.join(gone)}", flush=True)
+        elif self.run_dir._inside(self.resume_path):
+            self.run_dir.rewind_to(int(state["step"]))
+        else:
+            self.run_dir.start_fresh()  # a checkpoint from elsewhere; resolve_resume allowed replacing
         # The resolved padding_free / Liger body live in model_info: config.yaml keeps what was asked
         # (auto), so a GPU run's checkpoint resumes on a CPU, where auto resolves the other way.
         self.generator = build_generator(backend, self.model, self.tokenizer, cfg)
@@ -104,8 +126,6 @@ class GRPOTrainer:
             sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
             temperature=cfg.temperature,
         )  # fmt: skip
-        self.prompts_per_step = cfg.generation_batch_size_total() // cfg.num_generations
-        self.sampler = PromptSampler(len(self.dataset), cfg.seed, cfg.shuffle_dataset)
         self.max_steps = cfg.max_steps
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
@@ -127,10 +147,36 @@ class GRPOTrainer:
             print(format_plan(self.memory_plan, self.model_info), flush=True)
         self.step, self.num_tokens = 0, 0
         if self.resume_path is not None:
-            self._load_state(ckpt.load_trainer_state(self.resume_path))
-        self.out.mkdir(parents=True, exist_ok=True)
+            self._load_state(state)
+            apply_optimizer_settings(self.optimizer, self.scheduler, cfg, changes)
         save_yaml(cfg, self.out / "config.yaml")
         self.log = MetricsLog(self.out, resume_step=self.step if self.resume_path else None)
+
+    def _check_resume(self) -> tuple[Path | None, dict[str, Any] | None, dict[str, tuple[Any, Any]]]:
+        """(checkpoint, its trainer state, changed settings) for a resume, checked before any model loads:
+        the state loads (weights_only), the settings can apply and the prompt position fits the dataset.
+        A fresh run checks that it replaces no earlier run unless asked to."""
+        cfg = self.cfg
+        if not cfg.resume_from_checkpoint:
+            self.run_dir.check_fresh_start(cfg.overwrite_output_dir)
+            return None, None, {}
+        path = self.run_dir.resolve_resume(cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
+        check_checkpoint_kind(path, cfg.use_peft)
+        state = ckpt.load_trainer_state(path)
+        changes = changed_settings(ckpt.load_saved_config(path), cfg)
+        line = check_resume_settings(changes, cfg, str(path))
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ValueError(f"resume_from_checkpoint {str(path)!r}: {e}") from None
+        print(f"resuming from {path} (step {int(state['step'])})", flush=True)
+        if line:
+            print(line, flush=True)
+        return path, state, changes
+
+    def close(self) -> None:
+        """Let go of the output folder (``train`` does it when it ends)."""
+        self.run_dir.close()
 
     def _fits(self) -> bool:
         """The memory plan with Kahan summation's buffer within the device's memory (always, off CUDA)."""
@@ -273,6 +319,12 @@ class GRPOTrainer:
     # ---- loop, checkpoints ------------------------------------------------------------------
 
     def train(self) -> list[dict[str, Any]]:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> list[dict[str, Any]]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -332,7 +384,13 @@ class GRPOTrainer:
             **snapshot,
         }
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-        path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, text)
+        try:
+            path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, text)
+        except OSError as e:  # disk full, quota: the unpublished copy is gone, earlier checkpoints are intact
+            raise CheckpointSaveError(
+                f"saving {ckpt.PREFIX}{self.step} in {str(self.out)!r} failed: {e.strerror or e}; "
+                f"nothing else was changed, {self._last_saved()}"
+            ) from e
         ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit)
         return path
 
@@ -350,7 +408,6 @@ class GRPOTrainer:
             )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])
 
 
@@ -373,6 +430,8 @@ def embedded_cache_dir() -> Path:
     root = os.environ.get("FASTGRPO_CACHE") or Path.home() / ".cache" / "fastgrpo"
     return Path(root) / "embedded"
 
+
+EMBEDDED_OWNER = "fastgrpo embedded default"
 
 # The data section's source fields: the embedded default brings its own data, so any of these set without
 # a model would be silently replaced by it.
@@ -401,8 +460,9 @@ def train(cfg: Config) -> list[dict[str, Any]]:
         model_dir, data_path = prepare_embedded(embedded_cache_dir(), seed=0)
         cfg.model.model, cfg.data.dataset = str(model_dir), str(data_path)
         title = "fastgrpo train: embedded default (81k-parameter Qwen2, single-digit addition)"
-    elif cfg.data.dataset is None:
+        # The demo replaces its own earlier run in its own folder, never a folder the user named.
+        own = Path(cfg.output_dir) == Path(EMBEDDED_PRESET["output_dir"])
+        return GRPOTrainer(cfg, title=title, owner=EMBEDDED_OWNER if own else None).train()
+    if cfg.data.dataset is None:
         raise ValueError("dataset is required when model is given")
-    else:
-        title = None
-    return GRPOTrainer(cfg, title=title).train()
+    return GRPOTrainer(cfg).train()
