@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import string
 import sys
 
@@ -301,6 +302,35 @@ def test_reward_model_scores(tiny_rm):
         with torch.no_grad():
             manual = rm.model(**enc).logits[0, 0].item()
         assert s == pytest.approx(manual, abs=1e-5)
+
+
+def test_reward_model_reads_the_end_of_a_text_too_long_for_it(tiny_rm, monkeypatch):
+    """A 20,000-character prompt is scored on the last 256 tokens (the model's positions), where the
+    completion is, and the tokenizer is never given more than 16 characters per kept token (before:
+    all ~16,000 tokens went through a 256-position model; at 1 MB the forward alone needs TBs)."""
+    rm = RewardModel(str(tiny_rm), batch_size=2)
+    assert rm.max_length == 256
+    rng = random.Random(0)
+    prompt = " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 9))) for _ in range(4_000))
+    prompt = prompt[:20_000]
+    seen = []
+    real = type(rm.tokenizer).__call__
+
+    def recording(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(rm.tokenizer), "__call__", recording)
+    [score, short] = rm([prompt, "2+2="], ["the answer is 4", "4"])
+    assert max(seen) <= 256 * 16, max(seen)
+    monkeypatch.undo()
+    text = rm.format(prompt, "the answer is 4")
+    enc = rm.tokenizer(text[-4096:], return_tensors="pt", add_special_tokens=not rm.tokenizer.chat_template)
+    ids = enc["input_ids"][:, -256:]
+    with torch.no_grad():
+        assert score == pytest.approx(rm.model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+    assert short == pytest.approx(rm(["2+2="], ["4"])[0], abs=1e-5)
+    assert rm.tokenizer.truncation_side == "right"  # put back after the call
 
 
 def test_reward_model_missing_path(tmp_path):

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .text_tail import text_tail
+
 BUILTIN_REWARDS = ("accuracy", "format", "soft_overlong", "length")
 
 RewardFunc = Callable[..., list]
@@ -237,6 +239,7 @@ class RewardModel:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval()
         self.device, self.batch_size = torch.device(device), batch_size
+        self.max_length = _longest_input(self.tokenizer, self.model.config)
         self.__name__ = os.path.basename(os.path.normpath(path))
 
     def format(self, prompt, completion) -> str:
@@ -255,15 +258,36 @@ class RewardModel:
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts for {len(completions)} completions")
         texts = [self.format(p, c) for p, c in zip(prompts, completions, strict=True)]
+        if self.max_length is not None:
+            # The completion is at the end: a text too long for the model keeps its end, cut before
+            # it is tokenized so a prompt of megabytes costs what its kept tokens cost.
+            texts = [text_tail(self.tokenizer, t, self.max_length) for t in texts]
         # A chat template already writes the special tokens; adding them again would double the BOS.
         special = not getattr(self.tokenizer, "chat_template", None)
+        cut = {"truncation": True, "max_length": self.max_length} if self.max_length is not None else {}
+        side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
         scores: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[i : i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=special
-            ).to(self.device)
-            scores += self.model(**enc).logits[:, 0].float().tolist()
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(
+                    texts[i : i + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=special,
+                    **cut,
+                ).to(self.device)
+                scores += self.model(**enc).logits[:, 0].float().tolist()
+        finally:
+            self.tokenizer.truncation_side = side
         return scores
+
+
+def _longest_input(tokenizer, config) -> int | None:
+    """The most tokens the reward model reads: its position table, or the tokenizer's own limit
+    (transformers writes a huge sentinel when it has none); None when neither says."""
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]
+    return min(limits) if limits else None
 
 
 def build_reward_functions(

@@ -4,12 +4,12 @@ handling. A backend returns ``Rollouts`` (``..rollouts``), so the update never c
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Protocol
 
 import torch
 
 from ..rollouts import Rollouts
+from ..text_tail import text_tail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,37 +59,11 @@ def eos_and_pad(model, tokenizer) -> tuple[list[int], int]:
     return eos_token_ids, pad
 
 
-# A first guess at the characters that hold max_prompt_length tokens (text runs 3-5 per token); the cut
-# is checked against the tokens it yields, so a wrong guess costs a retry, never a shorter prompt.
-CHARS_PER_TOKEN = 16
-# Tokens of a cut text's tail beyond the kept ones: the cut lands at a word start, so only the first
-# word or two after it can be split otherwise than in the whole text, and those are dropped.
-CUT_MARGIN = 32
-_WORD_START = re.compile(r"(?<=\s)\S")
-
-
-def prompt_tail(tokenizer, text: str, max_prompt_length: int) -> str:
-    """The end of ``text`` whose tokens end with the last ``max_prompt_length`` tokens of the whole text,
-    so a prompt of megabytes is not tokenized in full to keep a few hundred tokens. The text is cut at a
-    word start (pre-tokenizers split there, so the kept tokens are those of the whole text), with the
-    window growing 4x until its tokens cover the kept ones and a margin, or it is the whole text."""
-    keep = max_prompt_length * CHARS_PER_TOKEN
-    while keep < len(text):
-        start = len(text) - keep
-        word = _WORD_START.search(text, start, start + keep // 2)
-        tail = text[word.start() if word else start :]
-        ids = tokenizer(tail, add_special_tokens=False, verbose=False)["input_ids"]  # no too-long warning
-        if len(ids) >= max_prompt_length + CUT_MARGIN:
-            return tail
-        keep *= 4
-    return text
-
-
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), (N, P) int64 / bool, left-padded; a prompt over ``max_prompt_length`` tokens
-    keeps its end (only its end is tokenized: see ``prompt_tail``)."""
+    keeps its end (only its end is tokenized: see ``text_tail``)."""
     if max_prompt_length is not None:
-        prompts = [prompt_tail(tokenizer, p, max_prompt_length) for p in prompts]
+        prompts = [text_tail(tokenizer, p, max_prompt_length) for p in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     trunc_side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     try:
