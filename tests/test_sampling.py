@@ -221,3 +221,14 @@ def test_embedded_default_learns_with_continuous(embedded, tmp_path):
     first = sum(r["reward"] for r in rows[:10]) / 10
     last = sum(r["reward"] for r in rows[-10:]) / 10
     assert last - first >= 0.3, (first, last)
+
+
+def test_auto_picks_by_device_and_completion_length():
+    """On CPU hf up to AUTO_CPU_HF_MAX_COMPLETION tokens (unknown: short), continuous beyond; CUDA: continuous."""
+    from fastgrpo.train.sampling import AUTO_CPU_HF_MAX_COMPLETION, resolve_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert AUTO_CPU_HF_MAX_COMPLETION == 1024
+    assert [resolve_backend("auto", cpu, n) for n in (None, 16, 1024, 1025, 4096)] == ["hf"] * 3 + ["continuous"] * 2
+    assert [resolve_backend("auto", cuda, n) for n in (None, 16, 4096)] == ["continuous"] * 3
+    assert resolve_backend("hf", cpu, 4096) == "hf" and resolve_backend("continuous", cpu, 16) == "continuous"

