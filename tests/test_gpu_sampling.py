@@ -71,6 +71,26 @@ def test_greedy_is_identical_across_backends_on_cuda(model_and_tokenizer):
         torch.testing.assert_close(getattr(cb, name), getattr(hf, name), rtol=0, atol=0, msg=name)
 
 
+def test_graph_backend_on_cuda_replays_graphs_and_matches_hf(model_and_tokenizer):
+    """The graph backend on CUDA: captured once per batch size, greedy rows equal hf's (looking after
+    every step, so the batch shrinks and several graphs run), log-probs the policy's at temperature 0.7,
+    and a second call (new buffers) captures anew."""
+    from fastgrpo.train.sampling.graph import GraphGenerator
+
+    model, tok, _ = model_and_tokenizer
+    params = SamplingParams(num_generations=4, max_completion_length=16, top_k=1)
+    gen = GraphGenerator(model, tok, 64, check_every=1)
+    hf = HFGenerator(model, tok, 64).generate(_prompts(tok), params)
+    for _ in range(2):
+        got = gen.generate(_prompts(tok), params)
+        for name in ("completion_ids", "completion_mask", "truncated"):
+            torch.testing.assert_close(getattr(got, name), getattr(hf, name), rtol=0, atol=0, msg=name)
+        assert len([k for k in gen._graphs if k != "pool"]) >= 2
+    torch.manual_seed(0)
+    ro = gen.generate(_prompts(tok), SamplingParams(4, 16, temperature=0.7))
+    _assert_logprobs_are_the_policys(model, ro, 0.7, 1e-4)
+
+
 @needs_vllm
 def test_vllm_samples_what_the_policy_scores_and_follows_its_updates(model_and_tokenizer, tmp_path):
     """Processed log-probs equal the policy's; after sleep, a weight change and a push, they equal the

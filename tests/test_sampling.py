@@ -1,6 +1,7 @@
-"""The sampling backends on the embedded base model (tiny Qwen2, CPU): ``hf`` (padded ``generate``) and
-``continuous`` (transformers' continuous batching) must mean the same by every ``SamplingParams`` field,
-return the same ``Rollouts`` layout, and report the sampler's log-probs as the policy recomputes them."""
+"""The sampling backends on the embedded base model (tiny Qwen2, CPU): ``hf`` (padded ``generate``),
+``continuous`` (transformers' continuous batching) and ``graph`` (our slot-cache decode loop, eager on CPU)
+must mean the same by every ``SamplingParams`` field, return the same ``Rollouts`` layout, and report the
+sampler's log-probs as the policy recomputes them."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from fastgrpo.train.data import format_prompt
 from fastgrpo.train.policy import completion_logprobs
 from fastgrpo.train.sampling import HFGenerator, SamplingParams
 from fastgrpo.train.sampling.continuous import ContinuousGenerator
+from fastgrpo.train.sampling.graph import GraphGenerator
 from fastgrpo.train.tracking import read_metrics
 
-BACKENDS = {"hf": HFGenerator, "continuous": ContinuousGenerator}
+BACKENDS = {"hf": HFGenerator, "continuous": ContinuousGenerator, "graph": GraphGenerator}
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +72,20 @@ def test_greedy_is_identical_across_backends(model_and_tokenizer):
     params = SamplingParams(num_generations=2, max_completion_length=6, top_k=1, temperature=0.7)
     hf = _generate("hf", model, tok, _prompts(tok), params)
     cb = _generate("continuous", model, tok, _prompts(tok), params, seed=1)  # greedy: the seed must not matter
+    gr = _generate("graph", model, tok, _prompts(tok), params, seed=2)
     assert hf.truncated.any() and not hf.truncated.all()
-    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
-        torch.testing.assert_close(getattr(cb, name), getattr(hf, name), rtol=0, atol=0, msg=name)
+    for other in (cb, gr):
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+            torch.testing.assert_close(getattr(other, name), getattr(hf, name), rtol=0, atol=0, msg=name)
     # Greedy under the processed (top-1) distribution: every kept token has log-prob 0.
-    for ro in (hf, cb):
+    for ro in (hf, cb, gr):
         assert ro.sampler_logprobs.dtype == torch.float32
         torch.testing.assert_close(ro.sampler_logprobs, torch.zeros_like(ro.sampler_logprobs))
         # Pad after the mask; the EOS, when there is one, is the last kept token.
         assert (ro.completion_ids[~ro.completion_mask] == tok.pad_token_id).all()
 
 
-def test_every_eos_id_stops_both_backends(model_and_tokenizer):
+def test_every_eos_id_stops_every_backend(model_and_tokenizer):
     """A second EOS id from the generation config stops a completion as the tokenizer's EOS does."""
     model, tok = model_and_tokenizer
     answer_close = tok.convert_tokens_to_ids("</answer>")
@@ -90,25 +94,27 @@ def test_every_eos_id_stops_both_backends(model_and_tokenizer):
     try:
         params = SamplingParams(num_generations=3, max_completion_length=12, top_k=1)
         hf = _generate("hf", model, tok, _prompts(tok), params)
-        cb = _generate("continuous", model, tok, _prompts(tok), params)
+        others = [_generate(name, model, tok, _prompts(tok), params) for name in ("continuous", "graph")]
     finally:
         model.generation_config.eos_token_id = old
-    torch.testing.assert_close(cb.completion_ids, hf.completion_ids, rtol=0, atol=0)
-    torch.testing.assert_close(cb.completion_mask, hf.completion_mask, rtol=0, atol=0)
+    for other in others:
+        torch.testing.assert_close(other.completion_ids, hf.completion_ids, rtol=0, atol=0)
+        torch.testing.assert_close(other.completion_mask, hf.completion_mask, rtol=0, atol=0)
     lengths = hf.completion_mask.sum(1)
     last = hf.completion_ids.gather(1, (lengths - 1)[:, None])[:, 0]
     assert (last == answer_close).any() and not hf.truncated.any()
 
 
 @pytest.mark.parametrize("top_k", [0, 3])
-def test_continuous_first_token_follows_the_tempered_softmax(model_and_tokenizer, top_k):
+@pytest.mark.parametrize("backend", ["continuous", "graph"])
+def test_first_token_follows_the_tempered_softmax(model_and_tokenizer, backend, top_k):
     """2 x 1000 one-token samples after ``<answer>`` (a spread-out digit distribution) against
     softmax(logits / 0.7), restricted to the top k: chi-square below its p = 0.001 quantile.
     Checked by hand: sampling at temperature 1.0 (or 0.8) instead fails it (chi-square 180-790, 25-95)."""
     model, tok = model_and_tokenizer
     prompts = _prompts(tok, "<answer>")[:2]
     n = 1000
-    ro = _generate("continuous", model, tok, prompts, SamplingParams(n, 1, temperature=0.7, top_k=top_k))
+    ro = _generate(backend, model, tok, prompts, SamplingParams(n, 1, temperature=0.7, top_k=top_k))
     ids, mask = ContinuousGenerator(model, tok, 64).tokenize_prompts(prompts)
     with torch.no_grad():  # each prompt alone and unpadded, so positions start at 0 as in generation
         rows = [model(row[m][None]).logits[0, -1].float() for row, m in zip(ids, mask, strict=True)]

