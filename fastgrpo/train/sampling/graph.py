@@ -156,8 +156,7 @@ class GraphGenerator:
         dtype = next(p for p in base_model(self.model).parameters() if p.is_floating_point()).dtype
         cache = SlotCache.empty(self.model, ids.shape[0], L, device, dtype)
         positions = torch.arange(P, device=device).expand(ids.shape[0], P)
-        logits = slot_forward(self.model, tokens, positions, cache)
-        last = logits[torch.arange(ids.shape[0], device=device), lengths.to(device) - 1].float()
+        last = slot_forward(self.model, tokens, positions, cache, logits_at=lengths.to(device) - 1).float()
         seen = None
         if seen_needed:  # the prompt's own tokens, not its padding
             real = (torch.arange(P, device=device) < lengths.to(device)[:, None]).int()
