@@ -77,7 +77,7 @@ from fastgrpo.benchmarks import _common as C
 from fastgrpo.benchmarks.bench_train import MODELS
 
 NAME = "bench_generate"
-BACKENDS = ("hf", "continuous", "vllm")
+BACKENDS = ("hf", "continuous", "graph", "vllm")
 SKIPPED = "skipped: time budget"
 SPECIAL = ["<pad>", "<unk>"]  # ids 0 and 1; words follow; <eos> is id V, outside the model's vocabulary
 # Defaults of the options that --quick changes: (full run, --quick).
@@ -97,6 +97,7 @@ CSV_FIELDS = [
 DRIVEN = {
     "hf": "HFGenerator.generate per B rows, max_completion_length = their longest imposed length",
     "continuous": "ContinuousGenerator.generate, batch_size = B, per-request limits via RequestState patch",
+    "graph": "GraphGenerator.generate, all P x G rows in one call, per-row limits (row_limits)",
     "vllm": "vllm.LLM.generate, per-request SamplingParams(max_tokens=L_i, ignore_eos=True)",
 }
 _clock = time.perf_counter  # wall times and the time budget (tests replace it)
@@ -344,6 +345,28 @@ def request_order(request_id: str) -> tuple[int, int]:
     return int(parent.rsplit("_", 1)[-1]), int(child) + 1 if child else 0
 
 
+class GraphRun:
+    """``graph``: ``GraphGenerator.generate``, every row in flight, each stopped at its imposed length."""
+
+    def __init__(self, model, tok, args):
+        from fastgrpo.train.sampling import build_generator
+
+        self.gen = build_generator("graph", model, tok, types.SimpleNamespace(max_prompt_length=None))
+        self.args = args
+
+    def __call__(self, prompts: list[str], lengths: list[list[int]], cap: int) -> dict:
+        a = self.args
+        params = sampling_params(a.G, cap, None, a.temperature)
+        ro = self.gen.generate(prompts, params, row_limits=[n for group in lengths for n in group])
+        self.gen.release()
+        flat = ro.completion_mask.sum(1).tolist()
+        got = [flat[i * a.G : (i + 1) * a.G] for i in range(len(prompts))]
+        return dict(computed_tokens=self.gen.computed_tokens, calls=1, got=got)
+
+    def close(self):
+        del self.gen
+
+
 class VLLMRun:
     """``vllm``: the model saved, loaded by ``vllm.LLM``; per-request ``max_tokens``, EOS ignored. Untested."""
 
@@ -557,7 +580,7 @@ def main(argv=None) -> int:
                     try:
                         run = runners.get(backend)
                         if run is None:
-                            cls = {"hf": HFRun, "continuous": ContinuousRun}.get(backend)
+                            cls = {"hf": HFRun, "continuous": ContinuousRun, "graph": GraphRun}.get(backend)
                             run = cls(model, tok, args) if cls else VLLMRun(model, tok, args, Path(work))
                             warm = min(8, cap)
                             run(prompts[:1], [[warm] * args.G], warm)  # untimed: lazy initialization, kernels

@@ -17,11 +17,14 @@
 #   trl          fastgrpo bench trl-dropin, stock TRL vs the drop-in at the qwen2.5-0.5b shape, G=8,
 #                L=2048, at the default workspace and at 256 MiB (own call: HF generation dominates,
 #                ~2 x 2 x 2 steps of 2,048 tokens)
-#   generate     fastgrpo bench generate: the sampling backends (hf, continuous; vllm when installed, else a
-#                "missing:" row) on the qwen2.5-1.5b shape, 4 prompts x G=8, B=16 rows per hf call / requests
+#   generate     fastgrpo bench generate: the sampling backends (hf, continuous, graph; vllm when installed, else
+#                a "missing:" row) on the qwen2.5-1.5b shape, 4 prompts x G=8, B=16 rows per hf call / requests
 #                in flight, log-normal lengths up to caps 1K/4K/16K; no (backend, cap) starts past
 #                GENERATE_BUDGET (360 s) nor when predicted to end past it (hf at 16K will say so) (own call,
 #                timeout_s=480); GENERATE_ARGS adds flags, e.g. "--caps 16384 --backends continuous hf"
+#   generate-128 the GRPO batch of issue 22: 16 prompts x G=8 = 128 sequences (all in flight), caps 1K then
+#                4K, graph first, then continuous and hf (hf is the ratio's baseline; at 4K the budget skips it
+#                when predicted past GENERATE_BUDGET) (own call, timeout_s=480)
 #   ops-quick    the CPU smoke run of bench ops (checks this script anywhere)
 #
 # Every stage writes to $RESULTS (default /tmp/fastgrpo-results: rows appended to bench_*.jsonl/.csv,
@@ -131,6 +134,9 @@ for stage in "${@:-tests ops-7b}"; do
         generate) # shellcheck disable=SC2086 # GENERATE_ARGS is a list of flags
             python -m fastgrpo.cli bench generate --time-budget "${GENERATE_BUDGET:-360}" ${GENERATE_ARGS:-} \
                 --out "$RESULTS" ;;
+        generate-128)
+            python -m fastgrpo.cli bench generate --time-budget "${GENERATE_BUDGET:-360}" --prompts 16 --G 8 \
+                --in-flight 128 --caps 1024 4096 --backends graph continuous hf --out "$RESULTS" ;;
         *) echo "unknown stage: $s" >&2; false ;;
         esac 2>&1 | tee "$RESULTS/$s.txt"
         rc=${PIPESTATUS[0]}

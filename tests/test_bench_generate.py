@@ -23,7 +23,7 @@ def jsonl(path):
 def test_quick_run_writes_one_row_per_backend_counting_real_tokens(tmp_path, capsys):
     assert bg.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = jsonl(tmp_path / "bench_generate.jsonl")
-    assert [(r["backend"], r["cap"]) for r in rows] == [("hf", 64), ("continuous", 64), ("vllm", 64)]
+    assert [(r["backend"], r["cap"]) for r in rows] == [("hf", 64), ("continuous", 64), ("graph", 64), ("vllm", 64)]
     want = bg.imposed_lengths(2 * 8, 64, 0)
     groups = [want[:8], want[8:]]
     for r in rows:
@@ -31,7 +31,7 @@ def test_quick_run_writes_one_row_per_backend_counting_real_tokens(tmp_path, cap
         assert (r["model"], r["prompts"], r["G"], r["in_flight"], r["sequences"]) == ("tiny", 2, 8, 8, 16)
         assert r["lengths"] == want and r["lengths_digest"] == bg.digest(want)  # the same draw for every backend
         assert r["real_tokens"] == sum(want) and r["max_length"] == max(want)
-    hf, cont, vllm = rows
+    hf, cont, graph, vllm = rows
     # hf: one call per 8 rows (one group), each computed to the group's longest; only real tokens count.
     assert hf["status"] == "ok" and hf["calls"] == 2
     assert hf["computed_tokens"] == 8 * (max(groups[0]) + max(groups[1])) > hf["real_tokens"]
@@ -40,16 +40,21 @@ def test_quick_run_writes_one_row_per_backend_counting_real_tokens(tmp_path, cap
     # continuous: every request stopped at its own imposed length (checked per prompt inside the run).
     assert cont["status"] == "ok" and cont["computed_tokens"] == sum(want) and cont["padding_waste"] == 1.0
     assert cont["tokens_per_s_vs_hf"] == pytest.approx(cont["tokens_per_s"] / hf["tokens_per_s"])
-    for r in (hf, cont):
+    # graph: every row in one call, stopped at its imposed length; it computes finished rows until the batch
+    # halves (it looks every 16 steps), so at least the real tokens.
+    assert graph["status"] == "ok" and graph["calls"] == 1 and graph["computed_tokens"] >= sum(want)
+    assert graph["computed_tokens"] <= 16 * max(want)
+    for r in (hf, cont, graph):
         assert r["peak_gib"] is None and r["peak_extra_mib"] >= 0 and "RSS" in r["peak_memory"]
     assert vllm["status"] in ("missing: vllm not installed", "skipped: needs CUDA") and vllm.get("wall_s") is None
     with open(tmp_path / "bench_generate.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert [t["backend"] for t in table] == ["hf", "continuous", "vllm"] and "lengths" not in table[0]
+    assert [t["backend"] for t in table] == ["hf", "continuous", "graph", "vllm"] and "lengths" not in table[0]
     md = (tmp_path / "cpu-quick" / "bench_generate_tiny.md").read_text()
     out = capsys.readouterr().out
     for text in (md, out):
         assert "| 64 | hf | ok |" in text and "| 64 | continuous | ok |" in text and "| 64 | vllm | " in text
+        assert "| 64 | graph | ok |" in text
 
 
 def test_imposed_lengths_are_seeded_long_tailed_and_clipped():

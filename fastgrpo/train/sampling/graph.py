@@ -67,9 +67,9 @@ class _Batch:
     recorded tokens and log-probs (``S``, ``C``), tokens seen (for the repetition penalty), and the shared
     step index; plus the slot -> row map, kept on the host."""
 
-    def __init__(self, logits, positions, cache, C, pad, seen, rows):
+    def __init__(self, logits, positions, cache, C, pad, seen, rows, limits=None):
         S, device = logits.shape[0], logits.device
-        self.logits, self.positions, self.cache, self.seen = logits, positions, cache, seen
+        self.logits, self.positions, self.cache, self.seen, self.limits = logits, positions, cache, seen, limits
         self.done = torch.zeros(S, dtype=torch.bool, device=device)
         self.tokens = torch.full((S, C), pad, dtype=torch.long, device=device)
         self.logprobs = torch.zeros((S, C), dtype=torch.float32, device=device)
@@ -78,7 +78,7 @@ class _Batch:
 
     def keep(self, slots: torch.Tensor) -> None:
         """Slots ``slots`` (k,) to the front, in place; ``size`` becomes k."""
-        for x in (self.logits, self.positions, self.done, self.tokens, self.logprobs, self.seen):
+        for x in (self.logits, self.positions, self.done, self.tokens, self.logprobs, self.seen, self.limits):
             if x is not None:
                 x[: slots.numel()] = x.index_select(0, slots)
         self.cache.select_(slots)
@@ -98,6 +98,7 @@ class GraphGenerator:
         self.eos_token_ids, self.pad_token_id = eos_and_pad(model, tokenizer)
         self.check_every = check_every
         self._graphs: dict = {}
+        self.computed_tokens = 0  # slot-steps the last generate call ran (finished rows until compacted included)
 
     def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
@@ -120,6 +121,8 @@ class GraphGenerator:
         b.tokens[:n].scatter_(1, column, token[:, None])
         b.logprobs[:n].scatter_(1, column, logp.masked_fill(done, 0.0)[:, None])
         done |= torch.isin(token, eos)
+        if b.limits is not None:
+            done |= b.t + 1 >= b.limits[:n]
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         logits = slot_forward(self.model, token[:, None], b.positions[:n, None], b.cache)
@@ -164,20 +167,24 @@ class GraphGenerator:
             seen = seen.repeat_interleave(G, 0)
         return last.repeat_interleave(G, 0), lengths.to(device).repeat_interleave(G), cache.repeat(G), seen
 
-    def _decode(self, ids, mask, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Completions (N, C) and their log-probs for prompts (n, P): rows i*G..i*G+G-1 of prompt i."""
+    def _decode(self, ids, mask, params: SamplingParams, limits=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completions (N, C) and their log-probs for prompts (n, P): rows i*G..i*G+G-1 of prompt i; a row
+        with a ``limits`` (N,) entry stops after that many tokens."""
         G, C = params.num_generations, params.max_completion_length
         L = int(mask.sum(1).max()) + C
         check_supported(self.model, L)
         logits, positions, cache, seen = self._prefill(ids, mask, L, G, params.repetition_penalty != 1.0)
         N = logits.shape[0]
-        b = _Batch(logits, positions, cache, C, self.pad_token_id, seen, torch.arange(N))
+        if limits is not None:
+            limits = torch.as_tensor(limits, dtype=torch.long, device=logits.device)
+        b = _Batch(logits, positions, cache, C, self.pad_token_id, seen, torch.arange(N), limits)
         eos = torch.tensor(self.eos_token_ids, device=logits.device)
         tokens = torch.full((N, C), self.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros((N, C), dtype=torch.float32)
         self._graphs = {k: v for k, v in self._graphs.items() if k == "pool"}  # new buffers: new graphs
         for t in range(C):
             self._run_step(b, params, eos)
+            self.computed_tokens += b.size
             if (t + 1) % self.check_every and t + 1 < C:
                 continue
             done = b.done[: b.size].cpu()
@@ -197,10 +204,13 @@ class GraphGenerator:
         return tokens, logprobs
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
+    def generate(self, prompts: list[str], params: SamplingParams, row_limits=None) -> Rollouts:
         """``params.num_generations`` completions per prompt, groups contiguous; completions (N, C) right-padded
-        with the pad id, C the longest; ``sampler_logprobs`` (N, C) float32, 0 where masked."""
+        with the pad id, C the longest; ``sampler_logprobs`` (N, C) float32, 0 where masked.
+        ``row_limits``: N ints, row j stops after that many tokens without an EOS (``fastgrpo bench generate``
+        imposes its long-tailed lengths so), marked truncated."""
         ids, mask = self.tokenize_prompts(prompts)
+        self.computed_tokens = 0
         G = params.num_generations
         per_call = len(prompts) if params.batch_size is None else max(1, params.batch_size // G)
         device = next(self.model.parameters()).device
@@ -210,8 +220,11 @@ class GraphGenerator:
         try:
             for start in range(0, len(prompts), per_call):
                 rows = slice(start, start + per_call)
-                tokens, logprobs = self._decode(ids[rows], mask[rows], params)
+                limits = None if row_limits is None else row_limits[rows.start * G : rows.stop * G]
+                tokens, logprobs = self._decode(ids[rows], mask[rows], params, limits)
                 cmask, truncated = completion_mask_and_truncation(tokens, self.eos_token_ids)
+                if limits is not None:
+                    cmask &= torch.arange(tokens.shape[1]) < torch.as_tensor(limits)[:, None]
                 width = max(int(cmask.sum(1).max()), 1)
                 parts.append(
                     Rollouts(
