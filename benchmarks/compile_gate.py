@@ -346,7 +346,28 @@ def logits_rows_recipe(capture: Capture, head: Head, dtype: torch.dtype) -> None
                 row_grad_(ws[:n], b, targets, stats[:n], stats[:n], 1.0)
 
 
-RECIPES: list[Recipe] = [linear_logprobs_fwd_recipe, linear_logprobs_bwd_recipe, logits_rows_recipe]
+# (query heads, KV heads, head dim) of the families the graph sampler runs (slot_model.SUPPORTED).
+ATTENTION = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128), "llama-3-8b": (32, 8, 128)}
+
+
+def decode_attention_recipe(capture: Capture, head: Head, dtype: torch.dtype) -> None:
+    """The graph sampler's split-KV decode step: 128 slots at a 4K cap (prompt 256) and an odd count at an
+    odd length, so both divisibility specializations of the strides compile."""
+    from fastgrpo.kernels.decode_attention import decode_attention_triton
+
+    if head.name not in ATTENTION:
+        return
+    H, KV, D = ATTENTION[head.name]
+    for slots, length in ((128, 4352), (37, 4093)):
+        q = torch.empty(slots, H, D, dtype=dtype)
+        keys, values = (torch.empty(slots, KV, length, D, dtype=dtype) for _ in range(2))
+        lengths = torch.full((slots,), length, dtype=torch.int64)
+        with capture.variant(f"decode {slots}x{length}"):
+            decode_attention_triton(q, keys, values, lengths, D**-0.5)
+
+
+RECIPES: list[Recipe] = [linear_logprobs_fwd_recipe, linear_logprobs_bwd_recipe, logits_rows_recipe,
+                         decode_attention_recipe]  # fmt: skip
 
 
 @dataclasses.dataclass

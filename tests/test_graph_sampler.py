@@ -195,3 +195,22 @@ def test_other_families_and_long_sliding_windows_are_refused():
     check_supported(mistral, 16)
     with pytest.raises(ValueError, match=r"prompt \+ completion \(17\) is longer than the model's sliding window"):
         check_supported(mistral, 17)
+
+
+def test_the_decode_kernel_in_the_loop_gives_hf_rows(model_and_tokenizer, monkeypatch):
+    """The split-KV Triton kernel (interpreted) in place of the twin for the one-token steps: hf's greedy
+    rows, and log-probs the policy's."""
+    from fastgrpo.train.sampling import slot_model
+
+    monkeypatch.setattr(slot_model, "DECODE_IMPL", "triton")
+    model, tok = model_and_tokenizer
+    params = SamplingParams(num_generations=2, max_completion_length=8, top_k=1)
+    want = HFGenerator(model, tok, 64).generate(_prompts(tok), params)
+    got = G.GraphGenerator(model, tok, 64, check_every=2).generate(_prompts(tok), params)
+    for name in ROWS:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, msg=name)
+    torch.manual_seed(0)
+    ro = G.GraphGenerator(model, tok, 64).generate(_prompts(tok), SamplingParams(2, 8, temperature=0.7))
+    m = ro.completion_mask
+    torch.testing.assert_close(ro.sampler_logprobs[m], completion_logprobs(model, ro, 0.7, "torch")[m],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip

@@ -15,7 +15,11 @@ import dataclasses
 
 import torch
 
+from ...kernels.decode_attention import decode_attention
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# decode_attention's impl for one-token steps: "auto" is the split-KV Triton kernel on CUDA, the twin elsewhere.
+DECODE_IMPL = "auto"
 
 
 def base_model(model):
@@ -75,9 +79,12 @@ def slot_attention(query, keys, values, positions, scaling: float) -> torch.Tens
     """query (S, H, T, D) at ``positions`` (S, T) int64; keys/values (S, KV, L, D) -> (S, T, H, D).
 
     Each query attends to columns 0..its position, computed in float32. GQA: head h reads KV head
-    h // (H // KV). Reads all L columns (the masked ones cost, not count); a split-KV kernel that stops
-    at each slot's length is the GPU path's next step (benchmarks/NOTES.md)."""
+    h // (H // KV). One query per slot (a decode step) goes to ``decode_attention``, which reads each
+    slot only up to its length; several (a prompt) are computed here, every column read and masked."""
     S, H, T, D = query.shape
+    if T == 1:
+        out = decode_attention(query[:, :, 0], keys, values, positions[:, 0] + 1, scaling, impl=DECODE_IMPL)
+        return out[:, None]
     kv = keys.shape[1]
     q = query.float().view(S, kv, H // kv, T, D)
     scores = torch.einsum("sgrtd,sgld->sgrtl", q, keys.float()) * scaling
