@@ -105,7 +105,8 @@ def decode_attention_triton(q, keys, values, lengths, scaling: float) -> torch.T
         raise ValueError("decode_attention: the head dimension of q, keys and values must be contiguous")
     group = H // KV
     upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-    ieee = q.dtype == torch.float32 or upcast
+    # fp32 dots as the model's own matmuls run them: TF32 only where torch allows it for matmuls.
+    ieee = (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) or upcast
     splits, per_split = split_plan(S, KV, L)
     partial = alloc_output((S, H, splits, D), q.device)
     lse = alloc_output((S, H, splits), q.device)

@@ -42,7 +42,9 @@ def test_every_launch_compiles_clean_for_every_target(tmp_path):
     assert not [r for r in rows if r["violations"]]
     # Coverage: every kernel, every target, every operand kind; no compile silently missing.
     seen = {(r["kernel"], r["arch"], d) for r in rows for d in r["dtypes"]}
-    for kernel in ("_fwd_kernel", "_bwd_kernel", "_dlogits_kernel", "_row_stats_kernel", "_row_grad_kernel"):
+    kernels = ("_fwd_kernel", "_bwd_kernel", "_dlogits_kernel", "_row_stats_kernel", "_row_grad_kernel")
+    kernels += ("_decode_kernel",)
+    for kernel in kernels:
         for arch in ("sm_80", "sm_90a", "sm_100a"):
             for dtype in ("bf16", "fp16", "fp32-tf32", "fp32-ieee"):
                 assert (kernel, arch, dtype) in seen, (kernel, arch, dtype)
