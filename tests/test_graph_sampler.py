@@ -214,3 +214,21 @@ def test_the_decode_kernel_in_the_loop_gives_hf_rows(model_and_tokenizer, monkey
     m = ro.completion_mask
     torch.testing.assert_close(ro.sampler_logprobs[m], completion_logprobs(model, ro, 0.7, "torch")[m],
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_the_cli_refuses_another_family_before_loading_it(tmp_path, capsys):
+    """A local model of another family (its config.json says gpt2; no weights: loading would fail
+    otherwise) is one line before the output folder is made."""
+    from fastgrpo.cli import main
+
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2"}')
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+2", "answer": "3"}\n{"prompt": "2+2", "answer": "4"}\n')
+    out = tmp_path / "out"
+    argv = ["train", "--generation_backend", "graph", "--model", str(model), "--dataset", str(data)]
+    assert main([*argv, "--output_dir", str(out), "--device", "cpu"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastgrpo train: error:")]
+    assert len(errors) == 1 and "runs model_type llama/mistral/qwen2/qwen3, not 'gpt2'" in errors[0], errors
+    assert not out.exists()

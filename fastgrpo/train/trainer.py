@@ -88,7 +88,7 @@ class GRPOTrainer:
         self.scorer = RewardScorer(funcs, cfg.reward_weights)
         self._preflight_rewards()
         # e.g. vllm not installed: before loading
-        backend = check_backend(cfg.generation_backend, self.device, cfg.max_completion_length)
+        backend = check_backend(cfg.generation_backend, self.device, cfg.max_completion_length, cfg.model.model)
         self.run_dir = RunDir(self.out, owner=owner)  # made, writable, locked: one writer per folder
         try:
             self._build(cfg, dtype, backend)

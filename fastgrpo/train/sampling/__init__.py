@@ -59,9 +59,14 @@ def resolve_backend(name: str, device: torch.device, max_completion_length: int 
     return name
 
 
-def check_backend(name: str, device: torch.device, max_completion_length: int | None = None) -> str:
-    """Resolve and check that the backend can run here, before any model loads; returns its name."""
+def check_backend(
+    name: str, device: torch.device, max_completion_length: int | None = None, model: str | None = None
+) -> str:
+    """Resolve and check that the backend can run here, before any model loads; returns its name.
+    ``model``: the model's directory or hub id; a directory's config.json is read for ``graph``."""
     backend = resolve_backend(name, device, max_completion_length)
+    if backend == "graph" and model:
+        check_graph_family(model)
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise ValueError(
@@ -76,6 +81,26 @@ def check_backend(name: str, device: torch.device, max_completion_length: int | 
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"generation_backend='vllm' needs a CUDA device or the CPU, got {str(device)!r}")
     return backend
+
+
+def check_graph_family(model: str) -> None:
+    """A local model whose config.json names a family the graph backend does not run is refused here,
+    in one line (a hub id is checked once the model has loaded)."""
+    import json
+    import os
+
+    from .slot_model import SUPPORTED
+
+    config = os.path.join(os.path.expanduser(model), "config.json")
+    if not os.path.isfile(config):
+        return
+    with open(config) as f:
+        kind = json.load(f).get("model_type")
+    if kind not in SUPPORTED:
+        raise ValueError(
+            f"generation_backend='graph' runs model_type {'/'.join(SUPPORTED)}, not {kind!r} ({model}); "
+            "use generation_backend='continuous' or 'hf'"
+        )
 
 
 def vllm_is_cpu_build() -> bool:
