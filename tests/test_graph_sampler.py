@@ -232,3 +232,25 @@ def test_the_cli_refuses_another_family_before_loading_it(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastgrpo train: error:")]
     assert len(errors) == 1 and "runs model_type llama/mistral/qwen2/qwen3, not 'gpt2'" in errors[0], errors
     assert not out.exists()
+
+
+def test_dynamic_rope_is_refused():
+    """Dynamic NTK scaling recomputes its frequencies on the host from the longest position seen, which a
+    CUDA graph cannot replay."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="cannot run dynamic RoPE scaling"):
+        check_supported(model, 10)
+    check_supported(_tiny("llama"), 10)
+
+
+def test_prompts_per_call_follow_batch_size_and_the_device(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    gen = G.GraphGenerator(model, tok, 64)
+    assert gen._prompts_per_call(7, 20, SamplingParams(4, 16)) == 7  # CPU: all of them
+    assert gen._prompts_per_call(7, 20, SamplingParams(4, 16, batch_size=8)) == 2
+    assert gen._prompts_per_call(7, 20, SamplingParams(4, 16, batch_size=3)) == 1

@@ -120,7 +120,7 @@ class GraphGenerator:
         column = b.t.view(1, 1).expand(n, 1)
         b.tokens[:n].scatter_(1, column, token[:, None])
         b.logprobs[:n].scatter_(1, column, logp.masked_fill(done, 0.0)[:, None])
-        done |= torch.isin(token, eos)
+        done |= (token[:, None] == eos).any(-1)  # not isin: with many ids it sorts, which syncs
         if b.limits is not None:
             done |= b.t + 1 >= b.limits[:n]
         if seen is not None:
@@ -137,10 +137,17 @@ class GraphGenerator:
             return
         graph = self._graphs.get(n)
         if graph is None:
-            self._step(b, n, params, eos)  # a real step, which also warms the kernels up for the capture
+            # A real step on the capture's own stream first: it compiles the kernels and sets up that stream's
+            # library workspaces (cuBLAS), which a capture must not do; then the capture records, runs nothing.
+            stream = self._graphs.setdefault("stream", torch.cuda.Stream())
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step(b, n, params, eos)
+            torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graphs.setdefault("pool", torch.cuda.graph_pool_handle())):
-                self._step(b, n, params, eos)  # recorded, not run
+            pool = self._graphs.setdefault("pool", torch.cuda.graph_pool_handle())
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self._step(b, n, params, eos)
             self._graphs[n] = graph
             return
         graph.replay()
@@ -181,7 +188,7 @@ class GraphGenerator:
         eos = torch.tensor(self.eos_token_ids, device=logits.device)
         tokens = torch.full((N, C), self.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros((N, C), dtype=torch.float32)
-        self._graphs = {k: v for k, v in self._graphs.items() if k == "pool"}  # new buffers: new graphs
+        self._graphs = {k: v for k, v in self._graphs.items() if isinstance(k, str)}  # new buffers: new graphs
         for t in range(C):
             self._run_step(b, params, eos)
             self.computed_tokens += b.size
@@ -203,6 +210,25 @@ class GraphGenerator:
         logprobs[b.rows] = b.logprobs[: b.size].cpu()
         return tokens, logprobs
 
+    def _prompts_per_call(self, n: int, longest_prompt: int, params: SamplingParams) -> int:
+        """``batch_size // G`` prompts per call when set; else all of them, or on CUDA as many as fit in 80 %
+        of the free memory: per row its slot's keys and values (2 x layers x KV x (prompt + cap) x D) and
+        a few (V,) float32 rows of logits."""
+        G = params.num_generations
+        if params.batch_size is not None:
+            return max(1, params.batch_size // G)
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            return n
+        config = base_model(self.model).config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        element = next(p for p in self.model.parameters() if p.is_floating_point()).element_size()
+        length = longest_prompt + params.max_completion_length
+        per_row = 2 * config.num_hidden_layers * config.num_key_value_heads * length * head_dim * element
+        per_row += 4 * 4 * config.vocab_size + 12 * params.max_completion_length
+        rows = int(0.8 * torch.cuda.mem_get_info(device)[0]) // per_row
+        return max(1, min(n, rows // G))
+
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams, row_limits=None) -> Rollouts:
         """``params.num_generations`` completions per prompt, groups contiguous; completions (N, C) right-padded
@@ -212,7 +238,7 @@ class GraphGenerator:
         ids, mask = self.tokenize_prompts(prompts)
         self.computed_tokens = 0
         G = params.num_generations
-        per_call = len(prompts) if params.batch_size is None else max(1, params.batch_size // G)
+        per_call = self._prompts_per_call(len(prompts), int(mask.sum(1).max()), params)
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()

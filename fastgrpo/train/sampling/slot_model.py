@@ -36,6 +36,13 @@ def check_supported(model, context_length: int) -> None:
             f"generation_backend='graph' runs model_type {'/'.join(SUPPORTED)}, not {kind!r}; "
             "use generation_backend='continuous' or 'hf'"
         )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if "dynamic" in str(rope.get("rope_type", rope.get("type", ""))):
+        # Its frequencies are recomputed on the host from the longest position seen: not capturable.
+        raise ValueError(
+            "generation_backend='graph' cannot run dynamic RoPE scaling (rope_type "
+            f"{rope.get('rope_type', rope.get('type'))!r}); use generation_backend='continuous'"
+        )
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window is not None and context_length > window:
         raise ValueError(
@@ -75,24 +82,14 @@ class SlotCache:
                          [v.repeat_interleave(times, 0) for v in self.values])  # fmt: skip
 
 
-def slot_attention(query, keys, values, positions, scaling: float) -> torch.Tensor:
-    """query (S, H, T, D) at ``positions`` (S, T) int64; keys/values (S, KV, L, D) -> (S, T, H, D).
-
-    Each query attends to columns 0..its position, computed in float32. GQA: head h reads KV head
-    h // (H // KV). One query per slot (a decode step) goes to ``decode_attention``, which reads each
-    slot only up to its length; several (a prompt) are computed here, every column read and masked."""
-    S, H, T, D = query.shape
-    if T == 1:
-        out = decode_attention(query[:, :, 0], keys, values, positions[:, 0] + 1, scaling, impl=DECODE_IMPL)
-        return out[:, None]
-    kv = keys.shape[1]
-    q = query.float().view(S, kv, H // kv, T, D)
-    scores = torch.einsum("sgrtd,sgld->sgrtl", q, keys.float()) * scaling
-    columns = torch.arange(keys.shape[2], device=keys.device)
-    hidden = columns[None, None, :] > positions[:, :, None]  # (S, T, L)
-    scores = scores.masked_fill(hidden[:, None, None], float("-inf"))
-    out = torch.einsum("sgrtl,sgld->sgrtd", scores.softmax(-1), values.float())
-    return out.reshape(S, H, T, D).transpose(1, 2).to(query.dtype)
+def prompt_attention(query, keys, values, scaling: float) -> torch.Tensor:
+    """A prompt's own causal attention: query (S, H, T, D), its fresh keys/values (S, KV, T, D) at positions
+    0..T-1 -> (S, T, H, D). The cache's later columns are empty then, so nothing else is read (a prompt
+    forward never materializes (S, H, T, L) scores). GQA by repeating the KV heads."""
+    rep = query.shape[1] // keys.shape[1]
+    k, v = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling)
+    return out.transpose(1, 2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +112,11 @@ def _attention(attn, x, cos, sin, cache: SlotCache, layer: int, rows, positions)
     # (S, T) advanced indices around the head slice: the value is laid out (S, T, KV, D).
     cache.keys[layer][rows, :, positions] = k.transpose(1, 2).to(cache.keys[layer].dtype)
     cache.values[layer][rows, :, positions] = v.transpose(1, 2).to(cache.values[layer].dtype)
-    out = slot_attention(q, cache.keys[layer], cache.values[layer], positions, attn.scaling)
+    if T == 1:  # a decode step: each slot reads its first positions + 1 columns
+        out = decode_attention(q[:, :, 0], cache.keys[layer], cache.values[layer], positions[:, 0] + 1, attn.scaling,
+                               impl=DECODE_IMPL)[:, None]  # fmt: skip
+    else:
+        out = prompt_attention(q, k, v, attn.scaling)
     return attn.o_proj(out.reshape(S, T, -1))
 
 
@@ -125,6 +126,7 @@ def slot_forward(
     """tokens, positions (S, T) int64 for the cache's first S slots -> (S, T, V) logits of the model's head,
     or with ``logits_at`` (S,) int64 only those of token ``logits_at[s]`` of each slot, (S, V): a prompt's
     last token, without (S, T, V) logits (16 prompts of 1K tokens at a 152K vocabulary: 5 GB in bf16).
+    T = 1 is a decode step at any positions; T > 1 is a prompt into empty slots, at positions 0..T-1.
 
     Writes every token's keys and values at its position; a position past a slot's real tokens (a
     prompt's right padding) is written too and overwritten later, never read by a real token before."""
