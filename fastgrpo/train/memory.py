@@ -33,6 +33,18 @@ def tokens_per_microbatch(cfg) -> tuple[int, int]:
     return rows * (prompt + completion), rows * completion
 
 
+def _kv_width(c) -> int:
+    """Elements of one token's keys and values in one layer."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * head_dim * (getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token's keys and values take in a KV cache, over every layer, in the model's dtype."""
+    c = _text_config(model)
+    return c.num_hidden_layers * _kv_width(c) * next(iter(model.parameters())).element_size()
+
+
 def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
     """Estimated GiB of both phases. The update (``total_gb``): weights (policy and reference
     copy), gradients, AdamW state, activations of one micro-batch at the configured lengths, the
@@ -44,8 +56,7 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
     larger phase. ``host_gb``: pinned host memory (offloaded activations; vLLM's weights asleep)."""
     c = _text_config(model)
     H, inter, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
-    head_dim = getattr(c, "head_dim", None) or H // c.num_attention_heads
-    kv = 2 * head_dim * (getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+    kv = _kv_width(c)
     params = [p for p in model.parameters()]
     trainable = [p for p in params if p.requires_grad]
     b = params[0].element_size()
@@ -82,7 +93,8 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
         "full_logits_gb": M * V * 4 / GB,
     }
     resident = sum(plan[k] for k in ("weights_gb", "ref_weights_gb", "optimizer_gb"))  # held in both phases
-    sampling, engine_awake = sampling_gb(cfg, info.get("generation_backend", "hf"), L * kv * b, V, params[0].device)
+    backend = info.get("generation_backend", "hf")
+    sampling, engine_awake = sampling_gb(cfg, backend, kv_bytes_per_token(model), V, params[0].device)
     plan["sampling_gb"] = sampling
     # The update's peak; a vLLM engine without sleep mode keeps its share of the GPU through it.
     backward = sum(plan[k] for k in ("gradients_gb", "activations_gb", "loss_gb"))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
+import os
 
 import torch
 
@@ -86,21 +88,12 @@ def check_backend(
 def check_graph_family(model: str) -> None:
     """A local model whose config.json names a family the graph backend does not run is refused here,
     in one line (a hub id is checked once the model has loaded)."""
-    import json
-    import os
-
-    from .slot_model import SUPPORTED
+    from .slot_model import check_family
 
     config = os.path.join(os.path.expanduser(model), "config.json")
-    if not os.path.isfile(config):
-        return
-    with open(config) as f:
-        kind = json.load(f).get("model_type")
-    if kind not in SUPPORTED:
-        raise ValueError(
-            f"generation_backend='graph' runs model_type {'/'.join(SUPPORTED)}, not {kind!r} ({model}); "
-            "use generation_backend='continuous' or 'hf'"
-        )
+    if os.path.isfile(config):
+        with open(config) as f:
+            check_family(json.load(f).get("model_type"), f" ({model})")
 
 
 def vllm_is_cpu_build() -> bool:

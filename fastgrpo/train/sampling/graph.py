@@ -26,10 +26,11 @@ import math
 
 import torch
 
-from ..memory import release_cached_memory
+from ..memory import kv_bytes_per_token, release_cached_memory
+from ..policy import unwrap
 from ..rollouts import Rollouts
 from .base import SamplingParams, completion_mask_and_truncation, eos_and_pad, tokenize_prompts
-from .slot_model import SlotCache, base_model, check_supported, slot_forward
+from .slot_model import SlotCache, check_supported, slot_forward
 
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
@@ -163,7 +164,7 @@ class GraphGenerator:
         # Left-aligned: token j of a prompt at position j; the right padding is written, then overwritten.
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
         tokens = ids.gather(1, order)[:, :P].to(device)
-        dtype = next(p for p in base_model(self.model).parameters() if p.is_floating_point()).dtype
+        dtype = next(p for p in unwrap(self.model).parameters() if p.is_floating_point()).dtype
         cache = SlotCache.empty(self.model, ids.shape[0], L, device, dtype)
         positions = torch.arange(P, device=device).expand(ids.shape[0], P)
         last = slot_forward(self.model, tokens, positions, cache, logits_at=lengths.to(device) - 1).float()
@@ -220,12 +221,8 @@ class GraphGenerator:
         device = next(self.model.parameters()).device
         if device.type != "cuda":
             return n
-        config = base_model(self.model).config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        element = next(p for p in self.model.parameters() if p.is_floating_point()).element_size()
-        length = longest_prompt + params.max_completion_length
-        per_row = 2 * config.num_hidden_layers * config.num_key_value_heads * length * head_dim * element
-        per_row += 4 * 4 * config.vocab_size + 12 * params.max_completion_length
+        per_row = (longest_prompt + params.max_completion_length) * kv_bytes_per_token(self.model)
+        per_row += 4 * 4 * unwrap(self.model).config.vocab_size + 12 * params.max_completion_length
         rows = int(0.8 * torch.cuda.mem_get_info(device)[0]) // per_row
         return max(1, min(n, rows // G))
 

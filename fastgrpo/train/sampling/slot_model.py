@@ -16,26 +16,26 @@ import dataclasses
 import torch
 
 from ...kernels.decode_attention import decode_attention
+from ..policy import unwrap
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # decode_attention's impl for one-token steps: "auto" is the split-KV Triton kernel on CUDA, the twin elsewhere.
 DECODE_IMPL = "auto"
 
 
-def base_model(model):
-    """The transformers model under a peft wrapper (its LoRA layers stay in place)."""
-    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+def check_family(kind: str | None, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``kind`` (a config's ``model_type``) is a family the slot forward runs."""
+    if kind not in SUPPORTED:
+        raise ValueError(
+            f"generation_backend='graph' runs model_type {'/'.join(SUPPORTED)}, not {kind!r}{where}; "
+            "use generation_backend='continuous' or 'hf'"
+        )
 
 
 def check_supported(model, context_length: int) -> None:
     """Raise ``ValueError`` naming what the slot forward cannot run exactly."""
-    config = base_model(model).config
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED:
-        raise ValueError(
-            f"generation_backend='graph' runs model_type {'/'.join(SUPPORTED)}, not {kind!r}; "
-            "use generation_backend='continuous' or 'hf'"
-        )
+    config = unwrap(model).config
+    check_family(getattr(config, "model_type", None))
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if "dynamic" in str(rope.get("rope_type", rope.get("type", ""))):
         # Its frequencies are recomputed on the host from the longest position seen: not capturable.
@@ -60,7 +60,7 @@ class SlotCache:
 
     @staticmethod
     def empty(model, slots: int, length: int, device, dtype) -> SlotCache:
-        config = base_model(model).config
+        config = unwrap(model).config
         kv = config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (slots, kv, length, head_dim)
@@ -130,7 +130,7 @@ def slot_forward(
 
     Writes every token's keys and values at its position; a position past a slot's real tokens (a
     prompt's right padding) is written too and overwritten later, never read by a real token before."""
-    base = base_model(model)
+    base = unwrap(model)
     body = base.model
     S = tokens.shape[0]
     view = SlotCache([k[:S] for k in cache.keys], [v[:S] for v in cache.values])
