@@ -28,6 +28,17 @@ def _prompts(tok):
     return [format_prompt(tok, q, s) for q, s in (("3+4", None), ("9+9", "Add the two digits."), ("0+5", "Add."))]
 
 
+def _same_rows(got, want):
+    for name in ROWS:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, msg=name)
+
+
+def _logprobs_are_the_policys(policy, ro, temperature):
+    m = ro.completion_mask
+    want = completion_logprobs(policy, ro, temperature, "torch")[m]
+    torch.testing.assert_close(ro.sampler_logprobs[m], want, rtol=1e-5, atol=1e-5)
+
+
 def _tiny(kind: str, dtype=torch.float32):
     import transformers
 
@@ -121,8 +132,7 @@ def test_compaction_keeps_every_row_and_halves_the_batch(model_and_tokenizer, mo
     params = SamplingParams(num_generations=4, max_completion_length=14, top_k=1)
     want = HFGenerator(model, tok, 64).generate(_prompts(tok), params)
     got = G.GraphGenerator(model, tok, 64, check_every=1).generate(_prompts(tok), params)
-    for name in ROWS:
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, msg=name)
+    _same_rows(got, want)
     assert sizes[0] == 12 and min(sizes) < 12 and sizes == sorted(sizes, reverse=True), sizes
     assert set(sizes) <= {12, 6, 3, 2, 1}
 
@@ -138,8 +148,7 @@ def test_calls_of_batch_size_rows_give_the_same_rows(model_and_tokenizer):
     one_prompt = SamplingParams(num_generations=2, max_completion_length=10, top_k=1, batch_size=2)
     a = G.GraphGenerator(model, tok, 64).generate(_prompts(tok), whole)
     b = G.GraphGenerator(model, tok, 64).generate(_prompts(tok), one_prompt)
-    for name in ROWS:
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, msg=name)
+    _same_rows(a, b)
 
 
 def test_repetition_penalty_is_applied_to_prompt_and_completion_tokens(model_and_tokenizer):
@@ -173,13 +182,10 @@ def test_a_lora_policy_samples_as_hf(model_and_tokenizer):
         params = SamplingParams(num_generations=2, max_completion_length=10, top_k=1)
         want = HFGenerator(policy, tok, 64).generate(_prompts(tok), params)
         got = G.GraphGenerator(policy, tok, 64).generate(_prompts(tok), params)
-        for name in ROWS:
-            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, msg=name)
+        _same_rows(got, want)
         torch.manual_seed(0)
         ro = G.GraphGenerator(policy, tok, 64).generate(_prompts(tok), SamplingParams(4, 12, temperature=0.7))
-        m = ro.completion_mask
-        torch.testing.assert_close(ro.sampler_logprobs[m], completion_logprobs(policy, ro, 0.7, "torch")[m],
-                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        _logprobs_are_the_policys(policy, ro, 0.7)
     finally:
         policy.unload()
 
@@ -207,13 +213,10 @@ def test_the_decode_kernel_in_the_loop_gives_hf_rows(model_and_tokenizer, monkey
     params = SamplingParams(num_generations=2, max_completion_length=8, top_k=1)
     want = HFGenerator(model, tok, 64).generate(_prompts(tok), params)
     got = G.GraphGenerator(model, tok, 64, check_every=2).generate(_prompts(tok), params)
-    for name in ROWS:
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, msg=name)
+    _same_rows(got, want)
     torch.manual_seed(0)
     ro = G.GraphGenerator(model, tok, 64).generate(_prompts(tok), SamplingParams(2, 8, temperature=0.7))
-    m = ro.completion_mask
-    torch.testing.assert_close(ro.sampler_logprobs[m], completion_logprobs(model, ro, 0.7, "torch")[m],
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    _logprobs_are_the_policys(model, ro, 0.7)
 
 
 def test_the_cli_refuses_another_family_before_loading_it(tmp_path, capsys):

@@ -216,28 +216,26 @@ def test_continuous_is_reproducible_and_leaves_the_model_as_it_was(model_and_tok
     model.train()
 
 
-@pytest.mark.slow
-def test_embedded_default_learns_with_continuous(embedded, tmp_path):
+def _embedded_default_learns_with(backend: str, out) -> None:
     """As ``test_train.test_embedded_default_learns`` (100 steps, last 10% of steps' reward >= 0.3 above
-    the first 10%), sampling with ``continuous``."""
-    args = ["train", "--output_dir", str(tmp_path), "--disable_tqdm", "true", "--plot", "false"]
-    assert main([*args, "--generation_backend", "continuous"]) == 0
-    rows = read_metrics(tmp_path)
+    the first 10%), sampling with ``backend``."""
+    args = ["train", "--output_dir", str(out), "--disable_tqdm", "true", "--plot", "false"]
+    assert main([*args, "--generation_backend", backend]) == 0
+    rows = read_metrics(out)
     assert len(rows) == 100
     first = sum(r["reward"] for r in rows[:10]) / 10
     last = sum(r["reward"] for r in rows[-10:]) / 10
     assert last - first >= 0.3, (first, last)
+
+
+@pytest.mark.slow
+def test_embedded_default_learns_with_continuous(embedded, tmp_path):
+    _embedded_default_learns_with("continuous", tmp_path)
 
 
 def test_embedded_default_learns_with_graph(embedded, tmp_path):
-    """The same 100 steps sampling with ``graph`` (measured: reward 0.42 -> 0.89, as hf's 0.41 -> 0.89)."""
-    args = ["train", "--output_dir", str(tmp_path), "--disable_tqdm", "true", "--plot", "false"]
-    assert main([*args, "--generation_backend", "graph"]) == 0
-    rows = read_metrics(tmp_path)
-    assert len(rows) == 100
-    first = sum(r["reward"] for r in rows[:10]) / 10
-    last = sum(r["reward"] for r in rows[-10:]) / 10
-    assert last - first >= 0.3, (first, last)
+    """Measured: reward 0.42 -> 0.89, as hf's 0.41 -> 0.89."""
+    _embedded_default_learns_with("graph", tmp_path)
 
 
 def test_auto_picks_by_device_and_completion_length():

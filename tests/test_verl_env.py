@@ -14,17 +14,14 @@ beside it and renamed into place, so a killed run never leaves a half-installed 
 registry to install from, the test fails: it never skips.
 """
 
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import side_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = (
@@ -57,30 +54,12 @@ CUDA_ONLY = "verl's Triton kernel needs CUDA"  # the one skip reason allowed in 
 
 
 def _verl_env() -> Path:
-    key = repr((PINNED, sys.version_info[:2], sys.platform, platform.machine()))
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastgrpo"
-    target = cache / f"verl-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    if target.is_dir():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
-    try:
+    def build(folder: Path) -> None:
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-input", "--disable-pip-version-check"]
-        cmd += ["--no-deps", "--only-binary=:all:", "--target", str(tmp), *PINNED]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            pytest.fail(
-                f"could not install verl's side environment (is the package registry reachable?):\n"
-                f"{' '.join(cmd)}\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
-            )
-        try:
-            tmp.rename(target)
-        except OSError:  # a concurrent run got there first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        cmd += ["--no-deps", "--only-binary=:all:", "--target", str(folder), *PINNED]
+        side_env.run(cmd, "installing verl's side environment", timeout=1800)
+
+    return side_env.cached("verl", PINNED, build)
 
 
 @pytest.mark.slow

