@@ -90,3 +90,22 @@ def test_bad_impl_is_refused():
     q, keys, values, lengths = _inputs(1, 2, 1, 4, 16, torch.float32)
     with pytest.raises(ValueError, match="impl must be"):
         DA.decode_attention(q, keys, values, lengths, 0.25, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_expanded_queries_and_a_transposed_cache(impl):
+    """q one row expanded over the slots (stride 0), the cache stored (S, L, KV, D) and read through a
+    transpose, lengths expanded: against float64 and the same call on compact copies."""
+    S, H, KV, L, D = 4, 4, 2, 41, 16
+    q_row, keys_t, values_t, _ = _inputs(1, H, KV, L, D, torch.float32, seed=3)
+    q = q_row.expand(S, H, D)
+    keys = keys_t.expand(S, KV, L, D).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    values = values_t.expand(S, KV, L, D).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert q.stride(0) == 0 and keys.stride(1) == D and not keys.is_contiguous()
+    lengths = torch.tensor([7]).expand(S)
+    with poison_outputs():
+        got = DA.decode_attention(q, keys, values, lengths, 0.25, impl=impl)
+        compact = DA.decode_attention(q.contiguous(), keys.contiguous(), values.contiguous(), lengths.contiguous(),
+                                      0.25, impl=impl)  # fmt: skip
+    torch.testing.assert_close(got, compact, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.double(), _reference(q, keys, values, lengths, 0.25), rtol=0, atol=2e-5)
