@@ -33,6 +33,11 @@ A token is a real completion token: the imposed lengths, summed (prefill and pad
 after one small untimed warm-up call per backend; ``tokens_per_s`` = real tokens / wall s. Ratios
 ``*_vs_hf`` are against the hf row of the same cap in the same run.
 
+``first_token_s``: seconds from the timed call's start to the first logits the model's output layer
+returns (a forward hook on it, removed after that first call; CUDA synchronized there), i.e. the
+prefill of the first batch of prompts, one sampling step short of the first completion token. vLLM
+runs its own copy of the model, so its rows leave it empty.
+
 Peak memory: CUDA ``max_memory_allocated`` over the timed call (reset before it; ``peak_extra_mib``
 above what was allocated when it started, i.e. above the weights; ``peak_gib`` absolute; vLLM's
 pre-allocated cache counts there). CPU: the process RSS above its value at the call's start, sampled
@@ -92,7 +97,8 @@ DEFAULTS = dict(
 CSV_FIELDS = [
     "backend", "cap", "status", "prompts", "G", "in_flight", "sequences", "real_tokens", "computed_tokens",
     "padding_waste", "mean_length", "max_length", "truncated_share", "wall_s", "tokens_per_s", "tokens_per_s_vs_hf",
-    "peak_extra_mib", "peak_gib", "peak_vs_hf", "predicted_s", "calls", "lengths_digest", "peak_memory", "driven",
+    "first_token_s", "peak_extra_mib", "peak_gib", "peak_vs_hf", "predicted_s", "calls", "lengths_digest",
+    "peak_memory", "driven",
 ]  # fmt: skip
 DRIVEN = {
     "hf": "HFGenerator.generate per B rows, max_completion_length = their longest imposed length",
@@ -209,23 +215,53 @@ class RssPeak:
         self.peak = max(self.peak, self.rss() - self.base)
 
 
-def measured(fn, device: torch.device) -> tuple[object, float, float | None, float]:
-    """Call ``fn`` once: (result, wall s, peak GiB or None, peak extra MiB)."""
+class FirstLogits:
+    """While active, the clock time at which ``head`` (the model's output embeddings) first returned: the
+    first logits of the call exist then, so the first completion token is one sampling step away. Every
+    backend driving the bench's model calls it (hf and continuous through the model's forward, graph in its
+    prefill); on CUDA the hook synchronizes once, on that first call, so the time is the GPU's."""
+
+    def __init__(self, head: torch.nn.Module | None):
+        self.head, self.at, self._handle = head, None, None
+
+    def _hook(self, module, args, output):
+        if self.at is None:
+            if output.is_cuda:
+                torch.cuda.synchronize(output.device)
+            self.at = _clock()
+            self._handle.remove()
+
+    def __enter__(self):
+        if self.head is not None:
+            self._handle = self.head.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def measured(fn, device: torch.device, head: torch.nn.Module | None = None):
+    """Call ``fn`` once: (result, wall s, peak GiB or None, peak extra MiB, s to the first logits or None).
+    ``head``: the module whose first output marks the first token (None: not measured)."""
     C.free_memory(device)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+    with contextlib.ExitStack() as stack:
+        mem = None if cuda else stack.enter_context(RssPeak())
+        first = stack.enter_context(FirstLogits(head))
         t0 = _clock()
         out = fn()
-        torch.cuda.synchronize(device)
+        if cuda:
+            torch.cuda.synchronize(device)
         wall = _clock() - t0
+    ttft = None if first.at is None else first.at - t0
+    if cuda:
         peak = torch.cuda.max_memory_allocated(device)
-        return out, wall, peak / 2**30, (peak - base) / 2**20
-    with RssPeak() as mem:
-        t0 = _clock()
-        out = fn()
-        wall = _clock() - t0
-    return out, wall, None, mem.peak / 2**20
+        return out, wall, peak / 2**30, (peak - base) / 2**20, ttft
+    return out, wall, None, mem.peak / 2**20, ttft
 
 
 # ----------------------------------------------------------------------------- backends
@@ -455,6 +491,13 @@ def ratio(a, b):
     return None if a is None or not b else a / b
 
 
+def vs_hf(row: dict, hf_rows: dict[int, dict]) -> None:
+    """The row's ratios to the ok hf row of its cap (None while there is none)."""
+    hf = hf_rows.get(row["cap"], {})
+    row["tokens_per_s_vs_hf"] = ratio(row.get("tokens_per_s"), hf.get("tokens_per_s"))
+    row["peak_vs_hf"] = ratio(row.get("peak_extra_mib"), hf.get("peak_extra_mib"))
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="fastgrpo bench generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -540,9 +583,7 @@ def main(argv=None) -> int:
     def emit(row: dict) -> dict:  # as each row lands: a killed run keeps its rows
         if row["backend"] == "hf" and row["status"] == "ok":
             hf_rows[row["cap"]] = row
-        hf = hf_rows.get(row["cap"], {})
-        row["tokens_per_s_vs_hf"] = ratio(row.get("tokens_per_s"), hf.get("tokens_per_s"))
-        row["peak_vs_hf"] = ratio(row.get("peak_extra_mib"), hf.get("peak_extra_mib"))
+        vs_hf(row, hf_rows)
         rows.append(row)
         C.append_rows(out, NAME, [row], meta, CSV_FIELDS)
         timing = f", {row['wall_s']:.2f} s, {row['tokens_per_s']:.0f} tokens/s" if row.get("wall_s") else ""
@@ -585,9 +626,15 @@ def main(argv=None) -> int:
                             warm = min(8, cap)
                             run(prompts[:1], [[warm] * args.G], warm)  # untimed: lazy initialization, kernels
                             runners[backend] = run
-                        res, wall, peak_gib, peak_extra = measured(lambda: run(prompts, lengths, cap), device)  # noqa: B023
+                        head = None if backend == "vllm" else model.get_output_embeddings()  # vLLM: its own copy
+                        res, wall, peak_gib, peak_extra, ttft = measured(
+                            lambda: run(prompts, lengths, cap),
+                            device,
+                            head,  # noqa: B023
+                        )
                         check_lengths(res["got"], lengths, backend)
                         row.update(status="ok", wall_s=wall, tokens_per_s=row["real_tokens"] / wall, calls=res["calls"],
+                                   first_token_s=ttft,
                                    computed_tokens=res["computed_tokens"], peak_gib=peak_gib, peak_extra_mib=peak_extra,
                                    peak_memory=peak_what)  # fmt: skip
                         row["padding_waste"] = res["computed_tokens"] / row["real_tokens"]
@@ -611,10 +658,13 @@ def main(argv=None) -> int:
         ("real_tokens", "real tokens", "{}"), ("computed_tokens", "computed", "{}"),
         ("padding_waste", "computed / real", "{:.2f}"), ("wall_s", "wall s", "{:.2f}"),
         ("tokens_per_s", "tokens/s", "{:.0f}"), ("tokens_per_s_vs_hf", "tokens/s vs hf", "{:.2f}"),
+        ("first_token_s", "first token s", "{:.3f}"),
         ("peak_extra_mib", "peak extra MiB" if cuda else "peak RSS+ MiB", "{:.1f}"),
         ("peak_gib", "peak GiB", "{:.2f}"), ("peak_vs_hf", "peak vs hf", "{:.2f}"),
         ("predicted_s", "predicted s", "{:.0f}"),
     ]  # fmt: skip
+    for row in rows:  # again for rows that landed before their cap's hf row (with hf last in --backends)
+        vs_hf(row, hf_rows)
     table = C.markdown_table(rows, columns)
     print(table)
     notes = [

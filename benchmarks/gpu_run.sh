@@ -25,6 +25,8 @@
 #   generate-128 the GRPO batch of issue 22: 16 prompts x G=8 = 128 sequences (all in flight), caps 1K then
 #                4K, graph first, then continuous and hf (hf is the ratio's baseline; at 4K the budget skips it
 #                when predicted past GENERATE_BUDGET) (own call, timeout_s=480)
+#   generate-256 256 sequences (32 prompts x G=8, all in flight), caps 4K then 16K, graph then continuous; hf
+#                only where predicted to fit GENERATE_BUDGET (own call, timeout_s=480)
 #   ops-quick    the CPU smoke run of bench ops (checks this script anywhere)
 #
 # Every stage writes to $RESULTS (default /tmp/fastgrpo-results: rows appended to bench_*.jsonl/.csv,
@@ -124,6 +126,9 @@ for stage in "${@:-tests ops-7b}"; do
     for s in $stage; do
         case "$s" in
         tests) gpu_tests ;;
+        generate-256)
+            python -m fastgrpo.cli bench generate --time-budget "${GENERATE_BUDGET:-360}" --prompts 32 --G 8 \
+                --in-flight 256 --caps 4096 16384 --backends graph continuous hf --out "$RESULTS" ;;
         ops-quick) python -m fastgrpo.cli bench ops --quick --tokens 256 --out "$RESULTS" ;;
         ops-7b) ops qwen2.5-7b ;;
         ops-1.5b) ops qwen2.5-1.5b ;;

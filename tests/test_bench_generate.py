@@ -46,6 +46,7 @@ def test_quick_run_writes_one_row_per_backend_counting_real_tokens(tmp_path, cap
     assert graph["computed_tokens"] <= 16 * max(want)
     for r in (hf, cont, graph):
         assert r["peak_gib"] is None and r["peak_extra_mib"] >= 0 and "RSS" in r["peak_memory"]
+        assert 0 < r["first_token_s"] < r["wall_s"]  # the first logits come before the call ends
     assert vllm["status"] in ("missing: vllm not installed", "skipped: needs CUDA") and vllm.get("wall_s") is None
     with open(tmp_path / "bench_generate.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -55,6 +56,24 @@ def test_quick_run_writes_one_row_per_backend_counting_real_tokens(tmp_path, cap
     for text in (md, out):
         assert "| 64 | hf | ok |" in text and "| 64 | continuous | ok |" in text and "| 64 | vllm | " in text
         assert "| 64 | graph | ok |" in text
+
+
+def test_first_logits_is_the_heads_first_output_and_unhooks(monkeypatch):
+    now = [10.0]
+    monkeypatch.setattr(bg, "_clock", lambda: now[0])
+    head = torch.nn.Linear(3, 5)
+    with bg.FirstLogits(head) as first:
+        assert first.at is None
+        now[0] = 12.5
+        head(torch.zeros(2, 3))
+        now[0] = 20.0
+        head(torch.zeros(2, 3))  # later calls do not move it
+    assert first.at == 12.5 and not head._forward_hooks
+    with bg.FirstLogits(None) as nothing:  # vllm: its own copy of the model, not measured
+        pass
+    assert nothing.at is None
+    _, wall, _, _, ttft = bg.measured(lambda: head(torch.zeros(1, 3)), torch.device("cpu"), head)
+    assert ttft == 0.0 and wall == 0.0 and not head._forward_hooks
 
 
 def test_imposed_lengths_are_seeded_long_tailed_and_clipped():
