@@ -25,7 +25,9 @@ REQUIRED_METRICS = {
     "step", "reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean", "loss", "entropy",
     "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio", "frac_reward_zero_std",
     "num_tokens", "tokens_per_second", "step_time", "peak_memory_gb", "grad_norm", "learning_rate",
+    "time/sample", "time/score", "time/logprobs", "time/update", "time/sync",
 }  # fmt: skip
+PHASES = ("time/sample", "time/score", "time/logprobs", "time/update", "time/sync")
 
 
 def _config(embedded, out, **values):
@@ -41,6 +43,9 @@ def test_embedded_default_writes_every_output(embedded, tmp_path, capsys):
         assert row.keys() >= REQUIRED_METRICS, REQUIRED_METRICS - row.keys()
         assert 0.0 <= row["reward"] <= 2.0 and row["tokens_per_second"] > 0 and row["peak_memory_gb"] > 0
     assert rows[-1]["num_tokens"] > rows[0]["num_tokens"]
+    for row in rows:  # the phases are disjoint and cover the step: what is left is bookkeeping
+        phases = sum(row[k] for k in PHASES)
+        assert min(row[k] for k in PHASES) >= 0 and 0.8 * row["step_time"] < phases <= row["step_time"], row
     assert (out / "reward.png").stat().st_size > 1000
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
     saved = out / "checkpoint-3"

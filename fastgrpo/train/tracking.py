@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,30 @@ def peak_memory_gb(device) -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class PhaseTimes:
+    """Seconds per phase of a step (``with times("sample"): ...``; a phase entered twice adds up), logged as
+    ``time/<phase>``. On CUDA each phase ends with a device synchronization, so the kernels a phase queued
+    count in it rather than in whichever later phase first waits for them."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(self.device)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
 class MetricsLog:

@@ -29,7 +29,7 @@ from .rewards import RewardFunctionError, RewardScorer, build_reward_functions
 from .rollouts import Batch, Rollouts
 from .run_dir import RunDir
 from .sampling import SamplingParams, build_generator, check_backend
-from .tracking import MetricsLog, peak_memory_gb, plot_run, read_metrics, summary_line
+from .tracking import MetricsLog, PhaseTimes, peak_memory_gb, plot_run, read_metrics, summary_line
 from .update import Updater, has_16bit_trainable, resolve_kahan_summation
 
 
@@ -147,6 +147,7 @@ class GRPOTrainer:
         if self.device.type == "cuda":
             print(format_plan(self.memory_plan, self.model_info), flush=True)
         self.step, self.num_tokens = 0, 0
+        self.times = PhaseTimes(self.device)  # a fresh one per step in train()
         if self.resume_path is not None:
             self._load_state(state)
             apply_optimizer_settings(self.optimizer, self.scheduler, cfg, changes)
@@ -217,13 +218,16 @@ class GRPOTrainer:
         cfg = self.cfg
         rows = self.dataset[self.sampler.take(n_prompts)]  # column -> list
         texts = [format_prompt(self.tokenizer, p, cfg.system_prompt) for p in rows[cfg.prompt_column]]
-        ro = self.generator.generate(texts, self.sampling)
-        ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
-        completions = self.tokenizer.batch_decode(
-            [[t for t in x if t not in self.generator.eos_token_ids] for x in ids], skip_special_tokens=True
-        )
-        scored = self._score(rows, completions, ids, ro.truncated.tolist())
-        return {"rollouts": ro, "scored": scored, "no_signal": self._no_signal(scored)}
+        with self.times("sample"):
+            ro = self.generator.generate(texts, self.sampling)
+        with self.times("score"):
+            ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
+            completions = self.tokenizer.batch_decode(
+                [[t for t in x if t not in self.generator.eos_token_ids] for x in ids], skip_special_tokens=True
+            )
+            scored = self._score(rows, completions, ids, ro.truncated.tolist())
+            no_signal = self._no_signal(scored)
+        return {"rollouts": ro, "scored": scored, "no_signal": no_signal}
 
     def sample_batch(self) -> Batch:
         """Sample, score and (with dynamic sampling) keep only groups whose rewards differ,
@@ -337,15 +341,19 @@ class GRPOTrainer:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
+            self.times = PhaseTimes(self.device)
             self._step_start = self._data_and_rng_state()
             try:
                 batch = self.sample_batch()
             except RewardFunctionError as e:  # nothing of this step was saved: the last checkpoint stands
                 raise RewardFunctionError(f"step {self.step + 1}: {e}; {self._last_saved()}") from e
-            self.generator.release()  # KV cache or engine memory back before the update needs it
-            metrics = self.updater.update(batch)
-            self.generator.update_weights()
+            with self.times("sync"):
+                self.generator.release()  # KV cache or engine memory back before the update needs it
+            metrics = self.updater.update(batch)  # its own time/logprobs and time/update
+            with self.times("sync"):
+                self.generator.update_weights()
             self.step += 1
+            metrics |= self.times.metrics()
             dt = time.perf_counter() - t0
             tokens = batch.metrics.pop("_tokens")
             self.num_tokens += tokens

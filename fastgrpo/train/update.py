@@ -16,6 +16,7 @@ from ..ops import FusedGRPOLoss, GRPOLossParams
 from .correction import CorrectionSettings, CorrectionStats, importance_sampling_ratio, missing_sampler_logprobs
 from .policy import completion_logprobs, policy_loss
 from .rollouts import Batch, MicroBatch, Rollouts
+from .tracking import PhaseTimes
 
 # Loss types normalized by the generation batch's completion tokens (TRL's num_items_in_batch),
 # which makes any micro-batch split give exactly the whole batch's gradient.
@@ -120,6 +121,7 @@ class Updater:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
+        self.device = trainable[0].device
         self.kahan = bool(cfg.kahan_summation if kahan_summation is None else kahan_summation)
         self.optimizer = build_optimizer(trainable, cfg, self.kahan)
         self.scheduler = None  # set by the trainer once the number of updates is known
@@ -180,16 +182,25 @@ class Updater:
         """``num_iterations`` optimizer updates over the batch; returns averaged metrics."""
         cfg = self.cfg
         self.check_sampler_logprobs(batch)  # before any forward pass
+        times = PhaseTimes(self.device)
         micro = self.micro_batches(batch)
         old = ref = [None] * len(micro)
-        # The sampling policy's log-probs, before it moves; the correction needs them at any num_iterations
-        # (as TRL computes old_per_token_logps whenever vllm_importance_sampling_correction is on).
-        if cfg.num_iterations > 1 or self.correction.enabled:
-            old = [self.logprobs(self.model, m.rollouts) for m in micro]
-        if cfg.beta > 0:
-            ref = [self.ref_logprobs(m.rollouts) for m in micro]
-        is_ratio, correction_metrics = self.sampling_correction(micro, old)
+        with times("logprobs"):
+            # The sampling policy's log-probs, before it moves; the correction needs them at any num_iterations
+            # (as TRL computes old_per_token_logps whenever vllm_importance_sampling_correction is on).
+            if cfg.num_iterations > 1 or self.correction.enabled:
+                old = [self.logprobs(self.model, m.rollouts) for m in micro]
+            if cfg.beta > 0:
+                ref = [self.ref_logprobs(m.rollouts) for m in micro]
+            is_ratio, correction_metrics = self.sampling_correction(micro, old)
         sums: dict[str, float] = {"micro_batches": float(len(micro)), **correction_metrics}
+        with times("update"):
+            self._iterate(batch, micro, old, ref, is_ratio, sums)
+        return sums | times.metrics()
+
+    def _iterate(self, batch: Batch, micro, old, ref, is_ratio, sums: dict[str, float]) -> None:
+        """The ``num_iterations`` optimizer steps of ``update``, their metrics averaged into ``sums``."""
+        cfg = self.cfg
         for it in range(cfg.num_iterations):
             for k, v in self.accumulate_gradients(batch, micro, old, ref, it, is_ratio).items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
@@ -204,7 +215,6 @@ class Updater:
             self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             sums["learning_rate"] = self.scheduler.get_last_lr()[0]
-        return sums
 
     def accumulate_gradients(
         self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0, is_ratio=None
