@@ -20,7 +20,7 @@ from fastgrpo.train import checkpoint as ckpt
 
 DRIVER = Path(__file__).parent / "fault_driver.py"
 STEPS = 10
-VOLATILE = ("tokens_per_second", "step_time", "peak_memory_gb", "memory/")
+VOLATILE = ("tokens_per_second", "step_time", "time/", "peak_memory_gb", "memory/")
 SEED = 20261204
 pytestmark = pytest.mark.slow
 
