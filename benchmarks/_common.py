@@ -204,7 +204,8 @@ def append_rows(out: Path, name: str, rows: Iterable[dict], meta: dict, csv_fiel
     """Append rows, each with ``meta`` merged in, to ``out/name.jsonl`` and ``out/name.csv``.
 
     The CSV keeps a fixed column set (``csv_fields`` then the metadata keys) so runs from
-    different machines stay one table; the JSON lines keep every field.
+    different machines stay one table; the JSON lines keep every field. An older CSV keeps its
+    columns and rows; the columns it lacks are added at its end (its rows' cells there empty).
     """
     out.mkdir(parents=True, exist_ok=True)
     rows = [{**r, **meta} for r in rows]
@@ -215,15 +216,30 @@ def append_rows(out: Path, name: str, rows: Iterable[dict], meta: dict, csv_fiel
     path = out / f"{name}.csv"
     new = not path.is_file() or path.stat().st_size == 0
     if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header:
-            fields = header  # an older file's columns win: appending never reshapes it
+        fields = widen_csv(path, fields)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def widen_csv(path: Path, fields: Sequence[str]) -> list[str]:
+    """The CSV's header, with the ``fields`` it lacks appended; the file is rewritten (atomically, the
+    old rows unchanged) only when some were lacking."""
+    with open(path, newline="") as f:
+        old = list(csv.reader(f))
+    header = old[0] if old else []
+    lacking = [k for k in fields if k not in header]
+    if not lacking:
+        return header
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*header, *lacking])
+        writer.writerows(row + [""] * (len(header) + len(lacking) - len(row)) for row in old[1:])
+    os.replace(tmp, path)
+    return [*header, *lacking]
 
 
 def write_run(run_dir: Path, name: str, title: str, meta: dict, table: str) -> Path:

@@ -79,7 +79,7 @@ from pathlib import Path
 
 import torch
 from fastgrpo.benchmarks import _common as C
-from fastgrpo.benchmarks.bench_train import MODELS
+from fastgrpo.benchmarks._models import MODELS
 
 NAME = "bench_generate"
 BACKENDS = ("hf", "continuous", "graph", "vllm")
@@ -627,11 +627,8 @@ def main(argv=None) -> int:
                             run(prompts[:1], [[warm] * args.G], warm)  # untimed: lazy initialization, kernels
                             runners[backend] = run
                         head = None if backend == "vllm" else model.get_output_embeddings()  # vLLM: its own copy
-                        res, wall, peak_gib, peak_extra, ttft = measured(
-                            lambda: run(prompts, lengths, cap),
-                            device,
-                            head,  # noqa: B023
-                        )
+                        call = lambda: run(prompts, lengths, cap)  # noqa: B023, E731 (called at once)
+                        res, wall, peak_gib, peak_extra, ttft = measured(call, device, head)
                         check_lengths(res["got"], lengths, backend)
                         row.update(status="ok", wall_s=wall, tokens_per_s=row["real_tokens"] / wall, calls=res["calls"],
                                    first_token_s=ttft,

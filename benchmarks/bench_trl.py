@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import shlex
 import sys
 import tempfile
@@ -49,13 +48,12 @@ from pathlib import Path
 
 import torch
 from fastgrpo.benchmarks import _common as C
-from fastgrpo.benchmarks.bench_train import MODELS
+from fastgrpo.benchmarks._models import MODELS, dataset, qwen2_config, reward_even_words, save_model, tokenizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 NAME = "bench_trl"
 TRAINERS = ("stock", "ours")
-SPECIAL = ["<pad>", "<eos>", "<unk>"]
 SHAPE_FLAGS = {  # flag -> Qwen2Config field
     "vocab_size": "vocab_size",
     "hidden_size": "hidden_size",
@@ -115,61 +113,13 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def model_config(args):
-    import transformers
-
     shape = dict(MODELS[args.model])
     for flag, field in SHAPE_FLAGS.items():
         if getattr(args, flag) is not None:
             shape[field] = getattr(args, flag)
     if args.tie is not None:
         shape["tie_word_embeddings"] = args.tie
-    length = args.prompt_len + args.completion_length
-    return transformers.Qwen2Config(
-        **shape, max_position_embeddings=length, rope_theta=1e6, pad_token_id=0, eos_token_id=1, bos_token_id=None
-    )
-
-
-def save_model(config, path: Path, dtype: torch.dtype, device: torch.device) -> int:
-    """Random weights of ``config`` saved to ``path`` in ``dtype``; returns the parameter count."""
-    import transformers
-
-    torch.manual_seed(0)
-    with device:
-        model = transformers.Qwen2ForCausalLM(config).to(dtype)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-    model.save_pretrained(path)
-    n = sum(p.numel() for p in model.parameters())
-    del model
-    C.free_memory(device)
-    return n
-
-
-def tokenizer(vocab_size: int):
-    """Word-level: id i + 3 is the word ``w{i}``, so every sampled id decodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + [f"w{i}" for i in range(vocab_size - len(SPECIAL))])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
-    )
-
-
-def reward_even_words(prompts, completions, **kwargs):
-    """Share of words with an even index: varies within a group, so advantages are non-zero."""
-    return [
-        sum(int(w[1:]) % 2 == 0 for w in c.split() if w[1:].isdigit()) / max(len(c.split()), 1) for c in completions
-    ]
-
-
-def dataset(args, vocab_size: int, n: int):
-    from datasets import Dataset
-
-    rng = random.Random(args.seed)
-    words = [f"w{i}" for i in range(min(vocab_size - len(SPECIAL), 1000))]
-    return Dataset.from_dict({"prompt": [" ".join(rng.choices(words, k=args.prompt_len)) for _ in range(n)]})
+    return qwen2_config(shape, args.prompt_len + args.completion_length)
 
 
 def grpo_config(args, out_dir: Path, device: torch.device, dtype: torch.dtype):

@@ -52,12 +52,13 @@ BENCHMARKS = {
     "ops": "fused GRPO loss vs naive, torch.compile, Liger-Kernel and TRL vs the lm_head GEMM floor: time, memory",
     "train": "one `fastgrpo train` update step against completion length: peak memory and tokens/s, packing on/off",
     "trl-dropin": "one TRL GRPO step, stock trl.GRPOTrainer vs fastgrpo.integrations.trl's: loss+backward time, memory",
-    "generate": "sampling backends (hf, continuous, vllm) on long-tailed completion lengths: tokens/s, peak memory",
+    "generate": "sampling backends (hf, continuous, graph, vllm) on long-tailed completion lengths: tokens/s, memory",
+    "step": "one whole GRPO step, fastgrpo vs stock TRL vs TRL + drop-in: time per phase, tokens/s, peak memory",
 }
 
 
 def bench(argv: list[str]) -> int:
-    """``fastgrpo bench ops|train|trl-dropin|generate ...``: the rest of the line goes to that benchmark's parser."""
+    """``fastgrpo bench <name> ...`` (a name of ``BENCHMARKS``): the rest of the line goes to its parser."""
     if not argv or argv[0] not in BENCHMARKS:
         listing = "\n".join(f"  {k:10} {v}" for k, v in BENCHMARKS.items())
         stream = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
@@ -69,6 +70,8 @@ def bench(argv: list[str]) -> int:
         from .benchmarks.bench_trl import main as run
     elif argv[0] == "generate":
         from .benchmarks.bench_generate import main as run
+    elif argv[0] == "step":
+        from .benchmarks.bench_step import main as run
     else:
         from .benchmarks.bench_train import main as run
     from .benchmarks._common import set_command
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from .demo import add_arguments
 
     add_arguments(demo)
-    sub.add_parser("bench", help="benchmarks: `fastgrpo bench ops|train|trl-dropin|generate --help`", add_help=False)
+    sub.add_parser("bench", help=f"benchmarks: `fastgrpo bench {'|'.join(BENCHMARKS)} --help`", add_help=False)
     args = parser.parse_args(argv)
     if args.command == "train":
         try:

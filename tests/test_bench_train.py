@@ -133,3 +133,164 @@ def test_expandable_segments_unless_the_user_configured_the_allocator(monkeypatc
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
     assert bench_train.use_expandable_segments() == "PYTORCH_ALLOC_CONF=garbage_collection_threshold:0.6"
     assert bench_train.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ""
+
+
+# ----------------------------------------------------------------------------- the plan and the TRL contrast
+
+
+def test_quick_trl_contrast_writes_both_trainers_rows_with_the_plan_per_length(tmp_path, capsys):
+    assert bench_train.main(["--quick", "--trl-contrast", "--no-plot", "--out", str(tmp_path)]) == 0
+    rows = jsonl(tmp_path / "bench_train.jsonl")
+    assert [(r["trainer"], r["packing"], r["completion_length"]) for r in rows] == [
+        ("fastgrpo", "on", 64), ("fastgrpo", "on", 160), ("fastgrpo", "off", 64), ("fastgrpo", "off", 160),
+        ("trl", "off", 64), ("trl", "off", 160),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["kind"] == "length" and r["status"] == "ok" and r["steps"] == 2 and r["tokens_per_s"] > 0
+        assert r["peak_gib"] > 0 and r["micro_batches"] == 2 and r["plan_vs_measured"] is None  # CPU: RSS
+    fast, trl = rows[:4], rows[4:]
+    assert all(r["plan_peak_gb"] > 0 and r["plan_update_gb"] > 0 for r in fast)
+    assert fast[1]["plan_update_gb"] > fast[0]["plan_update_gb"]  # the plan of each row's own length
+    assert all(r.get("plan_peak_gb") is None for r in trl)  # the plan models fastgrpo's update, not TRL's
+    assert trl[0]["tokens"] == fast[0]["tokens"] and trl[0]["trainable_parameters"] == fast[0]["trainable_parameters"]
+    with open(tmp_path / "bench_train.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["trainer"] for r in table] == ["fastgrpo"] * 4 + ["trl"] * 2 and table[0]["plan_peak_gb"]
+    out = capsys.readouterr().out
+    assert "| trl | off | length | 160 |" in out and "plan GiB" in out and "plan/measured" in out
+
+
+def trl_step_oom_above(monkeypatch, limit: int) -> Counter:
+    """TRL's update step runs out of memory past ``limit`` completion tokens; counts the steps per length."""
+    real, calls = bench_train.TRLRun.step, Counter()
+
+    def step(self, batch):
+        length = batch.rollouts.completion_ids.shape[1]
+        calls[length] += 1
+        if length > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batch)
+
+    monkeypatch.setattr(bench_train.TRLRun, "step", step)
+    return calls
+
+
+def test_out_of_memory_in_the_trl_step_is_its_rows_status(monkeypatch, tmp_path):
+    trl_step_oom_above(monkeypatch, 100)
+    argv = ["--quick", "--packing", "on", "--trl-contrast", "--no-plot", "--out", str(tmp_path)]
+    assert bench_train.main(argv) == 0
+    rows = jsonl(tmp_path / "bench_train.jsonl")
+    assert [(r["trainer"], r["completion_length"], r["status"]) for r in rows] == [
+        ("fastgrpo", 64, "ok"), ("fastgrpo", 160, "ok"), ("trl", 64, "ok"), ("trl", 160, "OOM"),
+    ]  # fmt: skip
+    assert rows[-1].get("peak_gib") is None and rows[-1]["steps"] == 2
+
+
+def test_trl_find_max_is_the_shared_search(monkeypatch, tmp_path):
+    calls = trl_step_oom_above(monkeypatch, 200)
+    searched, real_find_max = [], bench_train.find_max
+
+    def find_max(run, length_rows, emit):
+        searched.append(run.trainer)
+        return real_find_max(run, length_rows, emit)
+
+    monkeypatch.setattr(bench_train, "find_max", find_max)
+    monkeypatch.setattr(bench_train.Updater, "update", lambda self, batch: {"micro_batches": 2.0})  # fastgrpo: cheap
+    argv = ["--quick", "--packing", "on", "--find-max", "--granularity", "16", "--trl-contrast", "--no-plot"]
+    bench_train.main([*argv, "--out", str(tmp_path)])
+    assert searched == ["fastgrpo", "trl"]
+    rows = [r for r in jsonl(tmp_path / "bench_train.jsonl") if r["trainer"] == "trl"]
+    result = rows[-1]
+    assert result["kind"] == "find-max" and result["status"] == "ok" and result["packing"] == "off"
+    assert result["completion_length"] == 192 and result["first_oom"] == 208
+    probes = [(r["completion_length"], r["status"], r["steps"]) for r in rows if r["kind"] == "probe"]
+    assert probes == [(208, "OOM", 1), (176, "ok", 1), (192, "ok", 1)]  # as fastgrpo's search probes
+    assert calls == {64: 2, 160: 2, 208: 1, 176: 1, 192: 1}  # TRL's trainer stays warm across lengths
+
+
+def test_without_trl_its_rows_say_missing(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench_train, "trl_available", lambda: False)
+    monkeypatch.setattr(bench_train, "TRLRun", lambda *a: pytest.fail("no TRL trainer should be built"))
+    argv = ["--quick", "--packing", "on", "--lengths", "32", "--find-max", "--trl-contrast", "--no-plot"]
+    monkeypatch.setattr(bench_train, "find_max", lambda run, rows, emit: dict(trainer=run.trainer, kind="find-max",
+                        packing=run.mode, completion_length=None, status="ok"))  # fmt: skip
+    assert bench_train.main([*argv, "--out", str(tmp_path)]) == 0
+    trl = [(r["kind"], r["status"]) for r in jsonl(tmp_path / "bench_train.jsonl") if r["trainer"] == "trl"]
+    assert trl == [("length", "missing: trl not installed"), ("find-max", "missing: trl not installed")]
+    err = capsys.readouterr().err
+    assert "trl contrast: missing: trl not installed" in err and "Traceback" not in err
+
+
+def test_zero_time_budget_builds_no_trl_trainer(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_train, "build_model", lambda *a: pytest.fail("no model should be built"))
+    bench_train.main(["--quick", "--trl-contrast", "--time-budget", "0", "--no-plot", "--out", str(tmp_path)])
+    trl = [r for r in jsonl(tmp_path / "bench_train.jsonl") if r["trainer"] == "trl"]
+    assert [(r["completion_length"], r["status"]) for r in trl] == [
+        (64, "skipped: time budget"),
+        (160, "skipped: time budget"),
+    ]
+
+
+def test_trl_contrast_needs_whole_groups_per_generation_batch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_train.main(["--quick", "--trl-contrast", "--G", "4", "--rows", "3", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "multiple of --rows" in capsys.readouterr().err
+
+
+def test_an_older_csv_gains_the_new_columns_and_keeps_its_rows(tmp_path):
+    new = ["trainer", "plan_peak_gb", "plan_update_gb", "plan_vs_measured"]
+    before = [k for k in bench_train.CSV_FIELDS if k not in new]  # the columns before the plan and the contrast
+    old_row = ["x"] * len(before)
+    (tmp_path / "bench_train.csv").write_text(",".join(before) + "\n" + ",".join(old_row) + "\n")
+    bench_train.main(["--quick", "--time-budget", "0", "--no-plot", "--out", str(tmp_path)])
+    with open(tmp_path / "bench_train.csv", newline="") as f:
+        table = list(csv.reader(f))
+    header = table[0]
+    assert header[: len(before)] == before and set(new) <= set(header)  # widened at its end
+    assert table[1] == old_row + [""] * (len(header) - len(before))  # the old row kept, its new cells empty
+    added = [dict(zip(header, r, strict=True)) for r in table[2:]]
+    assert added and all(r["trainer"] == "fastgrpo" for r in added)  # this run's rows fill the new columns
+
+
+@pytest.mark.parametrize("extra", [[], ["--use-peft", "--beta", "0.5"]], ids=["full", "lora-kl"])
+def test_trl_step_computes_fastgrpos_gradient_on_the_same_rollouts(extra):
+    """The TRL inputs are right: stock TRL's accumulated gradient equals fastgrpo's Updater's (fp32, same weights)."""
+    from trl.trainer.utils import split_tensor_dict
+
+    args = bench_train.parse_args(["--quick", "--trl-contrast", "--lengths", "48", *extra])
+    cpu, budget = torch.device("cpu"), bench_train.Budget(None)
+    ours, trl = bench_train.ModeRun(args, cpu, torch.float32, False, budget), None
+    try:
+        trl = bench_train.TRLRun(args, cpu, torch.float32, budget)
+        assert trl.trl.model.is_gradient_checkpointing  # TRL's default, turned on as Trainer.train() would
+        for model in (ours.model, trl.trl.model):
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0  # LoRA dropout draws differ between the two models
+        torch.manual_seed(1)  # the same weights; non-zero LoRA B, so the policy is not the reference
+        state = {k: torch.randn_like(v) * 0.05 if "lora_B" in k else v for k, v in ours.model.state_dict().items()}
+        ours.model.load_state_dict(state)
+        trl.trl.model.load_state_dict(state)
+        batch = bench_train.synthetic_batch(args.G, args.prompt_len, 48, ours.vocab, cpu, args.seed)
+
+        micro = ours.updater.micro_batches(batch)
+        ref = [ours.updater.ref_logprobs(m.rollouts) for m in micro] if args.beta else None
+        ours.updater.accumulate_gradients(batch, micro, None, ref)
+        t = trl.trl
+        inputs = bench_train.trl_inputs(batch)
+        if args.beta:
+            inputs["ref_per_token_logps"] = trl.ref_logps(inputs)
+        chunks = split_tensor_dict(inputs, t.args.gradient_accumulation_steps)
+        t.current_gradient_accumulation_steps = len(chunks)
+        for mb in chunks:
+            t.training_step(t.model, mb, None)
+
+        theirs = dict(t.model.named_parameters())
+        trained = [(n, p) for n, p in ours.model.named_parameters() if p.requires_grad]
+        assert trained and all(theirs[n].grad is not None for n, _ in trained)
+        for name, p in trained:
+            torch.testing.assert_close(theirs[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        ours.close()
+        if trl is not None:
+            trl.close()
