@@ -59,3 +59,8 @@ def rewrites_inputs(prompts, completions, answer=None, completion_ids=None, **kw
         ids.append(0)
     prompts.clear()
     return [0.0] * len(completions)
+
+
+def constant(prompts, completions, **kwargs):
+    # Never varies: every group has zero spread, so no step carries a gradient.
+    return [1.0] * len(completions)

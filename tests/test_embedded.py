@@ -305,6 +305,23 @@ def test_prepare_embedded_rebuilds_incomplete_model(tmp_path, monkeypatch):
     assert calls == [1, 2]
 
 
+def test_the_first_build_says_what_it_does_with_a_progress_bar(tmp_path, monkeypatch, capsys):
+    real = emb.build_base_model
+    seen = []
+
+    def cheap(tokenizer, seed=0, progress=False, **kwargs):
+        seen.append(progress)
+        return real(tokenizer, seed=seed, steps=3, prompts_per_step=5, progress=progress)
+
+    monkeypatch.setattr(emb, "build_base_model", cheap)
+    model_dir, _ = emb.prepare_embedded(tmp_path, seed=0, progress=True)
+    captured = capsys.readouterr()
+    assert f"building its base model once (a short supervised warm-up), cached in {model_dir}" in captured.out
+    assert seen == [True] and "embedded base model: 100%" in captured.err and "3/3" in captured.err
+    emb.prepare_embedded(tmp_path, seed=0, progress=True)  # reused: nothing to say
+    assert seen == [True] and capsys.readouterr().out == ""
+
+
 def test_embedded_preset_fits_the_task(tokenizer):
     preset = emb.EMBEDDED_PRESET
     assert preset["num_generations"] >= 2

@@ -36,7 +36,9 @@ def _config(embedded, out, **values):
 
 def test_embedded_default_writes_every_output(embedded, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2", *FAST]) == 0
+    argv = ["train", "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2", "--logging_steps", "2"]
+    assert main([*argv, *FAST]) == 0
+    printed = capsys.readouterr().out
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
@@ -52,7 +54,27 @@ def test_embedded_default_writes_every_output(embedded, tmp_path, capsys):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "config.yaml", ckpt.STATE_FILE):
         assert (saved / name).is_file(), name
     assert "reward" in (out / "config.yaml").read_text()
-    assert "3 steps" in capsys.readouterr().out
+    # Where the outputs go, at start and at the end; a metrics line every logging_steps steps and at the last.
+    assert f"output folder: {out.resolve()}\n" in printed
+    assert f"outputs in {out.resolve()}: metrics.jsonl, reward.png, checkpoint-3 (the last of 2 kept;" in printed
+    logged = [line for line in printed.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in logged] == ["2/3", "3/3"]
+    want = f"  reward {rows[1]['reward']:.3f}  loss {rows[1]['loss']:.4f}  entropy {rows[1]['entropy']:.3f}  length "
+    assert want in logged[0] and "tokens/s" in logged[0]
+    assert "3 steps in " in printed and "(first step)" in printed and "warning" not in printed
+
+
+def test_a_reward_that_never_varies_is_warned_about_once(embedded, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", embedded[0], "--dataset", embedded[1], "--output_dir", str(out), *FAST]
+    argv += ["--reward_funcs", "reward_fixtures:constant", "--max_steps", "6", "--logging_steps", "100"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert all(r["frac_reward_zero_std"] == 1.0 and r["grad_norm"] == 0.0 for r in read_metrics(out))
+    warning = "warning: steps 1-5: most groups had the same reward for every completion"
+    assert printed.count(warning) == 1 and printed.count("most groups had the same reward") == 2
+    summary = next(line for line in printed.splitlines() if line.startswith("6 steps in "))
+    assert "; steps 1-6: most groups had the same reward" in summary  # the summary says it again
 
 
 def test_resume_matches_uninterrupted_run(embedded, tmp_path):

@@ -240,3 +240,21 @@ def test_checkpoint_directory_gets_the_usual_permissions(tmp_path):
         os.umask(old)
     # As a plain mkdir would make it, not mkdtemp's owner-only 0700.
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize(
+    ("zero_std", "streak"),
+    [
+        ([0.0, 0.6, 0.0, 0.6, 0.0, 0.6], None),  # most groups silent now and then: no warning
+        ([0.0, 0.6, 0.7, 0.8, 0.9, 1.0, 0.0], (2, 6)),  # five in a row
+        ([0.5, 0.5, 0.5, 0.5, 0.5, 0.5], None),  # half is not most
+        ([1.0, 1.0, 1.0], (1, 3)),  # a run shorter than five steps, silent throughout
+        ([1.0, 1.0, 0.0], None),
+    ],
+)
+def test_steps_without_signal_are_named_when_most_groups_stay_silent(zero_std, streak):
+    from fastgrpo.train.tracking import no_signal_streak, summary_line
+
+    rows = [{"step": i + 1, "reward": 0.5, "step_time": 1.0, "frac_reward_zero_std": z} for i, z in enumerate(zero_std)]
+    assert no_signal_streak(rows) == streak
+    assert ("most groups had the same reward" in summary_line(rows)) == (streak is not None)

@@ -151,7 +151,7 @@ class TrainConfig:
     save_total_limit: int | None = 2  # keep at most this many checkpoints; None = all
     resume_from_checkpoint: str | None = None  # checkpoint directory or "latest" in output_dir
     overwrite_output_dir: bool = False  # start afresh in an output_dir that holds checkpoints (deletes them)
-    logging_steps: int = 1  # print a metrics line every this many steps (metrics.jsonl gets every step)
+    logging_steps: int = 10  # print a metrics line every this many steps and at the last (metrics.jsonl: all)
     disable_tqdm: bool = False  # no progress bar
     plot: bool = True  # write reward.png at the end
 

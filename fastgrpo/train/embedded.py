@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from .data import format_prompt as chat_prompt
 from .embedded_task import (
     P_CORRECT,
@@ -145,6 +147,7 @@ def build_base_model(
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     verbose: bool = False,
+    progress: bool = False,
 ) -> transformers.Qwen2ForCausalLM:
     """A tiny float32 Qwen2 after a short supervised warm-up on noisy completions of the addition task.
 
@@ -242,7 +245,7 @@ def build_base_model(
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
         order: list[int] = []
-        for step in range(steps):
+        for step in tqdm(range(steps), desc="embedded base model", unit="step", disable=not progress):
             # Epochs over the 100 prompts in shuffled order: every prompt is seen equally often.
             if len(order) < prompts_per_step:
                 order += rng.sample(range(len(pairs)), len(pairs))
@@ -394,8 +397,11 @@ def _base_model_complete(model_dir: Path, seed: int) -> bool:
     return marker == _marker(seed) and (model_dir / "config.json").is_file()
 
 
-def prepare_embedded(workdir: str | Path, seed: int = 0, train_rows: int = DEFAULT_TRAIN_ROWS) -> tuple[Path, Path]:
+def prepare_embedded(
+    workdir: str | Path, seed: int = 0, train_rows: int = DEFAULT_TRAIN_ROWS, progress: bool = False
+) -> tuple[Path, Path]:
     """Write the embedded base model + tokenizer and its training set under ``workdir``.
+    ``progress``: say so, with a progress bar, when the base model has to be built (the first run).
 
     Returns ``(workdir/base_model, workdir/data/train.jsonl)``. A base model already there with a
     marker for the same seed and :data:`TOY_VERSION` is reused; otherwise it is built in a temporary
@@ -406,8 +412,11 @@ def prepare_embedded(workdir: str | Path, seed: int = 0, train_rows: int = DEFAU
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = workdir / "base_model"
     if not _base_model_complete(model_dir, seed):
+        if progress:
+            print(f"embedded default: building its base model once (a short supervised warm-up), cached in "
+                  f"{model_dir}", flush=True)  # fmt: skip
         tokenizer = build_tokenizer()
-        model = build_base_model(tokenizer, seed=seed)
+        model = build_base_model(tokenizer, seed=seed, progress=progress)
         # Per-process name, so concurrent builds do not write into each other; a plain mkdir (not
         # mkdtemp, which makes it 0700) keeps the usual permissions for a shared cache.
         tmp = workdir / f".base_model.tmp{os.getpid()}"

@@ -98,17 +98,70 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def summary_line(rows: list[dict[str, Any]]) -> str:
-    """Mean reward of the first and last 10% of steps, and the time taken."""
+    """Mean reward of the first and last 10% of steps, the time taken, and a long run of steps without
+    learning signal if there was one."""
     if not rows:
         return "no steps were run"
     k = max(1, len(rows) // 10)
     first = _mean([r.get("reward") for r in rows[:k]])
     last = _mean([r.get("reward") for r in rows[-k:]])
     seconds = sum(r.get("step_time") or 0.0 for r in rows)
-    return (
-        f"{len(rows)} steps in {seconds:.0f}s: reward {first:.3f} (first {k} steps) -> {last:.3f} "
-        f"(last {k} steps), gain {last - first:+.3f}"
+    steps = "step" if k == 1 else f"{k} steps"
+    line = (
+        f"{len(rows)} {'step' if len(rows) == 1 else 'steps'} in {seconds:.0f}s: reward {first:.3f} (first {steps}) "
+        f"-> {last:.3f} (last {steps}), gain {last - first:+.3f}"
     )
+    streak = no_signal_streak(rows)
+    if streak:
+        line += f"; {no_signal_text(*streak)}"
+    return line
+
+
+# A step "without signal": most of its groups scored every completion alike (zero reward spread), so
+# their advantages, and their share of the gradient, are zero. Warned about after this many in a row.
+NO_SIGNAL_SHARE = 0.5
+NO_SIGNAL_STEPS = 5
+
+
+def no_signal_streak(rows: list[dict[str, Any]], patience: int = NO_SIGNAL_STEPS) -> tuple[int, int] | None:
+    """(first step, last step) of the longest run of steps without signal, if it is at least ``patience``
+    steps long (or covers every row, when there are fewer)."""
+    best, start, prev = None, None, None
+    for r in rows:
+        if (r.get("frac_reward_zero_std") or 0.0) > NO_SIGNAL_SHARE:
+            start = r["step"] if start is None else start
+            if best is None or r["step"] - start > best[1] - best[0]:
+                best = (start, r["step"])
+        else:
+            start = None
+        prev = r
+    if best is None or prev is None:
+        return None
+    return best if best[1] - best[0] + 1 >= min(patience, len(rows)) else None
+
+
+def no_signal_text(first: int, last: int) -> str:
+    span = f"step {first}" if first == last else f"steps {first}-{last}"
+    return (
+        f"{span}: most groups had the same reward for every completion (frac_reward_zero_std > "
+        f"{NO_SIGNAL_SHARE}), so they gave no gradient; check that the rewards can vary within a group "
+        "(a reward that never varies trains nothing), or raise num_generations or temperature"
+    )
+
+
+# The metrics line printed every logging_steps steps: (metric, label, format).
+LOG_FIELDS = (
+    ("reward", "reward", "{:.3f}"), ("loss", "loss", "{:.4f}"), ("kl", "kl", "{:.4f}"),
+    ("entropy", "entropy", "{:.3f}"), ("completions/mean_length", "length", "{:.1f}"),
+    ("tokens_per_second", "tokens/s", "{:.0f}"), ("step_time", "step", "{:.2f}s"),
+)  # fmt: skip
+
+
+def log_line(row: dict[str, Any], max_steps: int) -> str:
+    """``step 5/100  reward 0.412  loss 0.0123 ...``: the fields the row has."""
+    parts = [f"step {row['step']}/{max_steps}"]
+    parts += [f"{label} {fmt.format(row[k])}" for k, label, fmt in LOG_FIELDS if row.get(k) is not None]
+    return "  ".join(parts)
 
 
 def _mean(values: list[Any]) -> float:

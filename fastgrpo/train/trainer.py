@@ -29,7 +29,20 @@ from .rewards import RewardFunctionError, RewardScorer, build_reward_functions
 from .rollouts import Batch, Rollouts
 from .run_dir import RunDir
 from .sampling import SamplingParams, build_generator, check_backend
-from .tracking import MetricsLog, PhaseTimes, peak_memory_gb, plot_run, read_metrics, summary_line
+from .tracking import (
+    METRICS_FILE,
+    NO_SIGNAL_SHARE,
+    NO_SIGNAL_STEPS,
+    PLOT_FILE,
+    MetricsLog,
+    PhaseTimes,
+    log_line,
+    no_signal_text,
+    peak_memory_gb,
+    plot_run,
+    read_metrics,
+    summary_line,
+)
 from .update import Updater, has_16bit_trainable, resolve_kahan_summation
 
 
@@ -90,6 +103,7 @@ class GRPOTrainer:
         # e.g. vllm not installed: before loading
         backend = check_backend(cfg.generation_backend, self.device, cfg.max_completion_length, cfg.model.model)
         self.run_dir = RunDir(self.out, owner=owner)  # made, writable, locked: one writer per folder
+        print(f"output folder: {self.out.resolve()}", flush=True)
         try:
             self._build(cfg, dtype, backend)
         except BaseException:
@@ -336,7 +350,7 @@ class GRPOTrainer:
         bar = tqdm(
             total=self.max_steps, initial=self.step, disable=cfg.disable_tqdm, desc="fastgrpo", dynamic_ncols=True
         )
-        first_logged = False
+        first_logged, no_signal = False, 0
         while self.step < self.max_steps:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -364,6 +378,11 @@ class GRPOTrainer:
                 row.update({f"memory/plan_{k}": v for k, v in self.memory_plan.items()})
                 first_logged = True
             self.log.write(row)
+            if self.step % cfg.logging_steps == 0 or self.step == self.max_steps:
+                bar.write(log_line(row, self.max_steps))  # above the bar
+            no_signal = no_signal + 1 if (row["frac_reward_zero_std"] or 0.0) > NO_SIGNAL_SHARE else 0
+            if no_signal == NO_SIGNAL_STEPS:
+                bar.write(f"warning: {no_signal_text(self.step - no_signal + 1, self.step)}")
             bar.set_postfix(
                 reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}", len=f"{row['completions/mean_length']:.0f}"
             )
@@ -374,8 +393,9 @@ class GRPOTrainer:
         self.save()
         rows = read_metrics(self.out)
         if cfg.plot:
-            plot_run(rows, self.out / "reward.png", title=self.title)
+            plot_run(rows, self.out / PLOT_FILE, title=self.title)
         print(summary_line(rows), flush=True)
+        print(outputs_line(self.out), flush=True)
         return rows
 
     def save(self, snapshot: dict[str, Any] | None = None) -> Path:
@@ -418,6 +438,15 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
+
+
+def outputs_line(out: Path) -> str:
+    """What a run left in its output folder, printed at its end."""
+    names = [name for name in (METRICS_FILE, PLOT_FILE) if (out / name).exists()]
+    found = ckpt.list_checkpoints(out)
+    if found:
+        names.append(f"{Path(found[-1]).name} (the last of {len(found)} kept; --resume_from_checkpoint latest)")
+    return f"outputs in {out.resolve()}: {', '.join(names)}"
 
 
 def optimizer_line(model, kahan: bool, asked: bool | None) -> str:
@@ -466,7 +495,7 @@ def train(cfg: Config) -> list[dict[str, Any]]:
     if cfg.model.model is None:
         check_no_data_without_model(cfg)
         cfg = copy.deepcopy(cfg)
-        model_dir, data_path = prepare_embedded(embedded_cache_dir(), seed=0)
+        model_dir, data_path = prepare_embedded(embedded_cache_dir(), seed=0, progress=not cfg.disable_tqdm)
         cfg.model.model, cfg.data.dataset = str(model_dir), str(data_path)
         title = "fastgrpo train: embedded default (81k-parameter Qwen2, single-digit addition)"
         # The demo replaces its own earlier run in its own folder, never a folder the user named.
