@@ -2,7 +2,10 @@
 
 Each benchmark run prints a Markdown table, appends its rows (each carrying device, package
 versions and git commit) to ``<out>/<name>.jsonl`` and ``<out>/<name>.csv``, and writes the
-run's table and plots under ``<out>/<slug>/``, where ``slug`` names the device.
+run's table and plots under ``<out>/<slug>/``, where ``slug`` names the device. ``<out>`` is
+``--out``, by default ``./fastgrpo-bench`` (``default_out_dir``); the committed tables in
+``benchmarks/results`` change only where ``--out`` names them. Each run ends with a line saying
+where its results went.
 """
 
 from __future__ import annotations
@@ -113,10 +116,13 @@ def environment(device: torch.device) -> dict:
 
 
 def default_out_dir() -> Path:
-    """The repository's ``benchmarks/results`` in a source checkout, else ``./fastgrpo-bench-results``."""
-    if (REPO / "pyproject.toml").is_file():
-        return BENCH_DIR / "results"
-    return Path.cwd() / "fastgrpo-bench-results"
+    """``./fastgrpo-bench`` of the working directory, in a checkout too: a run leaves the committed tables
+    in ``benchmarks/results`` alone unless its ``--out`` names them."""
+    return Path.cwd() / "fastgrpo-bench"
+
+
+# Every benchmark's --out help.
+OUT_HELP = "results folder (default: ./fastgrpo-bench; --out benchmarks/results adds to the committed tables)"
 
 
 def slug(text: str) -> str:

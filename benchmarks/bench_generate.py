@@ -525,8 +525,9 @@ def parse_args(argv):
     p.add_argument("--no-time-budget", action="store_true", help="run everything")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, cap 64, 2 prompts x G=8, B=8, fp32")
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results in a checkout)")
+    p.add_argument("--out", type=Path, help=C.OUT_HELP)
     args = p.parse_args(argv)
+    args.out = args.out or C.default_out_dir()  # resolved against the working directory now
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)

@@ -314,9 +314,10 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, help="seconds; no row starts past it (skipped rows say so)")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
+    p.add_argument("--out", type=Path, help=C.OUT_HELP)
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    args.out = args.out or C.default_out_dir()  # resolved against the working directory now
     for name in ("rows", "floor_chunk", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

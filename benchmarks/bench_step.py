@@ -80,8 +80,11 @@ from fastgrpo.benchmarks import _common as C
 from fastgrpo.benchmarks._models import MODELS, qwen2_config, save_model
 from fastgrpo.benchmarks.bench_generate import RssPeak, digest, imposed_lengths, per_request_lengths
 
+from fastgrpo.integrations import trl_missing
+
 NAME = "bench_step"
 TRAINERS = ("fastgrpo", "trl", "trl+fastgrpo", "vllm")
+TRL_TRAINERS = ("trl", "trl+fastgrpo")  # need TRL (an extra): without it their rows say "missing: ..."
 PHASES = ("sample", "score", "logprobs", "update", "sync")
 SKIPPED = "skipped: time budget"
 WARM_LENGTH = 32  # tokens per completion of the warm-up step
@@ -410,8 +413,8 @@ def trl_run(s: Setup, dropin: bool) -> dict:
 
 def availability(trainer: str) -> str | None:
     """None when ``trainer`` can run here, else its row's status."""
-    if trainer in ("trl", "trl+fastgrpo") and importlib.util.find_spec("trl") is None:
-        return "missing: trl not installed (pip install 'fastgrpo[trl]')"
+    if trainer in TRL_TRAINERS and (missing := trl_missing()):
+        return f"missing: {missing}"
     if trainer == "vllm":
         if importlib.util.find_spec("vllm") is None:
             return "missing: vllm not installed"
@@ -550,8 +553,9 @@ def parse_args(argv):
     p.add_argument("--time-budget", type=float, help="seconds; (cap, trainer) runs past it are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, cap 48, 2 prompts x G=4, fp32")
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results in a checkout)")
+    p.add_argument("--out", type=Path, help=C.OUT_HELP)
     args = p.parse_args(argv)
+    args.out = args.out or C.default_out_dir()  # resolved against the working directory now
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -578,6 +582,8 @@ def main(argv=None) -> int:
     if not cuda and not args.quick:
         print("fastgrpo bench step: no CUDA device, so the full shape runs on the CPU (slow); --quick is the CPU "
               "smoke run", file=sys.stderr)  # fmt: skip
+    if (missing := trl_missing()) and (needs := [t for t in args.trainers if t in TRL_TRAINERS]):
+        print(f"fastgrpo bench step: {missing}: the {' and '.join(needs)} rows will say so", file=sys.stderr)
     meta = C.environment(device) | dict(
         model=args.model, dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, seed=args.seed,
         fastgrpo_backend=args.backend, time_budget=args.time_budget, quick=args.quick, args=shlex.join(argv),
@@ -690,7 +696,8 @@ def write_outputs(rows: list[dict], args, meta: dict, run_dir: Path, cuda: bool)
     title = f"GRPO step per trainer: {args.model}, {meta['dtype']}, {meta['device']} ({meta['git_commit'][:10]})"
     path = C.write_run(run_dir, f"{NAME}_{args.model}", title, meta, table + "\n\n" + "\n\n".join(notes))
     png = plot(rows, run_dir / f"{NAME}_{args.model}.png", title)
-    print(f"wrote {path}" + (f" and {png}" if png else ""), file=sys.stderr)
+    where = f"appended {len(rows)} rows to {run_dir.parent / NAME}.jsonl/.csv; wrote {path}"
+    print(where + (f" and {png}" if png else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

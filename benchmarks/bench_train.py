@@ -46,7 +46,7 @@ clip 0.2/0.28, no KL bias correction: TRL 1.16's default would change the KL gra
 weights both compute the same gradient (tested); TRL's own defaults otherwise: gradient checkpointing
 on, its default AdamW, no offloading, ``--trl-attn`` attention (sdpa). Its rows carry
 no plan (the plan models fastgrpo's update). Without trl installed they say "missing: trl not
-installed".
+installed (pip install 'fastgrpo[trl]')", and a line on stderr says so before the first model is built.
 
 Output (see ``_common``): the Markdown table on stdout; one row per (trainer, packing mode, length), per
 find-max probe (``kind`` "probe") and per find-max result (``kind`` "find-max", ``completion_length``
@@ -77,6 +77,7 @@ import torch
 from fastgrpo.benchmarks import _common as C
 from fastgrpo.benchmarks._models import MODELS, dataset, reward_even_words, tokenizer
 
+from fastgrpo.integrations import TRL_INSTALL, trl_missing
 from fastgrpo.ops import GRPOLossParams
 from fastgrpo.train.config import build_config
 from fastgrpo.train.memory import format_plan, memory_plan
@@ -87,7 +88,7 @@ from fastgrpo.train.update import Updater, resolve_kahan_summation
 
 NAME = "bench_train"
 SKIPPED = "skipped: time budget"
-TRL_MISSING = "missing: trl not installed"
+TRL_MISSING = f"missing: trl not installed ({TRL_INSTALL})"
 # Both trainers' loss settings (beta: --beta). The KL bias correction is pinned: TRL 1.16 turns it on by default,
 # fastgrpo does not, and it changes the gradient (not the loss) whenever beta > 0.
 LOSS = dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False)
@@ -117,7 +118,7 @@ def peft_available() -> bool:
 
 
 def trl_available() -> bool:
-    return importlib.util.find_spec("trl") is not None
+    return trl_missing() is None
 
 
 def use_expandable_segments() -> str:
@@ -509,8 +510,6 @@ def bench_mode(args, device, dtype, packed: bool, budget: Budget, emit) -> dict 
 def bench_trl(args, device, dtype, budget: Budget, emit) -> None:
     """Stock TRL's rows (``--trl-contrast``)."""
     missing = None if trl_available() else TRL_MISSING
-    if missing:
-        print(f"trl contrast: {missing}", file=sys.stderr)
     bench_rows(args, lambda: TRLRun(args, device, dtype, budget), "trl", "off", budget, emit, missing)
 
 
@@ -576,9 +575,10 @@ def parse_args(argv):
     )
     p.add_argument("--trl-attn", default="sdpa", help="attn_implementation of the --trl-contrast model")
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, lengths 64 and 160, G=4")
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results in a checkout)")
+    p.add_argument("--out", type=Path, help=C.OUT_HELP)
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    args.out = args.out or C.default_out_dir()  # resolved against the working directory now
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -647,6 +647,8 @@ def main(argv=None) -> int:
               f"{row['status']}{timing}", file=sys.stderr, flush=True)  # fmt: skip
         return row
 
+    if args.trl_contrast and not trl_available():  # said before fastgrpo's rows, not after them
+        print(f"trl contrast: {TRL_MISSING}; the trl rows will say so", file=sys.stderr)
     budget = Budget(args.time_budget)
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.packing]
     facts = [bench_mode(args, device, dtype, packed, budget, emit) for packed in modes]

@@ -30,7 +30,9 @@ and non-tensor memory not). ``prepare_peak_extra_mib`` is the same for the prepa
 Output (see ``_common``): one row per run with both trainers' numbers (``stock_*``, ``ours_*``) and
 their ratios ``ours / stock`` (``*_ratio``), appended to ``<out>/bench_trl.jsonl`` and ``.csv``; the
 run's table in ``<out>/<device>/bench_trl_<model>.md`` (``cpu-quick/`` with ``--quick``). Out of
-memory is a trainer's status, not a crash; any other error is raised.
+memory is a trainer's status, not a crash; any other error is raised. Both trainers are TRL's: without
+TRL installed the command says, in one line and before building anything, to ``pip install 'fastgrpo[trl]'``
+(exit status 1).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from fastgrpo.benchmarks import _common as C
 from fastgrpo.benchmarks._models import MODELS, dataset, qwen2_config, reward_even_words, save_model, tokenizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from fastgrpo.integrations import trl_missing
 
 NAME = "bench_trl"
 TRAINERS = ("stock", "ours")
@@ -276,8 +280,9 @@ def parse_args(argv):
     p.add_argument("--workspace-bytes", type=int, help="workspace_bytes of ours (default: its own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, G=4, L=32, fp32")
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results in a checkout)")
+    p.add_argument("--out", type=Path, help=C.OUT_HELP)
     args = p.parse_args(argv)
+    args.out = args.out or C.default_out_dir()  # resolved against the working directory now
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -292,6 +297,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if missing := trl_missing():  # both trainers are TRL's: say so before building anything
+        raise SystemExit(f"fastgrpo bench trl-dropin: error: {missing}")
     device = torch.device("cuda" if not args.quick and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     config = model_config(args)

@@ -6,16 +6,23 @@
     accelerate launch --config_file fsdp2.yaml examples/trl_grpo.py   # or a DeepSpeed / FSDP config
 
 The rewards are plain functions ``(prompts, completions, **columns) -> list[float]``; TRL hands
-them the dataset's other columns (here ``answer``) as keyword arguments.
+them the dataset's other columns (here ``answer``) as keyword arguments. It needs TRL, an extra of
+fastgrpo: ``pip install 'fastgrpo[trl]'``.
 """
 
 import argparse
+import sys
 
-from datasets import load_dataset
-from trl import GRPOConfig
+from fastgrpo.integrations import trl_missing
 
-from fastgrpo.integrations.trl import GRPOTrainer  # stock TRL: from trl import GRPOTrainer
-from fastgrpo.train.rewards import accuracy_reward, format_reward
+if trl_missing():  # one line naming the extra, rather than a traceback ending in "No module named 'trl'"
+    sys.exit(f"trl_grpo.py: error: {trl_missing()}")
+
+from datasets import load_dataset  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
+
+from fastgrpo.integrations.trl import GRPOTrainer  # noqa: E402  (stock TRL: from trl import GRPOTrainer)
+from fastgrpo.train.rewards import accuracy_reward, format_reward  # noqa: E402
 
 SYSTEM = "Think step by step inside <think></think>, then give only the final number inside <answer></answer>."
 

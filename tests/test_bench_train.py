@@ -216,9 +216,10 @@ def test_without_trl_its_rows_say_missing(monkeypatch, tmp_path, capsys):
                         packing=run.mode, completion_length=None, status="ok"))  # fmt: skip
     assert bench_train.main([*argv, "--out", str(tmp_path)]) == 0
     trl = [(r["kind"], r["status"]) for r in jsonl(tmp_path / "bench_train.jsonl") if r["trainer"] == "trl"]
-    assert trl == [("length", "missing: trl not installed"), ("find-max", "missing: trl not installed")]
+    missing = "missing: trl not installed (pip install 'fastgrpo[trl]')"
+    assert trl == [("length", missing), ("find-max", missing)]
     err = capsys.readouterr().err
-    assert "trl contrast: missing: trl not installed" in err and "Traceback" not in err
+    assert f"trl contrast: {missing}" in err and "Traceback" not in err
 
 
 def test_zero_time_budget_builds_no_trl_trainer(monkeypatch, tmp_path):

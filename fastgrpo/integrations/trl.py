@@ -41,8 +41,16 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-import trl
-from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
+
+from fastgrpo.integrations import TRL_INSTALL
+
+try:
+    import trl
+    from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
+except ModuleNotFoundError as e:  # TRL is an extra: one line saying which, not "No module named 'trl'"
+    if e.name != "trl":  # TRL is there and something it imports is not: its own error says what
+        raise
+    raise ImportError(f"fastgrpo.integrations.trl needs TRL >= 1.16: trl not installed ({TRL_INSTALL})") from None
 
 try:
     from torch.distributed.tensor import DTensor

@@ -401,7 +401,7 @@ def prepare_embedded(
     workdir: str | Path, seed: int = 0, train_rows: int = DEFAULT_TRAIN_ROWS, progress: bool = False
 ) -> tuple[Path, Path]:
     """Write the embedded base model + tokenizer and its training set under ``workdir``.
-    ``progress``: say so, with a progress bar, when the base model has to be built (the first run).
+    Building the base model (the first run) is announced in a line; ``progress`` adds a progress bar.
 
     Returns ``(workdir/base_model, workdir/data/train.jsonl)``. A base model already there with a
     marker for the same seed and :data:`TOY_VERSION` is reused; otherwise it is built in a temporary
@@ -412,9 +412,8 @@ def prepare_embedded(
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = workdir / "base_model"
     if not _base_model_complete(model_dir, seed):
-        if progress:
-            print(f"embedded default: building its base model once (a short supervised warm-up), cached in "
-                  f"{model_dir}", flush=True)  # fmt: skip
+        print(f"embedded default: building its base model once (a short supervised warm-up), cached in "
+              f"{model_dir}", flush=True)  # fmt: skip
         tokenizer = build_tokenizer()
         model = build_base_model(tokenizer, seed=seed, progress=progress)
         # Per-process name, so concurrent builds do not write into each other; a plain mkdir (not
