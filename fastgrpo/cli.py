@@ -9,6 +9,11 @@ from typing import Any
 
 from .train import config as C
 
+SWITCHES_HELP = (
+    "Switches (the [true|false] flags) may also be given bare or negated: --use_peft means --use_peft true, "
+    "--no-use_peft means --use_peft false."
+)
+
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--name`` flag per config field, grouped by section, help from the field comments.
@@ -23,13 +28,39 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for name, section in C.FIELD_SECTIONS.items():
         tp = types_[name]
         is_list = typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
+        help_ = comments.get(name, "")
+        if name in C.FIELD_CHOICES:
+            help_ += f"; one of: {', '.join(C.FIELD_CHOICES[name])}"
+        if tp is bool or bool in typing.get_args(tp):
+            # A switch: --name alone means true, --no-name false (SWITCHES_HELP, said once in the
+            # description); --name true/false (or auto, for an optional switch) still works. `train`
+            # takes no positional arguments, so a bare --name never swallows one.
+            optional = tp is not bool
+            groups[section].add_argument(
+                f"--{name}",
+                default=argparse.SUPPRESS,
+                nargs="?",
+                const="true",
+                metavar="true|false|auto" if optional else "true|false",
+                help=f"{help_} (default: {_default_text(defaults[name])})",
+            )
+            groups[section].add_argument(
+                f"--no-{name}", dest=name, action="store_const", const="false", default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )  # fmt: skip
+            continue
         groups[section].add_argument(
             f"--{name}",
             default=argparse.SUPPRESS,
             nargs="+" if is_list else None,
             metavar=name.upper(),
-            help=f"{comments.get(name, '')} (default: {defaults[name]})",
+            help=f"{help_} (default: {defaults[name]})",
         )
+
+
+def _default_text(value: bool | None) -> str:
+    """A switch's default as the command line spells it."""
+    return "auto" if value is None else str(value).lower()
 
 
 def resolve_train_config(args: argparse.Namespace) -> C.Config:
@@ -94,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "train",
         help="GRPO/DAPO training: sample -> score -> update (no arguments: the embedded offline default)",
         description="Values apply in this order: defaults shown below; with no --model anywhere, the embedded "
-        "default's preset (fastgrpo.train.embedded.EMBEDDED_PRESET); the --config YAML file; command-line flags.",
+        "default's preset (fastgrpo.train.embedded.EMBEDDED_PRESET); the --config YAML file; command-line flags. "
+        + SWITCHES_HELP,
     )
     train.add_argument("--config", default=None, help="YAML file with config keys (flat or by section)")
     add_config_arguments(train)

@@ -21,7 +21,7 @@ the backward), under "auto" on CUDA the fused kernels.
 
 ``grad_filter_eps`` (all three entry points) is an implementation knob, not loss semantics:
 skip the backward GEMMs of vocabulary tiles whose d loss / d logits is below eps times the
-token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 = exact; 2**-12 suits bf16.
+token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 or None = exact; 2**-12 suits bf16.
 Only the fused backward filters: the cuBLAS paths' dense GEMMs would gain nothing from zeroing
 entries, so they ignore eps and return the exact gradient (eps bounds what *may* be dropped;
 dropping nothing is within it).
@@ -183,7 +183,7 @@ def chunked_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     impl: str = "auto",
-    grad_filter_eps: float = 0.0,
+    grad_filter_eps: float | None = 0.0,
     workspace_bytes: int | None = None,
 ):
     """Per-token log p(target) from hidden states and the lm_head, without full logits.
@@ -206,7 +206,7 @@ def chunked_logprobs(
             so "chunked" takes the 4-pass route (the torch twin); "auto" picks fused on CUDA.
         grad_filter_eps: skip the backward GEMMs of vocabulary tiles whose d loss / d logits
             is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
-            filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Fused path only: the others
+            filtering), in [0, 1). 0 or None = off (exact); 2**-12 suits bf16. Fused path only: the others
             ignore it and return exact gradients.
         workspace_bytes: int > 0 or None: bound on one chunk's fp32 logits on the 4-pass route
             (None: 64 MiB); the fused path keeps its logits on chip and ignores it.
@@ -277,7 +277,7 @@ def fused_grpo_loss(
     sapo_temperature_neg: float = 1.05,
     importance_sampling_ratio: torch.Tensor | None = None,
     impl: str = "auto",
-    grad_filter_eps: float = 0.0,
+    grad_filter_eps: float | None = 0.0,
     workspace_bytes: int | None = None,
 ) -> GRPOLossOutput:
     """GRPO-family loss straight from final hidden states and the lm_head weight.
@@ -320,7 +320,7 @@ def fused_grpo_loss(
         impl: one of ``IMPLS`` (module docstring); ``route`` tells which path runs.
         grad_filter_eps: skip the backward GEMMs of vocabulary tiles whose d loss / d logits
             is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
-            filtering), in [0, 1). 0 = exact; 2**-12 suits bf16. Fused path only: the others
+            filtering), in [0, 1). 0 or None = off (exact); 2**-12 suits bf16. Fused path only: the others
             ignore it and return exact gradients.
         workspace_bytes: int > 0 or None: bound on the chunked path's logits workspace (at least
             one token's row, V x element size). None: 1 GiB, capped on CUDA by the memory budget.
@@ -436,7 +436,7 @@ class FusedGRPOLoss(torch.nn.Module):
     """
 
     def __init__(
-        self, *, impl: str = "auto", grad_filter_eps: float = 0.0, workspace_bytes: int | None = None, **hyper
+        self, *, impl: str = "auto", grad_filter_eps: float | None = 0.0, workspace_bytes: int | None = None, **hyper
     ):
         super().__init__()
         self.knobs = _Knobs(impl, grad_filter_eps, workspace_bytes)

@@ -86,8 +86,11 @@ def check_workspace_bytes(workspace_bytes):
 
 
 def check_grad_filter_eps(eps) -> float:
+    """``grad_filter_eps`` as a float; None means off, the same as the default 0."""
+    if eps is None:
+        return 0.0
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"grad_filter_eps must be a number, got {type(eps).__name__}")
+        raise TypeError(f"grad_filter_eps must be a number or None, got {type(eps).__name__}")
     if not 0 <= eps < 1:  # also refuses NaN and inf
         raise ValueError(f"grad_filter_eps must be in [0, 1) (0 = exact, 2**-12 suits bf16), got {eps}")
     return float(eps)

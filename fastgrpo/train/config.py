@@ -32,6 +32,8 @@ INF_SPELLED_OTHERWISE = {
     "vllm_importance_sampling_clip_max": "none = no cap",
     "delta": "none = off",
 }
+# Fields that name one of a fixed set: ``fastgrpo train --help`` lists the set from here, so it cannot drift.
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {"loss_type": LOSS_TYPES, "lr_scheduler_type": LR_SCHEDULERS}
 
 
 @dataclasses.dataclass
@@ -107,7 +109,7 @@ class RewardConfig:
 
 @dataclasses.dataclass
 class GRPOAlgoConfig:
-    loss_type: str = "dapo"  # one of fastgrpo.LOSS_TYPES
+    loss_type: str = "dapo"  # the objective and how it averages tokens and completions (fastgrpo.fused_grpo_loss)
     beta: float = 0.0  # k3 KL weight to the reference policy; > 0 loads a frozen reference copy
     epsilon: float = 0.2  # lower clip of the importance ratio
     epsilon_high: float | None = 0.28  # upper clip (DAPO clip-higher); None = epsilon
@@ -134,7 +136,7 @@ class TrainConfig:
     )
     gradient_accumulation_steps: int = 4  # micro-batches per optimizer step; generation batch = their product
     learning_rate: float = 1e-6  # peak AdamW learning rate
-    lr_scheduler_type: str = "linear"  # one of LR_SCHEDULERS
+    lr_scheduler_type: str = "linear"  # learning-rate schedule after the warmup_ratio warmup
     warmup_ratio: float = 0.0  # fraction of max_steps spent warming up linearly from 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     adam_beta1: float = 0.9  # AdamW beta1

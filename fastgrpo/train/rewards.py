@@ -8,11 +8,13 @@ value per completion) plus ``answer``, ``completion_ids`` (list[list[int]], unpa
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -186,14 +188,36 @@ def make_length_reward(num_generations: int) -> RewardFunc:
     return length
 
 
+def _import_from_working_directory(module_name: str):
+    """``importlib.import_module`` with the working directory first on the search path, as
+    ``python -m`` has it (a ``fastgrpo`` console script starts with its own folder there instead).
+    Only for this import: the entry is taken out again, the rest of ``sys.path`` left as it is."""
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        with contextlib.suppress(ValueError):  # ValueError: the module took it out itself
+            sys.path.remove(cwd)  # the first occurrence: ours, unless the module put the same entry before it
+
+
 def load_reward_function(spec: str) -> RewardFunc:
-    """Import ``"package.module:function"`` and return the callable."""
+    """Import ``"package.module:function"`` (looked up in the working directory first, then on
+    ``sys.path``) and return the callable."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"reward function {spec!r} is not of the form 'package.module:function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_working_directory(module_name)
     except Exception as e:
+        missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+        if missing is not None and (module_name == missing or module_name.startswith(missing + ".")):
+            # The module itself (or a package above it) is missing, not something it imports.
+            where = missing.replace(".", "/")
+            raise ValueError(
+                f"reward function {spec!r}: no module {missing!r}; looked in the working directory "
+                f"{os.getcwd()} first ({where}.py or {where}/), then on the Python path"
+            ) from e
         raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from e
     fn = getattr(module, attr, None)
     if fn is None:
