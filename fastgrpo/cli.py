@@ -72,7 +72,10 @@ def resolve_train_config(args: argparse.Namespace) -> C.Config:
     if flat_file.get("model") is None and cli.get("model") in (None, "none", "None"):
         from .train.embedded import EMBEDDED_PRESET
 
-        layers.append((EMBEDDED_PRESET, "the embedded preset"))
+        preset = dict(EMBEDDED_PRESET)
+        if ("reward_funcs" in cli or "reward_funcs" in flat_file) and "reward_weights" not in {**cli, **flat_file}:
+            preset.pop("reward_weights", None)  # the preset's weights are for its own reward functions
+        layers.append((preset, "the embedded preset"))
     if file_values:
         layers.append((file_values, f"config file {args.config}"))
     layers.append((cli, "the command line"))

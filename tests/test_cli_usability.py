@@ -162,3 +162,22 @@ def test_grad_filter_eps_none_means_off():
     assert torch.equal(fastgrpo.chunked_logprobs(h, w, t, grad_filter_eps=None), fastgrpo.chunked_logprobs(h, w, t))
     with pytest.raises(TypeError, match="grad_filter_eps must be a number or None"):
         fastgrpo.fused_grpo_loss(*loss_args(inp)[0], grad_filter_eps="0")
+
+
+@pytest.mark.parametrize(
+    ("argv", "weights"),
+    [
+        ([], [0.75, 0.25]),
+        (["--reward_funcs", "accuracy"], None),
+        (["--reward_funcs", "accuracy", "--reward_weights", "2"], [2.0]),
+    ],
+    ids=["preset", "own-funcs", "own-weights"],
+)
+def test_the_embedded_presets_weights_go_with_its_own_reward_functions(monkeypatch, argv, weights):
+    # No --model: the embedded preset, whose two weights belong to its two reward functions.
+    import fastgrpo.train.trainer as trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "train", lambda cfg: seen.append(cfg) or [])
+    assert main(["train", *argv]) == 0
+    assert seen[0].reward_weights == weights
