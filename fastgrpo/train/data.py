@@ -7,6 +7,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from .hub import hub_offline, hub_source, is_local_dataset
+
+# (hub.LOCAL_DATA_SUFFIXES lists the same suffixes: a name ending so is read from disk)
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -23,16 +26,18 @@ def load_prompt_dataset(
     import datasets
 
     path = Path(os.path.expanduser(name))
-    looks_local = path.suffix.lower() in _LOCAL_FORMATS or name.startswith((".", "/", "~")) or path.exists()
-    if looks_local:
+    if is_local_dataset(name):
         files, fmt = _local_files(name, path)
         try:
             ds = datasets.load_dataset(fmt, data_files={split: [str(f) for f in files]}, split=split)
         except Exception as e:  # a malformed file: one line naming it, not the loader's traceback
             raise ValueError(f"could not read dataset {name!r}: {type(e).__name__}: {e}") from e
     else:
+        # The hub unreachable (or an offline variable set): the cached copy, or one line now, not retries.
+        local_only = hub_source("--dataset", name, "dataset")
         try:
-            ds = datasets.load_dataset(name, config_name, split=split)
+            with hub_offline(local_only):
+                ds = datasets.load_dataset(name, config_name, split=split)
         except Exception as e:  # offline, unknown name, unknown split: one clear line
             raise ValueError(f"could not load dataset {name!r} (split {split!r}): {type(e).__name__}: {e}") from e
     for what, column in (("prompt_column", prompt_column), ("answer_column", answer_column)):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -19,9 +18,9 @@ from fastgrpo.ops.checks import check_fusable_model as check_fusable
 from .attention import NAME as SDPA_VARLEN
 from .attention import register as register_attention
 from .body import apply_liger_body, resolve_use_liger_body
+from .hub import hub_offline, hub_source, is_hub_model, is_local_model
 from .offload import enable_gradient_checkpointing
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,7 +67,7 @@ def check_model_path(name: str) -> None:
             raise ValueError(f"model directory {name!r} has no config.json")
         check_safetensors_weights(name, path)
         return
-    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+    if not is_hub_model(name):
         raise ValueError(f"model path {name!r} does not exist")
 
 
@@ -88,16 +87,22 @@ def load_model_and_tokenizer(
     import transformers
 
     check_model_path(name)
+    # A hub id with the hub unreachable (or an offline variable set): the cached copy, or one line now.
+    local_only = not is_local_model(name) and hub_source("--model", name, "model")
     register_attention()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            name,
-            dtype=dtype,
-            attn_implementation=resolve_attn_implementation(attn_implementation, device),
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,  # a hub repo with pickled weights only is refused, not unpickled
-        )
+        with hub_offline(local_only):  # (transformers asks the hub for adapter_config.json despite local_files_only)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                name, trust_remote_code=trust_remote_code, local_files_only=local_only
+            )
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                name,
+                local_files_only=local_only,
+                dtype=dtype,
+                attn_implementation=resolve_attn_implementation(attn_implementation, device),
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,  # a hub repo with pickled weights only is refused, not unpickled
+            )
     except (OSError, ValueError) as e:
         text = " ".join(str(e).split())
         if "safetensors" in text and ("no file named" in text or "does not appear to have" in text):

@@ -22,6 +22,7 @@ from .advantages import compute_advantages, process_advantages, zero_std_groups
 from .config import Config, DataConfig, save_yaml
 from .data import PromptSampler, format_prompt, load_prompt_dataset
 from .embedded import EMBEDDED_PRESET, prepare_embedded
+from .hub import check_hub_sources
 from .memory import format_plan, memory_plan
 from .modeling import build_models, check_checkpoint_kind, resolve_device, resolve_dtype
 from .resume import apply_optimizer_settings, changed_settings, check_resume_settings
@@ -86,7 +87,8 @@ class GRPOTrainer:
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.model.device)
         dtype = resolve_dtype(cfg.model.dtype, self.device)
-        # Cheap checks first: data columns and reward functions fail before any model loads.
+        # Cheap checks first: hub names, data columns and reward functions fail before any model loads.
+        check_hub_sources(cfg)  # an unreachable hub: one line now, not minutes of retries
         self.dataset = load_prompt_dataset(
             cfg.dataset, cfg.dataset_split, cfg.prompt_column, cfg.answer_column, cfg.dataset_config
         )
