@@ -73,6 +73,7 @@ def test_cli_finds_reward_module_in_the_working_directory(in_folder_with_rewards
     """``fastgrpo train --reward_funcs myrewards:has_digit`` run where myrewards.py is, up to the point
     where the rewards are loaded (the trainer checks them before any model loads)."""
     (in_folder_with_rewards / "prompts.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n' * 4)
+    (in_folder_with_rewards / "model").mkdir()  # a local folder: the hub is never asked (CI has none)
     loaded = []
 
     def build_then_stop(specs, **kwargs):
@@ -80,7 +81,7 @@ def test_cli_finds_reward_module_in_the_working_directory(in_folder_with_rewards
         raise _StopAfterRewards
 
     monkeypatch.setattr(trainer, "build_reward_functions", build_then_stop)
-    argv = ["train", "--model", "unused", "--dataset", "prompts.jsonl", "--device", "cpu", "--no-plot"]
+    argv = ["train", "--model", "model", "--dataset", "prompts.jsonl", "--device", "cpu", "--no-plot"]
     with pytest.raises(_StopAfterRewards):
         main([*argv, "--reward_funcs", "myrewards:has_digit"])
     assert [name for name, _ in loaded] == ["has_digit"]
