@@ -41,10 +41,9 @@ def gsm8k():
 def tiny():
     """The embedded default of ``fastgrpo train``: a tiny Qwen2 and single-digit additions, built
     once into fastgrpo's cache (``FASTGRPO_CACHE``, default ~/.cache/fastgrpo)."""
-    from fastgrpo.train.embedded import prepare_embedded
-    from fastgrpo.train.trainer import embedded_cache_dir
+    from fastgrpo.train.embedded import cache_dir, prepare_embedded
 
-    model_dir, data_file = prepare_embedded(embedded_cache_dir())
+    model_dir, data_file = prepare_embedded(cache_dir())
     data = load_dataset("json", data_files=str(data_file), split="train")
     data = data.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     return str(model_dir), data

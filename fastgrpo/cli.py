@@ -69,12 +69,10 @@ def resolve_train_config(args: argparse.Namespace) -> C.Config:
     layers: list[tuple[dict[str, Any], str]] = []
     file_values = C.load_yaml(args.config) if args.config else {}
     flat_file = C.flatten(file_values, args.config) if file_values else {}
-    if flat_file.get("model") is None and cli.get("model") in (None, "none", "None"):
-        from .train.embedded import EMBEDDED_PRESET
+    from .train.embedded import preset_layer
 
-        preset = dict(EMBEDDED_PRESET)
-        if ("reward_funcs" in cli or "reward_funcs" in flat_file) and "reward_weights" not in {**cli, **flat_file}:
-            preset.pop("reward_weights", None)  # the preset's weights are for its own reward functions
+    preset = preset_layer(flat_file, cli)
+    if preset is not None:
         layers.append((preset, "the embedded preset"))
     if file_values:
         layers.append((file_values, f"config file {args.config}"))
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         try:
             cfg = resolve_train_config(args)
-            from .train.trainer import train as run_train
+            from .train.run import train as run_train
 
             run_train(cfg)
         except ValueError as e:

@@ -10,7 +10,7 @@ import torch
 
 import fastgrpo
 from fastgrpo.cli import main
-from fastgrpo.train import trainer
+from fastgrpo.train import run, trainer
 from fastgrpo.train.config import LR_SCHEDULERS, Config
 from fastgrpo.train.rewards import build_reward_functions, load_reward_function
 
@@ -97,14 +97,14 @@ def test_cli_finds_reward_module_in_the_working_directory(in_folder_with_rewards
 def resolved(monkeypatch):
     """Runs ``main`` up to the trainer and returns the Config it would have trained with."""
     seen: list[Config] = []
-    monkeypatch.setattr(trainer, "train", lambda cfg: seen.append(cfg) or [])
+    monkeypatch.setattr(run, "train", lambda cfg: seen.append(cfg) or [])
 
-    def run(*flags: str) -> Config:
+    def config_of(*flags: str) -> Config:
         seen.clear()
         assert main(["train", *flags]) == 0
         return seen[0]
 
-    return run
+    return config_of
 
 
 def test_switches_take_bare_explicit_and_negated_forms(resolved):
@@ -176,9 +176,7 @@ def test_grad_filter_eps_none_means_off():
 )
 def test_the_embedded_presets_weights_go_with_its_own_reward_functions(monkeypatch, argv, weights):
     # No --model: the embedded preset, whose two weights belong to its two reward functions.
-    import fastgrpo.train.trainer as trainer
-
     seen = []
-    monkeypatch.setattr(trainer, "train", lambda cfg: seen.append(cfg) or [])
+    monkeypatch.setattr(run, "train", lambda cfg: seen.append(cfg) or [])
     assert main(["train", *argv]) == 0
     assert seen[0].reward_weights == weights

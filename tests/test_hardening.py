@@ -149,10 +149,10 @@ def test_the_overrides_cover_every_preset_key():
 
 def _resolved(monkeypatch, argv):
     """The Config ``fastgrpo train ARGV`` would train with (the run itself replaced by a recorder)."""
-    import fastgrpo.train.trainer as trainer
+    import fastgrpo.train.run as run
 
     seen = []
-    monkeypatch.setattr(trainer, "train", lambda cfg: seen.append(cfg) or [])
+    monkeypatch.setattr(run, "train", lambda cfg: seen.append(cfg) or [])
     assert main(["train", *argv]) == 0
     (cfg,) = seen
     return cfg

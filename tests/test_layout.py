@@ -127,6 +127,24 @@ def test_no_import_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_trainer_never_knows_the_embedded_default():
+    """No model named is resolved into an ordinary config before the trainer exists (embedded.resolve):
+    nothing the trainer imports, directly or not, is the embedded task."""
+    graph = import_graph()
+    assert "fastgrpo.train.embedded" in _reachable(graph, "fastgrpo.train.run")  # the check can see it
+    assert sorted(m for m in _reachable(graph, "fastgrpo.train.trainer") if ".embedded" in m) == []
+
+
 def test_wings_import_only_downward():
     bad = [
         (module, target)

@@ -10,10 +10,14 @@ Everything is generated in code, so the default run needs no download:
   prompt, so GRPO has a signal to sharpen.
 * :func:`prepare_embedded` writes the model, tokenizer and a jsonl dataset to disk, because the trainer
   loads them through its normal ``from_pretrained`` / ``datasets`` paths.
+* "No model named" is decided here and nowhere else: :func:`preset_layer` is the lowest layer of the
+  command line's config, and :func:`resolve` turns such a config into an ordinary one (model and data
+  on disk) before any trainer exists, so the trainer never knows the embedded default.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -22,11 +26,13 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from .config import Config, DataConfig
 from .data import format_prompt as chat_prompt
 from .embedded_task import (
     P_CORRECT,
@@ -440,3 +446,70 @@ def prepare_embedded(
             shutil.rmtree(tmp, ignore_errors=True)
     dataset_path = write_dataset(workdir / "data" / "train.jsonl", train_rows, seed)
     return model_dir, dataset_path
+
+
+# ---------------------------------------------------------------------------------------- as an input
+
+TITLE = "fastgrpo train: embedded default (81k-parameter Qwen2, single-digit addition)"
+OWNER = "fastgrpo embedded default"  # the mark of the demo's own output folder
+# The data section's source fields: the embedded default brings its own data, so any of these set without
+# a model would be silently replaced by it.
+DATA_SOURCE_FIELDS = ("dataset", "dataset_config", "dataset_split", "prompt_column", "answer_column")
+
+
+def cache_dir() -> Path:
+    """Where the embedded default's base model and data live: built once, reused by later runs."""
+    root = os.environ.get("FASTGRPO_CACHE") or Path.home() / ".cache" / "fastgrpo"
+    return Path(root) / "embedded"
+
+
+def preset_layer(*given: dict[str, Any]) -> dict[str, Any] | None:
+    """The preset as the lowest config layer when no layer in ``given`` (flat key -> value, e.g. the YAML
+    file's and the command line's) names a model; None when one does. The preset's reward weights are for
+    its own reward functions, so they are left out when the user names others without weights."""
+    merged = {k: v for layer in given for k, v in layer.items()}
+    if merged.get("model") not in (None, "none", "None"):
+        return None
+    preset = dict(EMBEDDED_PRESET)
+    if "reward_funcs" in merged and "reward_weights" not in merged:
+        preset.pop("reward_weights")
+    return preset
+
+
+def check_no_data_without_model(cfg: Config) -> None:
+    """No model named means the embedded default, model and data both: a data source the user set would be
+    replaced, so it is refused, naming the flags, instead."""
+    default = DataConfig()
+    given = [f for f in DATA_SOURCE_FIELDS if getattr(cfg.data, f) != getattr(default, f)]
+    if given:
+        flags = ", ".join(f"--{f}" for f in given)
+        raise ValueError(
+            f"{flags} given without --model: the embedded default (no --model) trains its own tiny model on its "
+            "own data, so yours would be ignored; name the model to train on it, e.g. --model Qwen/Qwen2.5-0.5B"
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """A run ready for the trainer: a config naming its model and data, the plot's title and the mark
+    of an output folder the run may replace (None: only with ``overwrite_output_dir``)."""
+
+    cfg: Config
+    title: str | None = None
+    owner: str | None = None
+
+
+def resolve(cfg: Config) -> Job:
+    """The run ``cfg`` asks for, complete. With no model named, the embedded base model and data are built
+    (or found in :func:`cache_dir`) and named in a copy of ``cfg``; ``cfg`` itself is not changed."""
+    if cfg.model.model is not None:
+        if cfg.data.dataset is None:
+            raise ValueError("dataset is required when model is given")
+        return Job(cfg)
+    check_no_data_without_model(cfg)
+    model_dir, data_path = prepare_embedded(cache_dir(), seed=0, progress=not cfg.disable_tqdm)
+    resolved = copy.deepcopy(cfg)
+    resolved.model.model, resolved.data.dataset = str(model_dir), str(data_path)
+    # The demo replaces its own earlier run in its own folder, never a folder the user named.
+    own = Path(cfg.output_dir) == Path(EMBEDDED_PRESET["output_dir"])
+    return Job(resolved, title=TITLE, owner=OWNER if own else None)

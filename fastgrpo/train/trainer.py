@@ -7,9 +7,7 @@ over it. The loss always goes through ``fastgrpo.fused_grpo_loss`` on backbone h
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,8 @@ import torch
 from ..ops import GRPOLossParams
 from . import checkpoint as ckpt
 from .advantages import compute_advantages, process_advantages, zero_std_groups
-from .config import Config, DataConfig, save_yaml
+from .config import Config, save_yaml
 from .data import PromptSampler, format_prompt, load_prompt_dataset
-from .embedded import EMBEDDED_PRESET, prepare_embedded
 from .hub import check_hub_sources
 from .memory import format_plan, memory_plan
 from .modeling import build_models, check_checkpoint_kind, resolve_device, resolve_dtype
@@ -463,46 +460,3 @@ def optimizer_line(model, kahan: bool, asked: bool | None) -> str:
     if low:
         return f"optimizer: AdamW, Kahan summation off ({weights} lose updates below their resolution)"
     return f"optimizer: AdamW ({weights})"
-
-
-def embedded_cache_dir() -> Path:
-    """Where the embedded default's base model and data live: built once, reused by later runs."""
-    root = os.environ.get("FASTGRPO_CACHE") or Path.home() / ".cache" / "fastgrpo"
-    return Path(root) / "embedded"
-
-
-EMBEDDED_OWNER = "fastgrpo embedded default"
-
-# The data section's source fields: the embedded default brings its own data, so any of these set without
-# a model would be silently replaced by it.
-DATA_SOURCE_FIELDS = ("dataset", "dataset_config", "dataset_split", "prompt_column", "answer_column")
-
-
-def check_no_data_without_model(cfg: Config) -> None:
-    """No model named means the embedded default, model and data both: a data source the user set would be
-    replaced, so it is refused, naming the flags, instead."""
-    default = DataConfig()
-    given = [f for f in DATA_SOURCE_FIELDS if getattr(cfg.data, f) != getattr(default, f)]
-    if given:
-        flags = ", ".join(f"--{f}" for f in given)
-        raise ValueError(
-            f"{flags} given without --model: the embedded default (no --model) trains its own tiny model on its "
-            "own data, so yours would be ignored; name the model to train on it, e.g. --model Qwen/Qwen2.5-0.5B"
-        )
-
-
-def train(cfg: Config) -> list[dict[str, Any]]:
-    """Run ``fastgrpo train`` with a resolved config; the embedded task is prepared when no
-    model is given. Returns the metrics rows."""
-    if cfg.model.model is None:
-        check_no_data_without_model(cfg)
-        cfg = copy.deepcopy(cfg)
-        model_dir, data_path = prepare_embedded(embedded_cache_dir(), seed=0, progress=not cfg.disable_tqdm)
-        cfg.model.model, cfg.data.dataset = str(model_dir), str(data_path)
-        title = "fastgrpo train: embedded default (81k-parameter Qwen2, single-digit addition)"
-        # The demo replaces its own earlier run in its own folder, never a folder the user named.
-        own = Path(cfg.output_dir) == Path(EMBEDDED_PRESET["output_dir"])
-        return GRPOTrainer(cfg, title=title, owner=EMBEDDED_OWNER if own else None).train()
-    if cfg.data.dataset is None:
-        raise ValueError("dataset is required when model is given")
-    return GRPOTrainer(cfg).train()
