@@ -65,6 +65,7 @@ for the longest one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import shlex
@@ -84,7 +85,7 @@ from fastgrpo.train.memory import format_plan, memory_plan
 from fastgrpo.train.modeling import lora_config, prepare_model
 from fastgrpo.train.rollouts import Batch, Rollouts
 from fastgrpo.train.tracking import peak_memory_gb
-from fastgrpo.train.update import Updater, resolve_kahan_summation
+from fastgrpo.train.update import Updater, UpdateSettings, resolve_kahan_summation
 
 NAME = "bench_train"
 SKIPPED = "skipped: time budget"
@@ -293,14 +294,12 @@ class ModeRun(StepRun):
         model = build_model(args.model, dtype, device, args.attn)
         self.model, self.info = prepare_model(model, cfg, device)
         # The optimizer a run resolves to (auto: Kahan summation on 16-bit weights); OOM probes find its limit.
-        self.info["kahan_summation"] = resolve_kahan_summation(cfg.kahan_summation, self.model, lambda: True)
+        self.info["kahan_summation"] = resolve_kahan_summation(cfg.kahan_summation, self.model, fits=True)
         self.plan = memory_plan(self.model, cfg, self.info)
         params = GRPOLossParams(beta=args.beta, **LOSS)
-
-        def fail(what, *_):
-            raise RuntimeError(what)
-
-        self.updater = Updater(self.model, None, params, cfg, fail, kahan_summation=self.info["kahan_summation"])
+        settings = UpdateSettings.from_config(cfg, packed=packed, kahan=self.info["kahan_summation"])
+        # Every measured step at the same learning rate (no schedule runs it down to 0).
+        self.updater = Updater(self.model, None, params, dataclasses.replace(settings, lr_scheduler_type="constant"))
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.fields = dict(
             trainable_parameters=self.info["trainable_parameters"],

@@ -15,7 +15,7 @@ from fastgrpo.train.config import CorrectionConfig, build_config
 from fastgrpo.train.correction import CorrectionSettings, CorrectionStats, importance_sampling_ratio
 from fastgrpo.train.policy import completion_hidden, completion_logprobs, lm_head
 from fastgrpo.train.trainer import GRPOTrainer
-from fastgrpo.train.update import Updater
+from fastgrpo.train.update import Updater, UpdateSettings
 
 from helpers import train_config
 
@@ -235,8 +235,9 @@ def test_update_applies_trls_ratio(sampled, mode, num_iterations, loss_type, cli
     cfg.grpo.num_iterations = num_iterations
     cfg.train.per_device_train_batch_size = 10  # two uneven micro-batches: 10 + 6 rows
     params = dataclasses.replace(trainer.params, loss_type=loss_type)
-    updater = Updater(trainer.model, None, params, cfg, pytest.fail)
-    updater.correction = _settings(mode, clip_min)
+    settings = UpdateSettings.from_config(cfg, packed=bool(cfg.model.padding_free), kahan=False)
+    settings = dataclasses.replace(settings, correction=_settings(mode, clip_min), lr_scheduler_type="constant")
+    updater = Updater(trainer.model, None, params, settings)
     assert [len(m.rows) for m in updater.micro_batches(batch)] == [10, 6]
 
     seen = []  # per iteration: weights, gradients, loss

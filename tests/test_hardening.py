@@ -3,6 +3,7 @@ kind disagrees with ``use_peft``."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -94,10 +95,10 @@ def test_metrics_over_uneven_micro_batches_are_the_batch_means(embedded, tmp_pat
     from helpers import train_config
 
     trainer = GRPOTrainer(train_config(embedded, tmp_path, max_steps=1, beta=0.04, importance_sampling_level=level))
-    batch, upd, cfg = trainer.sample_batch(), trainer.updater, trainer.cfg
+    batch, upd = trainer.sample_batch(), trainer.updater
 
     def metrics(rows_per_micro: int) -> dict[str, float]:
-        cfg.train.per_device_train_batch_size = rows_per_micro
+        upd.settings = dataclasses.replace(upd.settings, micro_batch_rows=rows_per_micro)
         micro = upd.micro_batches(batch)
         olds, refs = [], []
         for m in micro:  # the same per-row inputs however the batch is split: keyed by global row ids
@@ -294,7 +295,7 @@ def test_kahan_adamw_is_torchs_adamw_in_fp32():
     """torch-optimi's AdamW (what kahan_summation selects) takes the same steps as torch's on fp32 weights."""
     import torch
 
-    from fastgrpo.train.update import build_optimizer
+    from fastgrpo.train.update import UpdateSettings, build_optimizer
 
     cfg = build_config(({"learning_rate": 1e-2, "weight_decay": 0.1, "adam_beta2": 0.99}, "test"))
     g = torch.Generator().manual_seed(0)
@@ -302,7 +303,7 @@ def test_kahan_adamw_is_torchs_adamw_in_fp32():
     runs = []
     for kahan in (False, True):
         params = [torch.nn.Parameter(w.clone()) for w in start]
-        opt = build_optimizer(params, cfg, kahan)
+        opt = build_optimizer(params, UpdateSettings.from_config(cfg, packed=False, kahan=kahan))
         grads = torch.Generator().manual_seed(1)
         for _ in range(5):
             for p in params:
@@ -317,10 +318,12 @@ def test_bf16_updates_are_not_lost_with_kahan_summation(embedded, tmp_path):
     """lr 1e-6, 10 steps on one batch of the tiny model: the fraction of weights that moved, fp32 against
     bf16 with plain AdamW and with Kahan summation (the weight being its bf16 value plus its compensation).
     Plain bf16 keeps almost none of the updates; Kahan summation keeps them as fp32 does."""
+    import dataclasses
+
     import torch
 
     from fastgrpo.train.trainer import GRPOTrainer
-    from fastgrpo.train.update import Updater
+    from fastgrpo.train.update import Updater, UpdateSettings
 
     from helpers import train_config
 
@@ -335,7 +338,8 @@ def test_bf16_updates_are_not_lost_with_kahan_summation(embedded, tmp_path):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(start[n])
-        upd = Updater(model, None, trainer.params, cfg, pytest.fail, kahan_summation=kahan)
+        settings = UpdateSettings.from_config(cfg, packed=False, kahan=kahan)
+        upd = Updater(model, None, trainer.params, dataclasses.replace(settings, lr_scheduler_type="constant"))
         for _ in range(10):
             upd.update(batch)
         changed = total = 0

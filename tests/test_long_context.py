@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -55,8 +56,9 @@ def test_token_budget_micro_batches_give_the_whole_batch_gradient(embedded, tmp_
         lengths = [batch.rollouts.trim().prompt_ids.shape[1] + batch.rollouts.trim().completion_ids.shape[1]]
     results = []
     for size, budget in ((16, None), (16, max(lengths) + 3), (16, 2 * max(lengths) + 5)):
-        trainer.cfg.train.per_device_train_batch_size = size
-        trainer.cfg.train.max_tokens_per_microbatch = budget
+        trainer.updater.settings = dataclasses.replace(
+            trainer.updater.settings, micro_batch_rows=size, max_tokens_per_microbatch=budget
+        )
         micro = trainer.updater.micro_batches(batch)
         assert len(micro) == 1 if budget is None else len(micro) > 1
         ref_lp = [trainer.updater.ref_logprobs(m.rollouts) for m in micro]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -112,7 +113,7 @@ def test_micro_batches_sum_to_the_whole_batch_gradient(embedded, tmp_path, loss_
     batch = trainer.sample_batch()
     grads = []
     for size in (16, 4, 6):  # one micro-batch of 16; four of 4; then 6 + 6 + 4 (uneven)
-        trainer.cfg.train.per_device_train_batch_size = size
+        trainer.updater.settings = dataclasses.replace(trainer.updater.settings, micro_batch_rows=size)
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.updater.accumulate_gradients(batch)
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))

@@ -41,7 +41,7 @@ from .tracking import (
     read_metrics,
     summary_line,
 )
-from .update import Updater, has_16bit_trainable, resolve_kahan_summation
+from .update import NonFiniteUpdate, Updater, UpdateSettings, has_16bit_trainable, resolve_kahan_summation
 
 
 class RunStopped(RuntimeError):
@@ -54,20 +54,6 @@ class NonFiniteLossError(RunStopped):
 
 class CheckpointSaveError(RunStopped):
     pass
-
-
-def _lr_lambda(kind: str, warmup: int, total: int):
-    def f(update: int) -> float:
-        if warmup and update < warmup:
-            return (update + 1) / warmup
-        if kind in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = (update - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
-
-    return f
 
 
 class GRPOTrainer:
@@ -143,18 +129,14 @@ class GRPOTrainer:
         self.max_steps = cfg.max_steps
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
-        total_updates = self.max_steps * cfg.num_iterations
-        self.model_info["kahan_summation"] = resolve_kahan_summation(cfg.kahan_summation, self.model, self._fits)
-        self.updater = Updater(
-            self.model, self.ref_model, self.params, cfg, self._fail, backend=backend,
-            padding_free=self.model_info["padding_free"], kahan_summation=self.model_info["kahan_summation"],
+        kahan = resolve_kahan_summation(cfg.kahan_summation, self.model, fits=self._fits())
+        self.model_info["kahan_summation"] = kahan
+        settings = UpdateSettings.from_config(
+            cfg, packed=self.model_info["padding_free"], kahan=kahan, backend=backend,
+            total_updates=self.max_steps * cfg.num_iterations,
         )  # fmt: skip
-        self.optimizer = self.updater.optimizer
-        warmup = math.ceil(cfg.warmup_ratio * total_updates)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, total_updates)
-        )
-        self.updater.scheduler = self.scheduler
+        self.updater = Updater(self.model, self.ref_model, self.params, settings)
+        self.optimizer, self.scheduler = self.updater.optimizer, self.updater.scheduler
         self.memory_plan = memory_plan(self.model, cfg, self.model_info, self.ref_model)
         print(optimizer_line(self.model, self.model_info["kahan_summation"], cfg.kahan_summation), flush=True)
         if self.device.type == "cuda":
@@ -317,18 +299,17 @@ class GRPOTrainer:
         m["_tokens"] = seq_tokens
         return m
 
-    def _fail(self, what: str, iteration: int, where: str = "") -> None:
-        """Stop on a non-finite loss or gradient without stepping the optimizer. In the step's first
-        iteration the weights are still those of the last good step: save them, with the data
-        order and RNG as they were when this step began, so a resume retries the same step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        where = f"step {self.step + 1} (iteration {iteration}{where})"
-        if iteration == 0:
+    def _stop_on(self, e: NonFiniteUpdate) -> NonFiniteLossError:
+        """A non-finite loss or gradient stopped the step before the optimizer moved. In the step's first
+        iteration the weights are still those of the last good step: save them, with the data order and
+        RNG as they were when this step began, so a resume retries the same step."""
+        where = f"step {self.step + 1} (iteration {e.iteration}{e.where})"
+        if e.iteration == 0:
             path = self.save(snapshot=self._step_start)
             saved = f"saved the last good weights to {path}"
         else:
             saved = f"the weights already changed in this step, so nothing was saved; {self._last_saved()}"
-        raise NonFiniteLossError(f"{what} at {where}; stopped, {saved}")
+        return NonFiniteLossError(f"{e.what} at {where}; stopped, {saved}")
 
     def _last_saved(self) -> str:
         found = ckpt.list_checkpoints(self.out)
@@ -362,7 +343,10 @@ class GRPOTrainer:
                 raise RewardFunctionError(f"step {self.step + 1}: {e}; {self._last_saved()}") from e
             with self.times("sync"):
                 self.generator.release()  # KV cache or engine memory back before the update needs it
-            metrics = self.updater.update(batch)  # its own time/logprobs and time/update
+            try:
+                metrics = self.updater.update(batch)  # its own time/logprobs and time/update
+            except NonFiniteUpdate as e:
+                raise self._stop_on(e) from None
             with self.times("sync"):
                 self.generator.update_weights()
             self.step += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,17 +62,88 @@ def plan_micro_batches(
     return [sorted(b) for b in bins]
 
 
-def build_optimizer(params, cfg, kahan: bool) -> torch.optim.Optimizer:
-    """AdamW over ``params``; ``kahan``: torch-optimi's AdamW with Kahan-summed updates (the same update
+class NonFiniteUpdate(ArithmeticError):
+    """A non-finite loss or gradient norm, raised before the optimizer steps (gradients already cleared).
+    ``iteration``: which of the step's ``num_iterations`` (0: the weights are still the last good step's)."""
+
+    def __init__(self, what: str, iteration: int, where: str = ""):
+        super().__init__(f"{what} (iteration {iteration}{where})")
+        self.what, self.iteration, self.where = what, iteration, where
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """Everything the update phase reads, resolved once before the ``Updater`` is built."""
+
+    micro_batch_rows: int  # rows per micro-batch (per_device_train_batch_size)
+    max_tokens_per_microbatch: int | None = None  # token budget per micro-batch (None: rows only)
+    packed: bool = False  # padding-free micro-batches (resolved padding_free)
+    num_iterations: int = 1  # optimizer updates per generation batch
+    max_grad_norm: float = 1.0  # clip threshold; <= 0 measures the norm and never clips
+    loss_impl: str = "auto"  # fused op implementation for every pass
+    kahan: bool = False  # torch-optimi's AdamW with Kahan summation (resolve_kahan_summation)
+    learning_rate: float = 1e-6
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"  # linear, cosine, constant, constant_with_warmup
+    warmup_updates: int = 0
+    total_updates: int = 1
+    correction: CorrectionSettings = field(default_factory=CorrectionSettings)  # sampler/trainer mismatch
+
+    @classmethod
+    def from_config(
+        cls, cfg, *, packed: bool, kahan: bool, backend: str | None = None, total_updates: int | None = None
+    ) -> UpdateSettings:
+        """The settings of ``cfg`` (a ``Config``) with what the run resolved: ``packed`` (padding_free),
+        ``kahan`` (``resolve_kahan_summation``), ``backend`` (the generation backend, which decides the
+        correction's auto; None: correction off) and ``total_updates`` (None: ``max_steps`` x iterations)."""
+        total = total_updates if total_updates is not None else max(1, cfg.max_steps) * cfg.num_iterations
+        return cls(
+            micro_batch_rows=cfg.per_device_train_batch_size,
+            max_tokens_per_microbatch=cfg.max_tokens_per_microbatch,
+            packed=bool(packed),
+            num_iterations=cfg.num_iterations,
+            max_grad_norm=cfg.max_grad_norm,
+            loss_impl=cfg.loss_impl,
+            kahan=bool(kahan),
+            learning_rate=cfg.learning_rate,
+            adam_betas=(cfg.adam_beta1, cfg.adam_beta2),
+            adam_epsilon=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+            lr_scheduler_type=cfg.lr_scheduler_type,
+            warmup_updates=math.ceil(cfg.warmup_ratio * total),
+            total_updates=total,
+            correction=CorrectionSettings() if backend is None else CorrectionSettings.resolve(cfg.correction, backend),
+        )
+
+
+def build_optimizer(params, s: UpdateSettings) -> torch.optim.Optimizer:
+    """AdamW over ``params``; ``s.kahan``: torch-optimi's AdamW with Kahan-summed updates (the same update
     as torch's AdamW, decoupled weight decay ``lr * weight_decay``, tested to agree in fp32), whose
     16-bit compensation buffer keeps what rounding the weights to bf16/fp16 would lose."""
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    hyper = dict(lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    if not kahan:
+    hyper = dict(lr=s.learning_rate, betas=s.adam_betas, eps=s.adam_epsilon, weight_decay=s.weight_decay)
+    if not s.kahan:
         return torch.optim.AdamW(params, **hyper)
     import optimi
 
     return optimi.AdamW(params, kahan_sum=True, **hyper)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """The learning-rate multiplier after ``update`` optimizer updates (TRL's schedule names)."""
+
+    def f(update: int) -> float:
+        if warmup and update < warmup:
+            return (update + 1) / warmup
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (update - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+    return f
 
 
 def has_16bit_trainable(model) -> bool:
@@ -80,63 +151,47 @@ def has_16bit_trainable(model) -> bool:
     return any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
 
 
-def resolve_kahan_summation(spec: bool | None, model, fits: Callable[[], bool]) -> bool:
+def resolve_kahan_summation(spec: bool | None, model, fits: bool) -> bool:
     """``kahan_summation`` for this run: as given, or (None) on when a trainable weight is 16-bit and
-    ``fits()`` (the memory plan with the buffer within the device's memory)."""
+    ``fits`` (the memory plan with the buffer within the device's memory)."""
     if spec is not None:
         return bool(spec)
-    return has_16bit_trainable(model) and fits()
+    return has_16bit_trainable(model) and fits
 
 
 class Updater:
-    """Owns the optimizer and scheduler; ``update(batch)`` runs ``num_iterations`` steps.
+    """Owns the optimizer and its scheduler; ``update(batch)`` runs ``num_iterations`` optimizer steps.
 
-    ``cfg`` is the trainer's ``Config`` (read live, so tests may change the micro-batch size).
-    ``ref_model`` is a frozen copy, or None: then, with ``beta > 0``, the reference is the policy
-    with its LoRA adapters disabled. ``on_nonfinite(what, iteration, where)`` must raise.
-    ``backend``: the resolved generation backend; with it, the sampler/trainer mismatch correction
-    (``correction.py``) is resolved from ``cfg.correction`` (auto: on for vllm). None = off.
-    ``padding_free``: the resolved packing switch (``modeling.resolve_padding_free``); None reads
-    ``cfg.padding_free`` (None there: off). ``kahan_summation``: the resolved optimizer choice
-    (``resolve_kahan_summation``); None reads ``cfg.kahan_summation`` (None there: off).
+    ``ref_model`` is a frozen copy, or None: then, with ``params.beta > 0``, the reference is the policy
+    with its LoRA adapters disabled. ``params``: the loss settings; ``settings``: the rest, resolved
+    (``UpdateSettings.from_config``). A non-finite loss or gradient norm raises ``NonFiniteUpdate``
+    before the optimizer steps; the caller decides what to keep.
     """
 
-    def __init__(
-        self,
-        model,
-        ref_model,
-        params: GRPOLossParams,
-        cfg,
-        on_nonfinite: Callable[..., None],
-        backend: str | None = None,
-        padding_free: bool | None = None,
-        kahan_summation: bool | None = None,
-    ):
-        self.model, self.ref_model, self.params, self.cfg = model, ref_model, params, cfg
-        self._padding_free = padding_free
-        self.on_nonfinite = on_nonfinite
-        self.correction = (
-            CorrectionSettings() if backend is None else CorrectionSettings.resolve(cfg.correction, backend)
-        )
+    def __init__(self, model, ref_model, params: GRPOLossParams, settings: UpdateSettings):
+        self.model, self.ref_model, self.params, self.settings = model, ref_model, params, settings
+        self.correction = settings.correction
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
         self.device = trainable[0].device
-        self.kahan = bool(cfg.kahan_summation if kahan_summation is None else kahan_summation)
-        self.optimizer = build_optimizer(trainable, cfg, self.kahan)
-        self.scheduler = None  # set by the trainer once the number of updates is known
+        self.kahan = settings.kahan
+        self.optimizer = build_optimizer(trainable, settings)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(settings.lr_scheduler_type, settings.warmup_updates, settings.total_updates)
+        )
         # The one source of the loss settings and the implementation for every pass, log-probs included.
-        self.loss_fn = FusedGRPOLoss(impl=cfg.loss_impl, **dataclasses.asdict(params))
+        self.loss_fn = FusedGRPOLoss(impl=settings.loss_impl, **dataclasses.asdict(params))
 
     @property
     def packed(self) -> bool:
-        return bool(self.cfg.model.padding_free if self._padding_free is None else self._padding_free)
+        return self.settings.packed
 
     def micro_batches(self, batch: Batch) -> list[MicroBatch]:
         ro = batch.rollouts
         groups = plan_micro_batches(
             ro.prompt_mask.sum(1).tolist(), ro.completion_mask.sum(1).tolist(),
-            self.cfg.per_device_train_batch_size, self.cfg.max_tokens_per_microbatch, self.packed,
+            self.settings.micro_batch_rows, self.settings.max_tokens_per_microbatch, self.packed,
         )  # fmt: skip
         return [batch.micro_batch(g) for g in groups]
 
@@ -180,7 +235,7 @@ class Updater:
 
     def update(self, batch: Batch) -> dict[str, float]:
         """``num_iterations`` optimizer updates over the batch; returns averaged metrics."""
-        cfg = self.cfg
+        iterations = self.settings.num_iterations
         self.check_sampler_logprobs(batch)  # before any forward pass
         times = PhaseTimes(self.device)
         micro = self.micro_batches(batch)
@@ -188,9 +243,9 @@ class Updater:
         with times("logprobs"):
             # The sampling policy's log-probs, before it moves; the correction needs them at any num_iterations
             # (as TRL computes old_per_token_logps whenever vllm_importance_sampling_correction is on).
-            if cfg.num_iterations > 1 or self.correction.enabled:
+            if iterations > 1 or self.correction.enabled:
                 old = [self.logprobs(self.model, m.rollouts) for m in micro]
-            if cfg.beta > 0:
+            if self.params.beta > 0:
                 ref = [self.ref_logprobs(m.rollouts) for m in micro]
             is_ratio, correction_metrics = self.sampling_correction(micro, old)
         sums: dict[str, float] = {"micro_batches": float(len(micro)), **correction_metrics}
@@ -200,21 +255,23 @@ class Updater:
 
     def _iterate(self, batch: Batch, micro, old, ref, is_ratio, sums: dict[str, float]) -> None:
         """The ``num_iterations`` optimizer steps of ``update``, their metrics averaged into ``sums``."""
-        cfg = self.cfg
-        for it in range(cfg.num_iterations):
+        s = self.settings
+        for it in range(s.num_iterations):
             for k, v in self.accumulate_gradients(batch, micro, old, ref, it, is_ratio).items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
+                sums[k] = sums.get(k, 0.0) + v / s.num_iterations
+            max_norm = s.max_grad_norm if s.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(sums["grad_norm"]):
-                self.on_nonfinite(f"the gradient norm is {sums['grad_norm']}", it)
+                self._non_finite(f"the gradient norm is {sums['grad_norm']}", it)
             self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            sums["learning_rate"] = self.scheduler.get_last_lr()[0]
+        sums["learning_rate"] = self.scheduler.get_last_lr()[0]
+
+    def _non_finite(self, what: str, iteration: int, where: str = ""):
+        self.optimizer.zero_grad(set_to_none=True)  # nothing of the bad pass may reach a later step
+        raise NonFiniteUpdate(what, iteration, where)
 
     def accumulate_gradients(
         self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0, is_ratio=None
@@ -256,7 +313,7 @@ class Updater:
                               importance_sampling_ratio=is_ratio[k])  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
-                self.on_nonfinite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
+                self._non_finite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
             loss.backward()
             sums["loss"] += loss.item()
             # The op's metrics are means over this micro-batch's loss tokens (or rows, for sequence-level
