@@ -59,11 +59,14 @@ except ImportError:  # torch built without distributed: nothing is sharded
 
 from fastgrpo.ops import IMPLS, FusedGRPOLoss, chunked_logprobs
 from fastgrpo.ops.checks import check_fusable_model, check_workspace_bytes
+from fastgrpo.ops.loss import LOSS_TYPES, loss_spec
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO-clipped ratio: clip metrics
-TOKEN_MEAN_LOSS_TYPES = ("dapo", "cispo")  # normalized by num_items_in_batch in TRL
 _TRL_INIT = inspect.signature(trl.GRPOTrainer.__init__)
+
+
+def _num_items_normalized(loss_type: str) -> bool:
+    """Whether TRL divides this loss by num_items_in_batch (the generation batch's tokens)."""
+    return loss_spec(loss_type).normalizer.micro_batch == "num_items"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +129,9 @@ def _names(value) -> list[str]:
 
 def check_config(args, peft_config=None) -> None:
     """Refuse, by field name, what fastgrpo's loss cannot compute exactly (module docstring)."""
-    if args.loss_type not in SUPPORTED_LOSS_TYPES:
+    if args.loss_type not in LOSS_TYPES:
         raise ValueError(
-            f"loss_type={args.loss_type!r} is not supported by fastgrpo's fused loss; use one of {SUPPORTED_LOSS_TYPES}"
+            f"loss_type={args.loss_type!r} is not supported by fastgrpo's fused loss; use one of {LOSS_TYPES}"
         )
     if args.top_entropy_quantile < 1.0:
         raise ValueError("top_entropy_quantile < 1 masks tokens by the current entropy; fastgrpo does not support it")
@@ -292,7 +295,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             ratio = inputs["importance_sampling_ratio"]
         mode = "train" if self.model.training else "eval"
         num_items = None
-        if self.loss_type in TOKEN_MEAN_LOSS_TYPES:
+        if _num_items_normalized(self.loss_type):
             # TRL: num_items_in_batch spans the generation batch; rescale to one accumulation window.
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
@@ -308,7 +311,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             out = model(input_ids=input_ids, attention_mask=attention_mask, fastgrpo=call)
         self.fastgrpo_last_route = self.fastgrpo_loss.last_route
         loss = out.loss
-        if self.loss_type not in TOKEN_MEAN_LOSS_TYPES and mode == "train":
+        if not _num_items_normalized(self.loss_type) and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         self._log_loss_metrics(mode, out.logprobs, out.entropy, old, ref, advantages, mask)
         return loss
@@ -342,7 +345,8 @@ class GRPOTrainer(trl.GRPOTrainer):
                 kl = kl * coef
             metrics["kl"].append(global_masked_mean(kl))
         metrics["entropy"].append(global_masked_mean(entropy))
-        if self.loss_type in CLIPPED_LOSS_TYPES:
+        spec = loss_spec(self.loss_type)
+        if spec.clipped:
             if self.args.delta is not None:  # TRL counts clipping on the delta-capped ratio
                 coef = coef.clamp(max=self.args.delta)
             low = ((coef < 1 - self.epsilon_low) & (advantages < 0)).float()
@@ -352,6 +356,6 @@ class GRPOTrainer(trl.GRPOTrainer):
             metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
             metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
             metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
-        elif self.loss_type == "cispo":
+        elif spec.clip_metric is not None:
             clipped = ((coef > self.epsilon_high) & (advantages > 0)).float()
-            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped))
+            metrics[spec.clip_metric].append(global_masked_mean(clipped))

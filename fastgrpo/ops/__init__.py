@@ -3,7 +3,8 @@
 - ``api``: ``fused_grpo_loss``, ``chunked_logprobs``, ``FusedGRPOLoss``; checks, then dispatch
   (``IMPLS``, ``route``) to the chunked 3-GEMM path, the fused kernels or the torch twin.
 - ``checks``: argument checks, each error naming its argument.
-- ``loss``: ``GRPOLossParams`` and the O(N) GRPO-family epilogue on per-token log-probs.
+- ``loss``: ``GRPOLossParams``, the loss family's registry (``LOSS_SPECS``: each type's policy term,
+  normalizer and micro-batch scaling) and the O(N) epilogue on per-token log-probs.
 - ``chunked``: the 3-GEMM path (``impl="chunked"``): cuBLAS GEMMs through a bounded workspace,
   row kernels in ``fastgrpo.kernels.logits_rows`` or their torch twins.
 - ``twin``: the pure-PyTorch twin of the fused kernels (``impl="torch"``).
@@ -13,18 +14,29 @@ Nothing here imports ``fastgrpo.train`` or ``fastgrpo.integrations``.
 """
 
 from .api import IMPLS, ROUTES, FusedGRPOLoss, GRPOLossOutput, chunked_logprobs, fused_grpo_loss, route
-from .loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, GRPOLossParams, grpo_loss_from_logprobs
+from .loss import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_SPECS,
+    LOSS_TYPES,
+    GRPOLossParams,
+    LossSpec,
+    grpo_loss_from_logprobs,
+    loss_spec,
+)
 
 __all__ = [
     "IMPLS",
     "ROUTES",
     "IMPORTANCE_SAMPLING_LEVELS",
+    "LOSS_SPECS",
     "LOSS_TYPES",
+    "LossSpec",
     "FusedGRPOLoss",
     "GRPOLossOutput",
     "GRPOLossParams",
     "chunked_logprobs",
     "fused_grpo_loss",
     "grpo_loss_from_logprobs",
+    "loss_spec",
     "route",
 ]

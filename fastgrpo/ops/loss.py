@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
-# loss_type -> aggregation of the (B, T) per-token loss
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -58,7 +56,7 @@ class GRPOLossParams:
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
             object.__setattr__(self, name, value)
-        if self.loss_type not in LOSS_TYPES:
+        if self.loss_type not in LOSS_SPECS:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(
@@ -71,10 +69,10 @@ class GRPOLossParams:
         for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg", "delta"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.loss_type == "dr_grpo":
+        if loss_spec(self.loss_type).normalizer.needs_max_completion_length:
             mcl = self.max_completion_length
             if mcl is None or isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0:
-                raise ValueError(f"loss_type='dr_grpo' needs max_completion_length > 0, got {mcl!r}")
+                raise ValueError(f"loss_type={self.loss_type!r} needs max_completion_length > 0, got {mcl!r}")
 
     @property
     def epsilon_low(self) -> float:
@@ -83,6 +81,109 @@ class GRPOLossParams:
     @property
     def upper(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+# ---------------------------------------------------------------------------------------- the loss family
+# A loss type is a policy term (per token, from the ratio) and a normalizer (how the masked per-token
+# losses become one number, and how a generation batch split into micro-batches adds up to it). Every
+# caller looks a type up here (``loss_spec``); a new type is one ``LossSpec`` in ``LOSS_SPECS``.
+
+
+def _clipped_term(ratio, adv, logp, p):
+    """PPO's pessimistic clipped ratio (grpo, bnpo, dr_grpo, dapo, luspo); ``delta`` caps the unclipped one."""
+    clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.upper)
+    if p.delta is not None:
+        ratio = torch.clamp(ratio, max=p.delta)  # TRL's clip metrics see this capped ratio
+    return -torch.minimum(ratio * adv, clipped * adv), ratio
+
+
+def _cispo_term(ratio, adv, logp, p):
+    """CISPO: the clipped ratio as a detached weight on the log-prob's gradient (``upper`` is its cap)."""
+    return -torch.clamp(ratio, max=p.upper).detach() * adv * logp, ratio
+
+
+def _sapo_term(ratio, adv, logp, p):
+    """SAPO: a soft sigmoid gate on the ratio, its temperature by the advantage's sign."""
+    tau = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
+    return -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv, ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """How the (B, T) masked per-token loss becomes the loss. ``weights(mf, p, num_items)`` gives (B, T)
+    weights with loss = sum(weights * per_token) (the chunked path's d loss / d logp); ``aggregate`` the
+    same in TRL's order of operations; ``micro_batch`` how micro-batches of one generation batch add up:
+    ``num_items`` (each divides by the whole batch's tokens, passed as num_items_in_batch), ``tokens``
+    (each by its own tokens: scaled by its share of them), ``rows`` (a mean over its rows: by its share)."""
+
+    weights: Callable[..., torch.Tensor]
+    aggregate: Callable[..., torch.Tensor]
+    micro_batch: str
+    needs_max_completion_length: bool = False
+
+
+def _rows(mf: torch.Tensor) -> float:
+    return mf.shape[0]
+
+
+SEQUENCE_MEAN = Normalizer(  # each row's token mean, averaged over rows (grpo, sapo)
+    weights=lambda mf, p, n: mf / (_rows(mf) * mf.sum(-1, keepdim=True).clamp(min=1.0)),
+    aggregate=lambda pt, mf, p, n: (pt.sum(-1) / mf.sum(-1).clamp(min=1.0)).mean(),
+    micro_batch="rows",
+)
+TOKEN_MEAN = Normalizer(  # the micro-batch's own token mean (bnpo)
+    weights=lambda mf, p, n: mf / mf.sum().clamp(min=1.0),
+    aggregate=lambda pt, mf, p, n: pt.sum() / mf.sum().clamp(min=1.0),
+    micro_batch="tokens",
+)
+CONSTANT = Normalizer(  # rows x max_completion_length (dr_grpo)
+    weights=lambda mf, p, n: mf / (_rows(mf) * p.max_completion_length),
+    aggregate=lambda pt, mf, p, n: pt.sum() / (_rows(mf) * p.max_completion_length),
+    micro_batch="rows",
+    needs_max_completion_length=True,
+)
+BATCH_TOKEN_MEAN = Normalizer(  # the generation batch's token mean, num_items_in_batch (dapo, cispo)
+    weights=lambda mf, p, n: mf / (mf.sum().clamp(min=1.0) if n is None else n),
+    aggregate=lambda pt, mf, p, n: pt.sum() / (mf.sum().clamp(min=1.0) if n is None else n),
+    micro_batch="num_items",
+)
+SEQUENCE_SUM = Normalizer(  # each row's token sum, averaged over rows: longer rows weigh more (luspo)
+    weights=lambda mf, p, n: mf / _rows(mf),
+    aggregate=lambda pt, mf, p, n: pt.sum(-1).mean(),
+    micro_batch="rows",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """One loss type: its per-token policy term ``term(ratio, adv, logp, params) -> (per_token, ratio)``,
+    its normalizer, whether it is PPO-clipped (TRL logs clip ratios for those), and the name of its own
+    clip metric, if any (``cispo_clip_ratio``: ratio above ``upper`` with a positive advantage)."""
+
+    term: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    normalizer: Normalizer
+    clipped: bool
+    clip_metric: str | None = None
+
+
+LOSS_SPECS: dict[str, LossSpec] = {
+    "grpo": LossSpec(_clipped_term, SEQUENCE_MEAN, clipped=True),
+    "bnpo": LossSpec(_clipped_term, TOKEN_MEAN, clipped=True),
+    "dr_grpo": LossSpec(_clipped_term, CONSTANT, clipped=True),
+    "dapo": LossSpec(_clipped_term, BATCH_TOKEN_MEAN, clipped=True),
+    "cispo": LossSpec(_cispo_term, BATCH_TOKEN_MEAN, clipped=False, clip_metric="cispo_clip_ratio"),
+    "sapo": LossSpec(_sapo_term, SEQUENCE_MEAN, clipped=False),
+    "luspo": LossSpec(_clipped_term, SEQUENCE_SUM, clipped=True),
+}
+LOSS_TYPES = tuple(LOSS_SPECS)
+
+
+def loss_spec(loss_type: str) -> LossSpec:
+    """The registry entry of ``loss_type``; one line naming the valid types otherwise."""
+    try:
+        return LOSS_SPECS[loss_type]
+    except KeyError:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}") from None
 
 
 def token_terms(
@@ -114,17 +215,7 @@ def token_terms(
         the k3 KL (None without ``ref_logprobs``).
     """
     p = params
-    ratio = torch.exp(log_ratio)
-    if p.loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=p.upper).detach() * adv * logp
-    elif p.loss_type == "sapo":
-        tau = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
-        per_token = -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv
-    else:
-        clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.upper)
-        if p.delta is not None:
-            ratio = torch.clamp(ratio, max=p.delta)  # TRL's clip metrics see this capped ratio
-        per_token = -torch.minimum(ratio * adv, clipped * adv)
+    per_token, ratio = loss_spec(p.loss_type).term(torch.exp(log_ratio), adv, logp, p)
     if is_ratio is not None:
         per_token = per_token * is_ratio
 
@@ -148,18 +239,7 @@ def token_weights(
     them into d loss / d logp chunk by chunk. ``grpo_loss_from_logprobs`` aggregates the same
     normalizers its own way (TRL's order of operations); tests hold the two equal.
     """
-    mf = mask.to(torch.float32)
-    rows = mask.shape[0]
-    t = params.loss_type
-    if t in ("grpo", "sapo"):
-        return mf / (rows * mf.sum(-1, keepdim=True).clamp(min=1.0))
-    if t == "bnpo":
-        return mf / mf.sum().clamp(min=1.0)
-    if t == "dr_grpo":
-        return mf / (rows * params.max_completion_length)
-    if t in ("dapo", "cispo"):
-        return mf / (mf.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch)
-    return mf / rows  # luspo
+    return loss_spec(params.loss_type).normalizer.weights(mask.to(torch.float32), params, num_items_in_batch)
 
 
 def sampling_correction(ratio: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
@@ -211,18 +291,8 @@ def grpo_loss_from_logprobs(
     per_token, ratio, kl = token_terms(logp, log_ratio, ref_logprobs, adv, m, p, isr)
 
     per_token = torch.where(m, per_token.expand_as(logp), 0.0)
-    rows = m.shape[0]
-    if p.loss_type in ("grpo", "sapo"):
-        loss = (per_token.sum(-1) / mf.sum(-1).clamp(min=1.0)).mean()
-    elif p.loss_type == "bnpo":
-        loss = per_token.sum() / tokens.clamp(min=1.0)
-    elif p.loss_type == "dr_grpo":
-        loss = per_token.sum() / (rows * p.max_completion_length)
-    elif p.loss_type in ("dapo", "cispo"):
-        norm = tokens.clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / norm
-    else:  # luspo: each row's loss weighted by its length
-        loss = per_token.sum(-1).mean()
+    spec = loss_spec(p.loss_type)
+    loss = spec.normalizer.aggregate(per_token, mf, p, num_items_in_batch)
 
     with torch.no_grad():
         count = tokens.clamp(min=1.0)
@@ -240,6 +310,6 @@ def grpo_loss_from_logprobs(
         metrics["clip_ratio/low_mean"] = batch_mean(low)
         metrics["clip_ratio/high_mean"] = batch_mean(high)
         metrics["clip_ratio/region_mean"] = batch_mean(low | high)
-        if p.loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = batch_mean((ratio > p.upper) & (adv > 0))
+        if spec.clip_metric is not None:
+            metrics[spec.clip_metric] = batch_mean((ratio > p.upper) & (adv > 0))
     return loss, metrics

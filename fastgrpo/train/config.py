@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ops.api import IMPLS
-from ..ops.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from ..ops.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_SPECS, LOSS_TYPES
 
 SCALE_REWARDS = ("group", "batch", "none")
 GENERATION_BACKENDS = ("auto", "hf", "continuous", "graph", "vllm")
@@ -354,8 +354,9 @@ def validate(cfg: Config) -> None:
         g.num_generations >= 2,
         f"num_generations must be >= 2 (advantages compare completions), got {g.num_generations}",
     )
-    if g.max_completion_length is None and a.loss_type == "dr_grpo":
-        raise ValueError("loss_type='dr_grpo' needs max_completion_length (its constant normalizer)")
+    spec = LOSS_SPECS.get(a.loss_type)
+    if g.max_completion_length is None and spec is not None and spec.normalizer.needs_max_completion_length:
+        raise ValueError(f"loss_type={a.loss_type!r} needs max_completion_length (its constant normalizer)")
     _check(
         g.max_completion_length is not None and g.max_completion_length > 0,
         f"max_completion_length must be > 0, got {g.max_completion_length}",

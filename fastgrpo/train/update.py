@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops import FusedGRPOLoss, GRPOLossParams
+from ..ops.loss import loss_spec
 from .correction import CorrectionSettings, CorrectionStats, importance_sampling_ratio, missing_sampler_logprobs
 from .policy import completion_logprobs, policy_loss
 from .rollouts import Batch, MicroBatch, Rollouts
 from .tracking import PhaseTimes
-
-# Loss types normalized by the generation batch's completion tokens (TRL's num_items_in_batch),
-# which makes any micro-batch split give exactly the whole batch's gradient.
-NUM_ITEMS_NORMALIZED = ("dapo", "cispo")
 
 
 def plan_micro_batches(
@@ -277,8 +274,9 @@ class Updater:
         self, batch: Batch, micro=None, old=None, ref=None, iteration: int = 0, is_ratio=None
     ) -> dict[str, float]:
         """Backward over every micro-batch, scaled so the summed gradient is that of the whole
-        generation batch: dapo/cispo divide by its completion tokens, bnpo weights each
-        micro-batch by its share of them, the per-sequence types by its share of the rows.
+        generation batch, as the loss type's normalizer says (``LossSpec.normalizer.micro_batch``):
+        divided by the batch's completion tokens, weighted by the micro-batch's share of them, or by
+        its share of the rows.
 
         ``is_ratio``: per micro-batch, the sampler/trainer correction (``sampling_correction``);
         None with the correction on computes it here (and ``old``, if not given). It scales the
@@ -292,18 +290,19 @@ class Updater:
         old = [None] * len(micro) if old is None else old
         ref = [None] * len(micro) if ref is None else ref
         is_ratio = [None] * len(micro) if is_ratio is None else is_ratio
-        p = self.params
+        p, spec = self.params, loss_spec(self.params.loss_type)
         # Clamped: a batch whose completions were all truncated has no loss tokens, and loss 0.
         tokens = max(float(batch.loss_mask.sum()), 1.0)
-        num_items = tokens if p.loss_type in NUM_ITEMS_NORMALIZED else None
+        how = spec.normalizer.micro_batch  # how this loss's micro-batches add up to the whole batch's
+        num_items = tokens if how == "num_items" else None
         n = len(batch.rollouts)
         sums: dict[str, float] = {"loss": 0.0}
         for k, m in enumerate(micro):
-            if num_items is not None:
+            if how == "num_items":  # every micro-batch already divides by the whole batch's tokens
                 scale = 1.0
-            elif p.loss_type == "bnpo":  # the op divides by the micro-batch's own tokens
+            elif how == "tokens":  # the op divides by the micro-batch's own tokens
                 scale = float(m.loss_mask.sum()) / tokens
-            else:  # per-sequence losses (grpo/sapo/dr_grpo/luspo) are means over the micro-batch's rows
+            else:  # "rows": a mean over the micro-batch's rows
                 scale = len(m.rows) / n
             # Iteration 0 is the sampling policy itself: pi_old is this very forward, detached (ratio exactly 1,
             # dropout or not), as TRL does at num_iterations 1. The stored pass serves the later iterations.
@@ -321,6 +320,7 @@ class Updater:
             # token-budget micro-batches are.
             token_share = float(m.loss_mask.sum()) / tokens
             for name, v in out.metrics.items():
-                by_rows = p.importance_sampling_level == "sequence" and name.startswith(("clip_ratio", "cispo"))
+                clip = name.startswith("clip_ratio") or name == spec.clip_metric
+                by_rows = p.importance_sampling_level == "sequence" and clip
                 sums[name] = sums.get(name, 0.0) + v.item() * (len(m.rows) / n if by_rows else token_share)
         return sums
