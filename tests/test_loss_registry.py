@@ -57,7 +57,7 @@ def test_a_new_entry_is_a_loss_type_on_every_path(dapo_twin, impl):
 
 
 def test_every_type_has_one_entry_and_unknown_names_get_one_line():
-    assert LOSS_TYPES == tuple(LOSS_SPECS) and len(set(LOSS_TYPES)) == len(LOSS_TYPES)
+    assert tuple(LOSS_SPECS) == LOSS_TYPES and len(set(LOSS_TYPES)) == len(LOSS_TYPES)
     for name in LOSS_TYPES:
         spec = loss_spec(name)
         assert spec.normalizer.micro_batch in ("num_items", "tokens", "rows"), name
@@ -93,3 +93,35 @@ def test_the_trainer_accumulates_a_new_entry_as_its_twin(dapo_twin, embedded, tm
     trainer.close()
     assert losses[0] == losses[1] and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"delta": 1.0}, "delta must be > 1 or None, got 1.0"),
+        ({"epsilon": -0.1}, "epsilon must be >= 0"),
+        ({"sapo_temperature_neg": 0.0}, "sapo_temperature_neg must be > 0"),
+        ({"importance_sampling_level": "row"}, "importance_sampling_level must be one of"),
+    ],
+)
+def test_the_op_and_the_config_refuse_the_same_loss_settings(bad, match):
+    from fastgrpo.train.config import build_config
+
+    with pytest.raises(ValueError, match=match):
+        GRPOLossParams(**bad)
+    with pytest.raises(ValueError, match=match):
+        build_config((bad, "test"))
+
+
+def test_loss_settings_read_from_fastgrpo_and_trl_configs_alike(tmp_path):
+    trl = pytest.importorskip("trl")
+    from fastgrpo.train.config import build_config
+
+    values = dict(beta=0.02, epsilon=0.1, epsilon_high=0.3, delta=1.5, loss_type="bnpo", temperature=0.7,
+                  importance_sampling_level="sequence", max_completion_length=48, use_bias_correction_kl=True,
+                  sapo_temperature_pos=0.9, sapo_temperature_neg=1.2)  # fmt: skip
+    ours = GRPOLossParams.from_config(build_config((values, "test")))
+    theirs = GRPOLossParams.from_config(
+        trl.GRPOConfig(output_dir=str(tmp_path), report_to=[], bf16=False, use_cpu=True, **values)
+    )
+    assert ours == theirs == GRPOLossParams(**values)

@@ -59,7 +59,7 @@ except ImportError:  # torch built without distributed: nothing is sharded
 
 from fastgrpo.ops import IMPLS, FusedGRPOLoss, chunked_logprobs
 from fastgrpo.ops.checks import check_fusable_model, check_workspace_bytes
-from fastgrpo.ops.loss import LOSS_TYPES, loss_spec
+from fastgrpo.ops.loss import LOSS_TYPES, GRPOLossParams, loss_spec
 
 _TRL_INIT = inspect.signature(trl.GRPOTrainer.__init__)
 
@@ -195,20 +195,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         self.fastgrpo_workspace_bytes = workspace_bytes
         self._zero3_checks()
         a = self.args
+        params = GRPOLossParams.from_config(a)  # GRPOConfig uses the same names
         self.fastgrpo_loss = FusedGRPOLoss(
-            impl=self.fastgrpo_impl,
-            workspace_bytes=workspace_bytes,
-            beta=self.beta,
-            epsilon=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            delta=a.delta,
-            loss_type=self.loss_type,
-            importance_sampling_level=self.importance_sampling_level,
-            max_completion_length=self.max_completion_length,
-            use_bias_correction_kl=a.use_bias_correction_kl,
-            sapo_temperature_pos=a.sapo_temperature_pos,
-            sapo_temperature_neg=a.sapo_temperature_neg,
-            temperature=self.temperature,
+            impl=self.fastgrpo_impl, workspace_bytes=workspace_bytes, **dataclasses.asdict(params)
         )
         self.fastgrpo_last_route: str | None = None
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

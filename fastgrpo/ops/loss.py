@@ -66,13 +66,22 @@ class GRPOLossParams:
         for name in ("beta", "epsilon", "epsilon_high"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg", "delta"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
+        for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
+            if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        # A cap at or below 1 would clip every ratio above 1, even inside the clip region.
+        if self.delta is not None and self.delta <= 1:
+            raise ValueError(f"delta must be > 1 or None, got {self.delta}")
         if loss_spec(self.loss_type).normalizer.needs_max_completion_length:
             mcl = self.max_completion_length
             if mcl is None or isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0:
                 raise ValueError(f"loss_type={self.loss_type!r} needs max_completion_length > 0, got {mcl!r}")
+
+    @classmethod
+    def from_config(cls, config) -> GRPOLossParams:
+        """The loss settings of any config that uses TRL's field names: ``fastgrpo train``'s ``Config``
+        or TRL's ``GRPOConfig`` (each field read by its name), checked as here."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def epsilon_low(self) -> float:

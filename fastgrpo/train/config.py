@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ops.api import IMPLS
-from ..ops.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_SPECS, LOSS_TYPES
+from ..ops.loss import LOSS_SPECS, LOSS_TYPES, GRPOLossParams
 
 SCALE_REWARDS = ("group", "batch", "none")
 GENERATION_BACKENDS = ("auto", "hf", "continuous", "graph", "vllm")
@@ -407,17 +407,10 @@ def validate(cfg: Config) -> None:
             0 < r.overlong_buffer <= g.max_completion_length,
             f"soft_overlong needs 0 < overlong_buffer <= max_completion_length, got {r.overlong_buffer}",
         )
-    _check(a.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {a.loss_type!r}")
-    _check(a.beta >= 0, f"beta must be >= 0, got {a.beta}")
-    _check(a.epsilon >= 0, f"epsilon must be >= 0, got {a.epsilon}")
-    _check(a.epsilon_high is None or a.epsilon_high >= 0, f"epsilon_high must be >= 0, got {a.epsilon_high}")
-    _check(a.delta is None or a.delta > 1, f"delta must be > 1 or None, got {a.delta}")
-    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-        _check(getattr(a, name) > 0, f"{name} must be > 0, got {getattr(a, name)}")
-    _check(
-        a.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
-        f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {a.importance_sampling_level!r}",
-    )
+    try:  # the loss's own checks, the ones fused_grpo_loss runs: one place for them
+        GRPOLossParams.from_config(cfg)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
     _check(a.scale_rewards in SCALE_REWARDS, f"scale_rewards must be one of {SCALE_REWARDS}, got {a.scale_rewards!r}")
     _check(a.num_iterations >= 1, f"num_iterations must be >= 1, got {a.num_iterations}")
     _check(a.max_resample_rounds >= 0, f"max_resample_rounds must be >= 0, got {a.max_resample_rounds}")

@@ -119,13 +119,7 @@ class GRPOTrainer:
             cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k,
             cfg.repetition_penalty, cfg.generation_batch_size,
         )  # fmt: skip
-        self.params = GRPOLossParams(
-            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-            loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
-            max_completion_length=cfg.max_completion_length, use_bias_correction_kl=cfg.use_bias_correction_kl,
-            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
-            temperature=cfg.temperature,
-        )  # fmt: skip
+        self.params = GRPOLossParams.from_config(cfg)
         self.max_steps = cfg.max_steps
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
