@@ -12,11 +12,13 @@ import random
 import re
 from collections import Counter
 
+import embedded_probe as probe
 import pytest
 import torch
 
 from fastgrpo.train import embedded as emb
 from fastgrpo.train import embedded_task as task
+from fastgrpo.train.rewards import extract_answer
 
 WELL_FORMED = re.compile(r"^(<think>\d\+\d</think>)?<answer>\d+</answer>$")
 
@@ -155,8 +157,8 @@ def test_write_dataset_loads_with_datasets(tmp_path):
 
 
 def test_reward_helpers():
-    assert emb.extract_answer("<think>1+2</think><answer> 3 </answer>") == "3"
-    assert emb.extract_answer("no answer") is None
+    assert extract_answer("<think>1+2</think><answer> 3 </answer>") == "3"
+    assert extract_answer("no answer") is None
     assert task.is_correct("<answer>3</answer>", "3")
     assert not task.is_correct("<answer>4</answer>", "3")
     assert task.is_well_formatted("<think>1+2</think><answer>3</answer>")
@@ -174,7 +176,7 @@ def test_answer_distribution(a, b):
     assert max(p for v, p in dist.items() if v != a + b) < 0.6 * dist[a + b]
     rng = random.Random(0)
     samples = [task.noisy_completion(a, b, rng) for _ in range(4000)]
-    counts = Counter(emb.extract_answer(s) for s in samples)
+    counts = Counter(extract_answer(s) for s in samples)
     assert counts.most_common(1)[0][0] == str(a + b)
     assert abs(counts[str(a + b)] / 4000 - task.P_CORRECT) < 0.04
     assert abs(sum(map(task.is_well_formatted, samples)) / 4000 - task.P_THINK) < 0.04
@@ -248,11 +250,11 @@ def test_base_model_behaviour(embedded):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = ["0+0", "3+4", "5+5", "9+9", "2+7", "8+1"]
-    for completion in emb.sample_completions(model, tok, prompts, do_sample=False):
+    for completion in probe.sample_completions(model, tok, prompts, do_sample=False):
         assert WELL_FORMED.match(completion[0]), completion
 
     pairs = [(a, b) for a in range(10) for b in range(10)]
-    groups = emb.sample_completions(model, tok, [task.format_prompt(a, b) for a, b in pairs], num_samples=8)
+    groups = probe.sample_completions(model, tok, [task.format_prompt(a, b) for a, b in pairs], num_samples=8)
     samples = [(c, str(a + b)) for (a, b), group in zip(pairs, groups, strict=True) for c in group]
     accuracy = sum(task.is_correct(c, gold) for c, gold in samples) / len(samples)
     fmt = sum(task.is_well_formatted(c) for c, _ in samples) / len(samples)
@@ -263,7 +265,7 @@ def test_base_model_behaviour(embedded):
     # of 100 at seed 0), so GRPO has something to sharpen, yet holds well under half the mass.
     modes, gold_mass = 0, 0.0
     for a, b in pairs:
-        probs = emb.answer_probabilities(model, tok, a, b)
+        probs = probe.answer_probabilities(model, tok, a, b)
         modes += max(probs, key=probs.__getitem__) == a + b
         gold_mass += probs[a + b] / len(pairs)
     assert modes >= 90

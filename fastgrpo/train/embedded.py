@@ -24,8 +24,6 @@ import os
 import random
 import shutil
 import time
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,11 +40,8 @@ from .embedded_task import (
     build_tokenizer,
     completion_text,
     format_prompt,
-    is_well_formatted,
     write_dataset,
 )
-from .rewards import extract_answer
-from .sampling import HFGenerator
 
 if TYPE_CHECKING:
     import transformers
@@ -173,9 +168,32 @@ def build_base_model(
     Deterministic for a given ``seed`` and thread count; the global torch RNG state is left as it was.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    config = Qwen2Config(
+    data = _warmup_rows(tokenizer, p_think, p_near)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(_tiny_config(tokenizer, hidden_size, num_hidden_layers)).float()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = None
+        model.train()
+
+        def right_share(step: int) -> float:
+            lo, hi = int(anneal[0] * steps), int(anneal[1] * steps)
+            frac = min(1.0, max(0.0, (step - lo) / max(1, hi - lo)))
+            return 1.0 + frac * (p_correct - 1.0)
+
+        _warm_up(model, data, right_share, random.Random(seed), steps, prompts_per_step, learning_rate,
+                 verbose, progress)  # fmt: skip
+    model.eval()
+    return model
+
+
+def _tiny_config(tokenizer: Any, hidden_size: int, num_hidden_layers: int) -> transformers.Qwen2Config:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -188,15 +206,21 @@ def build_base_model(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
+
+
+def _warmup_rows(tokenizer: Any, p_think: float, p_near: float) -> dict[str, Any]:
+    """The warm-up's teacher-forcing tensors for all 100 prompts and both parts of the mix (right answers,
+    wrong ones): right-padded ``ids``/``mask`` (R, W), soft targets ``soft`` (R, W-1, V) with their reach
+    weights ``weight`` (R, W-1), and per row its ``prompt_index`` and ``is_right``."""
+    import torch
+
     eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
-    pairs = [(a, b) for a in range(10) for b in range(10)]
 
     def encode(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    # Rows for all 100 prompts and both parts of the mix: (prompt index, is-right-part, prompt, row).
-    rows = []
-    for index, (a, b) in enumerate(pairs):
+    rows = []  # (prompt index, is-right-part, prompt, row)
+    for index, (a, b) in enumerate((a, b) for a in range(10) for b in range(10)):
         prompt = encode(_prompt_text(tokenizer, format_prompt(a, b)))
         wrong = answer_distribution(a, b, 0.0, p_near)
         for right, dist in ((True, {a + b: 1.0}), (False, wrong)):
@@ -225,165 +249,53 @@ def build_base_model(
                 soft[r, pos, token] = p
     prompt_index = torch.tensor([index for index, *_ in rows])
     is_right = torch.tensor([right for _, right, *_ in rows])
+    return dict(ids=ids, mask=mask, soft=soft, weight=weight, prompt_index=prompt_index, is_right=is_right)
 
-    def right_share(step: int) -> float:
-        lo, hi = int(anneal[0] * steps), int(anneal[1] * steps)
-        frac = min(1.0, max(0.0, (step - lo) / max(1, hi - lo)))
-        return 1.0 + frac * (p_correct - 1.0)
 
-    rng = random.Random(seed)
+def _warm_up(model, data, right_share, rng: random.Random, steps: int, prompts_per_step: int,
+             learning_rate: float, verbose: bool, progress: bool) -> None:  # fmt: skip
+    """The warm-up's optimizer loop over ``data`` (``_warmup_rows``), the right answers' share of the mix at
+    each step from ``right_share(step)``: AdamW, linear warm-up then cosine decay, clipped gradients."""
+    import torch
+
+    ids, mask, soft, weight = data["ids"], data["mask"], data["soft"], data["weight"]
+    prompt_index, is_right = data["prompt_index"], data["is_right"]
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).float()
-        model.generation_config.pad_token_id = pad
-        model.generation_config.eos_token_id = eos
-        model.generation_config.bos_token_id = None
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
-        warmup = max(1, steps // 20)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, steps // 20)
 
-        def lr_at(step: int) -> float:
-            # Linear warm-up, then cosine decay to 0, so the model settles instead of ending on a big step.
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    def lr_at(step: int) -> float:
+        # Linear warm-up, then cosine decay to 0, so the model settles instead of ending on a big step.
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-        order: list[int] = []
-        for step in tqdm(range(steps), desc="embedded base model", unit="step", disable=not progress):
-            # Epochs over the 100 prompts in shuffled order: every prompt is seen equally often.
-            if len(order) < prompts_per_step:
-                order += rng.sample(range(len(pairs)), len(pairs))
-            chosen, order = order[:prompts_per_step], order[prompts_per_step:]
-            c = right_share(step)
-            take = torch.isin(prompt_index, torch.tensor(chosen))
-            if c == 1.0:
-                # The wrong-answer rows have weight 0 until the anneal starts: skip their compute.
-                take &= is_right
-            logprobs = model(input_ids=ids[take], attention_mask=mask[take]).logits[:, :-1].log_softmax(-1)
-            # Reach-weighted cross-entropy against the data's next-token distributions, mixed c : 1 - c.
-            node_loss = -(weight[take] * (soft[take] * logprobs).sum(-1)).sum(-1)
-            mix = torch.where(is_right[take], c, 1.0 - c)
-            # Normalized by the expected number of completion tokens, so the scale is per token.
-            loss = (mix * node_loss).sum() / (mix[:, None] * weight[take]).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            if verbose and (step % 50 == 0 or step == steps - 1):
-                print(f"step {step:4d}  right {c:.2f}  loss {loss.item():.4f}  {time.perf_counter() - start:.1f}s")
-    model.eval()
-    return model
-
-
-def sample_completions(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    num_samples: int = 8,
-    max_new_tokens: int = 16,
-    temperature: float = 1.0,
-    do_sample: bool = True,
-    seed: int = 0,
-) -> list[list[str]]:
-    """``num_samples`` decoded completions per prompt, via HF ``generate`` on left-padded chat prompts."""
-    import torch
-
-    ids, mask = HFGenerator(model, tokenizer).tokenize_prompts([_prompt_text(tokenizer, p) for p in prompts])
-    enc = {"input_ids": ids, "attention_mask": mask.long()}
-    kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=num_samples)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
-    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    per = num_samples if do_sample else 1
-    return [decoded[i * per : (i + 1) * per] for i in range(len(prompts))]
-
-
-def answer_probabilities(model: Any, tokenizer: Any, a: int, b: int, max_value: int = 27) -> dict[int, float]:
-    """Exact probability, under ``model``, of completing ``a+b`` with each answer ``0..max_value``.
-
-    Each value's probability is summed over its two well-formed spellings (with and without the
-    ``<think>`` block), EOS included. Exact, so unlike sample counts it can tell which answer is the
-    mode when the mode holds only a third of the mass.
-    """
-    import torch
-
-    prompt = tokenizer(_prompt_text(tokenizer, format_prompt(a, b)), add_special_tokens=False)["input_ids"]
-    keys, seqs = [], []
-    for value in range(max_value + 1):
-        for think in (False, True):
-            completion = tokenizer(completion_text(a, b, value, think), add_special_tokens=False)["input_ids"]
-            keys.append(value)
-            seqs.append(prompt + completion + [tokenizer.eos_token_id])
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    with torch.no_grad():
-        logprobs = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
-    token_lp = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
-    # Only completion positions count; the prompt is given, and padding is not part of any sequence.
-    positions = torch.arange(1, width)[None, :]
-    lengths = mask.sum(1)[:, None]
-    keep = (positions >= len(prompt)) & (positions < lengths)
-    seq_prob = (token_lp * keep).sum(1).exp().tolist()
-    out: dict[int, float] = {}
-    for value, prob in zip(keys, seq_prob, strict=True):
-        out[value] = out.get(value, 0.0) + prob
-    return out
-
-
-def evaluate_sampling(
-    model: Any,
-    tokenizer: Any,
-    *,
-    num_samples: int = 8,
-    temperature: float = 1.0,
-    max_new_tokens: int = 16,
-    seed: int = 0,
-) -> dict[str, float]:
-    """How ``model`` behaves on all 100 prompts, ``num_samples`` samples each.
-
-    Returns ``accuracy`` and ``format`` (means over samples of :func:`is_correct` and
-    :func:`is_well_formatted`), ``sampled_mode_correct`` (fraction of prompts whose gold answer is
-    strictly the most frequent sampled answer; with 8 samples and a mode of 0.3 this is noisy) and
-    ``mode_correct`` (fraction of prompts whose gold answer is the exactly most likely answer, by
-    :func:`answer_probabilities`).
-    """
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    groups = sample_completions(
-        model,
-        tokenizer,
-        [format_prompt(a, b) for a, b in pairs],
-        num_samples=num_samples,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-    )
-    correct = formatted = sampled_mode = total = 0
-    for (a, b), group in zip(pairs, groups, strict=True):
-        gold = str(a + b)
-        counts = Counter(extract_answer(c) for c in group)
-        correct += counts[gold]
-        formatted += sum(is_well_formatted(c) for c in group)
-        # Strictly more frequent than every other answer, so a tie is not counted as sharpenable.
-        sampled_mode += all(counts[gold] > n for ans, n in counts.items() if ans != gold)
-        total += len(group)
-    mode_correct = 0
-    for a, b in pairs:
-        probs = answer_probabilities(model, tokenizer, a, b)
-        mode_correct += max(probs, key=probs.__getitem__) == a + b
-    return {
-        "accuracy": correct / total,
-        "format": formatted / total,
-        "sampled_mode_correct": sampled_mode / len(pairs),
-        "mode_correct": mode_correct / len(pairs),
-    }
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    order: list[int] = []
+    prompts = int(prompt_index.max()) + 1
+    for step in tqdm(range(steps), desc="embedded base model", unit="step", disable=not progress):
+        # Epochs over the 100 prompts in shuffled order: every prompt is seen equally often.
+        if len(order) < prompts_per_step:
+            order += rng.sample(range(prompts), prompts)
+        chosen, order = order[:prompts_per_step], order[prompts_per_step:]
+        c = right_share(step)
+        take = torch.isin(prompt_index, torch.tensor(chosen))
+        if c == 1.0:
+            # The wrong-answer rows have weight 0 until the anneal starts: skip their compute.
+            take &= is_right
+        logprobs = model(input_ids=ids[take], attention_mask=mask[take]).logits[:, :-1].log_softmax(-1)
+        # Reach-weighted cross-entropy against the data's next-token distributions, mixed c : 1 - c.
+        node_loss = -(weight[take] * (soft[take] * logprobs).sum(-1)).sum(-1)
+        mix = torch.where(is_right[take], c, 1.0 - c)
+        # Normalized by the expected number of completion tokens, so the scale is per token.
+        loss = (mix * node_loss).sum() / (mix[:, None] * weight[take]).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if verbose and (step % 50 == 0 or step == steps - 1):
+            print(f"step {step:4d}  right {c:.2f}  loss {loss.item():.4f}  {time.perf_counter() - start:.1f}s")
 
 
 # ---------------------------------------------------------------------------------------- on disk
