@@ -342,14 +342,39 @@ def _check_finite(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Invalid values get a one-line ValueError naming the field, before any heavy work."""
     _check_finite(cfg)
-    m, d, g, r, a, t = cfg.model, cfg.data, cfg.generation, cfg.reward, cfg.grpo, cfg.train
+    _validate_model(cfg.model)
+    d = cfg.data
+    _check(d.max_prompt_length is None or d.max_prompt_length > 0, "max_prompt_length must be > 0 or None")
+    _validate_generation(cfg)
+    _validate_correction(cfg.correction)
+    _validate_rewards(cfg.reward, cfg.generation)
+    _validate_grpo(cfg)
+    _validate_train(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
     _check(
         m.dtype in ("auto", "float32", "bfloat16", "float16"),
         f"dtype must be auto/float32/bfloat16/float16, got {m.dtype!r}",
     )
     _check(DEVICE_RE.fullmatch(m.device) is not None, f"device must be auto, cpu, cuda or cuda:N, got {m.device!r}")
     _check(m.loss_impl in IMPLS, f"loss_impl must be one of {'/'.join(IMPLS)}, got {m.loss_impl!r}")
-    _check(d.max_prompt_length is None or d.max_prompt_length > 0, "max_prompt_length must be > 0 or None")
+    _check(
+        m.gradient_checkpointing or not m.offload_activations,
+        "offload_activations needs gradient_checkpointing: true (it offloads the checkpointed layer inputs)",
+    )
+    _check(m.lora_r > 0, f"lora_r must be > 0, got {m.lora_r}")
+    _check(m.lora_alpha > 0, f"lora_alpha must be > 0 (the adapters' scale is lora_alpha / lora_r), got {m.lora_alpha}")
+    _check(
+        not any(name.rsplit(".", 1)[-1] == "lm_head" for name in m.lora_target_modules or []),
+        "lora_target_modules must not include lm_head: the fused loss reads the output layer's base weight, "
+        "so an adapter there would never train",
+    )
+    _check(0 <= m.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {m.lora_dropout}")
+
+
+def _validate_generation(cfg: Config) -> None:
+    g, a = cfg.generation, cfg.grpo
     _check(
         g.num_generations >= 2,
         f"num_generations must be >= 2 (advantages compare completions), got {g.num_generations}",
@@ -374,7 +399,9 @@ def validate(cfg: Config) -> None:
         0 < g.vllm_gpu_memory_utilization <= 1,
         f"vllm_gpu_memory_utilization must be in (0, 1], got {g.vllm_gpu_memory_utilization}",
     )
-    c = cfg.correction
+
+
+def _validate_correction(c: CorrectionConfig) -> None:
     _check(
         c.vllm_importance_sampling_mode in IS_CORRECTION_MODES,
         f"vllm_importance_sampling_mode must be one of {'/'.join(IS_CORRECTION_MODES)}, "
@@ -393,6 +420,9 @@ def validate(cfg: Config) -> None:
         lo is None or hi is None or lo < hi,
         f"vllm_importance_sampling_clip_min ({lo}) must be below vllm_importance_sampling_clip_max ({hi})",
     )
+
+
+def _validate_rewards(r: RewardConfig, g: GenerationConfig) -> None:
     _check(len(r.reward_funcs) > 0, "reward_funcs must name at least one reward function")
     if r.reward_weights is not None:
         _check(
@@ -407,6 +437,10 @@ def validate(cfg: Config) -> None:
             0 < r.overlong_buffer <= g.max_completion_length,
             f"soft_overlong needs 0 < overlong_buffer <= max_completion_length, got {r.overlong_buffer}",
         )
+
+
+def _validate_grpo(cfg: Config) -> None:
+    a = cfg.grpo
     try:  # the loss's own checks, the ones fused_grpo_loss runs: one place for them
         GRPOLossParams.from_config(cfg)
     except TypeError as e:
@@ -414,6 +448,10 @@ def validate(cfg: Config) -> None:
     _check(a.scale_rewards in SCALE_REWARDS, f"scale_rewards must be one of {SCALE_REWARDS}, got {a.scale_rewards!r}")
     _check(a.num_iterations >= 1, f"num_iterations must be >= 1, got {a.num_iterations}")
     _check(a.max_resample_rounds >= 0, f"max_resample_rounds must be >= 0, got {a.max_resample_rounds}")
+
+
+def _validate_train(cfg: Config) -> None:
+    t, g = cfg.train, cfg.generation
     _check(t.max_steps == -1 or t.max_steps > 0, f"max_steps must be > 0 or -1, got {t.max_steps}")
     _check(t.num_train_epochs > 0, f"num_train_epochs must be > 0, got {t.num_train_epochs}")
     _check(t.per_device_train_batch_size > 0, "per_device_train_batch_size must be > 0")
@@ -421,18 +459,6 @@ def validate(cfg: Config) -> None:
         t.max_tokens_per_microbatch is None or t.max_tokens_per_microbatch > 0,
         f"max_tokens_per_microbatch must be > 0 or None, got {t.max_tokens_per_microbatch}",
     )
-    _check(
-        m.gradient_checkpointing or not m.offload_activations,
-        "offload_activations needs gradient_checkpointing: true (it offloads the checkpointed layer inputs)",
-    )
-    _check(m.lora_r > 0, f"lora_r must be > 0, got {m.lora_r}")
-    _check(m.lora_alpha > 0, f"lora_alpha must be > 0 (the adapters' scale is lora_alpha / lora_r), got {m.lora_alpha}")
-    _check(
-        not any(name.rsplit(".", 1)[-1] == "lm_head" for name in m.lora_target_modules or []),
-        "lora_target_modules must not include lm_head: the fused loss reads the output layer's base weight, "
-        "so an adapter there would never train",
-    )
-    _check(0 <= m.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {m.lora_dropout}")
     _check(t.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be > 0")
     total = cfg.generation_batch_size_total()
     _check(
