@@ -26,6 +26,14 @@ WORKSPACE_BYTES = 512 << 20
 # ----------------------------------------------------------------------------- jit kernels
 
 
+def extra_bytes(N, H, V, dtype, *, trainable_head=True) -> int:
+    """Memory the fused path holds beyond its inputs (exact backward): one d loss / d logits chunk, plus
+    the fp32 accumulator of the smaller gradient (dHidden when N <= V) for 16-bit weights."""
+    elem = torch.finfo(dtype).bits // 8
+    acc = (4 * min(N, V) * H if trainable_head else 0) if dtype != torch.float32 else 0
+    return min(WORKSPACE_BYTES, max(N, 1) * V * elem) + acc
+
+
 @triton.jit
 def _dlogits_kernel(
     # pointers

@@ -143,7 +143,7 @@ def test_auto_weighs_memory_on_cuda(monkeypatch):
     """On CUDA, auto takes the chunked path only when what it holds fits the budget."""
     cuda = torch.device("cuda")
     N, H, V = 16384, 3584, 152064
-    extra = api.chunked_extra_bytes(N, H, V, torch.bfloat16)
+    extra = chunked.extra_bytes(N, H, V, torch.bfloat16)
     assert extra == (1 << 30) + N * H * 2 + V * H * 6
     monkeypatch.setattr(api, "_memory_budget", lambda device: extra)
     assert api.route("auto", cuda, shape=(N, H, V)) == "chunked"

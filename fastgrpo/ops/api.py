@@ -36,12 +36,28 @@ from typing import NamedTuple
 import torch
 
 from . import checks as C
-from .chunked import WORKSPACE_BYTES, chunked_grpo_loss, row_cost
+from .chunked import WORKSPACE_BYTES, chunked_grpo_loss
+from .chunked import extra_bytes as chunked_extra_bytes
 from .loss import GRPOLossParams, grpo_loss_from_logprobs
-from .twin import CHUNK_BYTES, linear_logprobs_torch
+from .twin import extra_bytes as twin_extra_bytes
+from .twin import linear_logprobs_torch
 
 IMPLS = ("auto", "chunked", "fused", "triton", "torch")
 ROUTES = ("chunked", "fused", "torch")  # what runs: 3 GEMMs, on chip, the 4-pass torch twin
+
+
+class LossTensors(NamedTuple):
+    """The tensors of one loss call, as ``fused_grpo_loss`` documents them; the optional ones may be None."""
+
+    hidden: torch.Tensor  # (B, T, H)
+    weight: torch.Tensor  # (V, H)
+    targets: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T)
+    advantages: torch.Tensor  # (B,) or (B, T)
+    old_logprobs: torch.Tensor | None = None  # (B, T)
+    ref_logprobs: torch.Tensor | None = None  # (B, T)
+    bias: torch.Tensor | None = None  # (V,)
+    importance_sampling_ratio: torch.Tensor | None = None  # (B, T) or (B, 1)
 
 
 class GRPOLossOutput(NamedTuple):
@@ -70,31 +86,18 @@ def _memory_budget(device: torch.device) -> int:
     return int(fraction * torch.cuda.mem_get_info(device)[0])
 
 
-def chunked_extra_bytes(N, H, V, dtype, *, trainable_head=True, workspace_bytes=WORKSPACE_BYTES) -> int:
-    """Memory the 3-GEMM path holds beyond its inputs: workspace, dHidden, and dWeight (fp32
-    accumulator plus the copy kept for the backward) when the head is trainable."""
-    elem = torch.finfo(dtype).bits // 8
-    work = min(workspace_bytes, max(N, 1) * row_cost(V, dtype, "triton"))
-    return work + N * H * elem + (V * H * (4 + elem) if trainable_head else 0)
-
-
 def extra_bytes(path: str, N: int, H: int, V: int, dtype: torch.dtype, *, trainable_head: bool = True) -> int:
-    """Peak memory a path allocates beyond its inputs and the returned gradients, in bytes.
-
-    chunked: its workspace, plus dHidden and dWeight held from forward to backward and dWeight's
-    fp32 accumulator. fused (exact backward): one d loss / d logits chunk plus the fp32 accumulator
-    of the smaller gradient (dHidden when N <= V). torch: a few fp32 chunks plus fp32 dWeight.
-    """
-    from ..kernels.linear_dlogits import WORKSPACE_BYTES as DLOGITS_BYTES
-
-    elem = torch.finfo(dtype).bits // 8
+    """Peak memory a path allocates beyond its inputs and the returned gradients, in bytes: each path's
+    own formula (``chunked.extra_bytes``, ``kernels.linear_dlogits.extra_bytes``, ``twin.extra_bytes``),
+    kept beside the buffers it counts."""
     if path == "chunked":
         return chunked_extra_bytes(N, H, V, dtype, trainable_head=trainable_head)
     if path == "fused":
-        acc = (4 * min(N, V) * H if trainable_head else 0) if dtype != torch.float32 else 0
-        return min(DLOGITS_BYTES, max(N, 1) * V * elem) + acc
+        from ..kernels.linear_dlogits import extra_bytes as fused_extra_bytes
+
+        return fused_extra_bytes(N, H, V, dtype, trainable_head=trainable_head)
     if path == "torch":
-        return 3 * min(CHUNK_BYTES, max(N, 1) * V * 4) + (4 * V * H if trainable_head else 0)
+        return twin_extra_bytes(N, H, V, dtype, trainable_head=trainable_head)
     raise ValueError(f"path must be one of {ROUTES}, got {path!r}")
 
 
@@ -333,96 +336,46 @@ def fused_grpo_loss(
         (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
     """
     knobs = _Knobs(impl, grad_filter_eps, workspace_bytes)
-    params = GRPOLossParams(
-        beta=beta,
-        epsilon=epsilon,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length,
-        use_bias_correction_kl=use_bias_correction_kl,
-        sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-        temperature=temperature,
+    given = locals()  # the signature's loss settings carry GRPOLossParams' names: read them by name
+    params = GRPOLossParams(**{f.name: given[f.name] for f in dataclasses.fields(GRPOLossParams)})
+    tensors = LossTensors(
+        hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, importance_sampling_ratio
     )
-    tensors = (hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, importance_sampling_ratio)
-    return _fused_grpo_loss(*tensors, params, num_items_in_batch, knobs)[0]
+    return _fused_grpo_loss(tensors, params, num_items_in_batch, knobs)[0]
 
 
 def _fused_grpo_loss(
-    hidden,
-    weight,
-    targets,
-    mask,
-    advantages,
-    old_logprobs,
-    ref_logprobs,
-    bias,
-    importance_sampling_ratio,
-    params: GRPOLossParams,
-    num_items_in_batch,
-    knobs: _Knobs,
+    x: LossTensors, params: GRPOLossParams, num_items_in_batch, knobs: _Knobs
 ) -> tuple[GRPOLossOutput, str]:
-    num_items_in_batch = C.check_loss_inputs(
-        hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, params.beta, num_items_in_batch
-    )
-    B, T = targets.shape
-    H, V = hidden.shape[-1], weight.shape[0]
-    hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)  # route by the dtype that runs
+    """Check, route, run: (the output, the path that ran)."""
+    num_items_in_batch = C.check_loss_inputs(*x[:8], params.beta, num_items_in_batch)
+    B, T = x.targets.shape
+    H, V = x.hidden.shape[-1], x.weight.shape[0]
+    hidden, weight, bias = _cast_for_autocast(x.hidden, x.weight, x.bias)  # route by the dtype that runs
+    x = x._replace(hidden=hidden, weight=weight, bias=bias)
     path = route(
-        knobs.impl,
-        hidden.device,
-        importance_sampling_level=params.importance_sampling_level,
-        shape=(B * T, H, V),
-        dtype=hidden.dtype,
-        trainable_head=weight.requires_grad,
-        workspace_bytes=knobs.workspace_bytes,
-    )
-    active = mask != 0
-    C.check_loss_values(mask, active, advantages, num_items_in_batch)
-    C.check_targets_range(targets, weight.shape[0], where=active)
-    C.check_sampling_ratio(importance_sampling_ratio, targets, active)
-
+        knobs.impl, hidden.device, importance_sampling_level=params.importance_sampling_level, shape=(B * T, H, V),
+        dtype=hidden.dtype, trainable_head=weight.requires_grad, workspace_bytes=knobs.workspace_bytes,
+    )  # fmt: skip
+    active = x.mask != 0
+    C.check_loss_values(x.mask, active, x.advantages, num_items_in_batch)
+    C.check_targets_range(x.targets, V, where=active)
+    C.check_sampling_ratio(x.importance_sampling_ratio, x.targets, active)
     if path == "chunked":
         loss, logp, entropy, metrics = chunked_grpo_loss(
-            hidden,
-            weight,
-            bias,
-            targets,
-            active,
-            advantages,
-            old_logprobs,
-            ref_logprobs,
-            params,
-            num_items_in_batch,
-            _workspace(knobs.workspace_bytes, hidden.device),
-            importance_sampling_ratio,
-        )
+            hidden, weight, bias, x.targets, active, x.advantages, x.old_logprobs, x.ref_logprobs, params,
+            num_items_in_batch, _workspace(knobs.workspace_bytes, hidden.device), x.importance_sampling_ratio,
+        )  # fmt: skip
         return GRPOLossOutput(loss, logp, entropy, metrics), path
     logp, entropy = _logprobs_impl(
-        hidden.reshape(B * T, H),
-        weight,
-        bias,
-        targets.reshape(-1),
-        active.reshape(-1),
-        params.temperature,
-        path,
-        knobs.grad_filter_eps,
-        knobs.workspace_bytes,
-    )
+        hidden.reshape(B * T, H), weight, bias, x.targets.reshape(-1), active.reshape(-1), params.temperature,
+        path, knobs.grad_filter_eps, knobs.workspace_bytes,
+    )  # fmt: skip
     logp, entropy = logp.view(B, T), entropy.view(B, T)
     loss, metrics = grpo_loss_from_logprobs(
-        logp,
-        entropy,
-        active,
-        advantages,
-        old_logprobs,
-        ref_logprobs,
-        params,
-        num_items_in_batch,
-        importance_sampling_ratio,
-    )
+        logp, entropy, active, x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch,
+        x.importance_sampling_ratio,
+    )  # fmt: skip
     return GRPOLossOutput(loss, logp.detach(), entropy.detach(), metrics), path
 
 
@@ -468,9 +421,10 @@ class FusedGRPOLoss(torch.nn.Module):
         num_items_in_batch=None,
         importance_sampling_ratio=None,
     ) -> GRPOLossOutput:
-        tensors = (hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias)
-        tensors += (importance_sampling_ratio,)
-        out, self.last_route = _fused_grpo_loss(*tensors, self.params, num_items_in_batch, self.knobs)
+        tensors = LossTensors(
+            hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, importance_sampling_ratio
+        )
+        out, self.last_route = _fused_grpo_loss(tensors, self.params, num_items_in_batch, self.knobs)
         return out
 
     def extra_repr(self) -> str:

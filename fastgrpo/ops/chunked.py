@@ -44,6 +44,14 @@ def row_cost(vocab: int, dtype: torch.dtype, rows_impl: str) -> int:
     return vocab * (elem if rows_impl == "triton" else elem + 8)
 
 
+def extra_bytes(N, H, V, dtype, *, trainable_head=True, workspace_bytes=WORKSPACE_BYTES) -> int:
+    """Memory this path holds beyond its inputs: workspace, dHidden, and dWeight (fp32 accumulator plus
+    the copy kept for the backward) when the head is trainable."""
+    elem = torch.finfo(dtype).bits // 8
+    work = min(workspace_bytes, max(N, 1) * row_cost(V, dtype, "triton"))
+    return work + N * H * elem + (V * H * (4 + elem) if trainable_head else 0)
+
+
 def chunk_rows(vocab: int, dtype: torch.dtype, workspace_bytes: int, rows_impl: str) -> int:
     cost = row_cost(vocab, dtype, rows_impl)
     if workspace_bytes < cost:

@@ -13,6 +13,11 @@ import torch
 CHUNK_BYTES = 64 << 20
 
 
+def extra_bytes(N, H, V, dtype, *, trainable_head=True) -> int:
+    """Memory the twin holds beyond its inputs: a few fp32 logits chunks, plus fp32 dWeight."""
+    return 3 * min(CHUNK_BYTES, max(N, 1) * V * 4) + (4 * V * H if trainable_head else 0)
+
+
 # The kernels' rule for a target outside [0, V) (``fastgrpo.kernels._args``), restated here so the
 # torch paths stay inside ``fastgrpo.ops``: the host check is skipped under torch.compile, and a
 # gather at such an id raises on CPU and asserts on CUDA, so the twins read a clamped id and
