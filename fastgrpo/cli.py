@@ -16,12 +16,12 @@ SWITCHES_HELP = (
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--name`` flag per config field, grouped by section, help from the field comments.
+    """One ``--name`` flag per config field, grouped by section, help from the fields' metadata.
 
     Values stay strings here (defaults suppressed) so only what the user typed overrides the
     YAML file; ``config.build_config`` converts and validates them.
     """
-    comments = C.field_comments()
+    comments = C.field_help()
     types_ = C.field_types()
     defaults = {k: v for section in C.Config().to_dict().values() for k, v in section.items()}
     groups = {s: parser.add_argument_group(f"{s} options") for s in C.SECTIONS}

@@ -77,9 +77,9 @@ def test_config_layers_sections_and_types(tmp_path):
 
 
 def test_every_config_field_has_help_text():
-    from fastgrpo.train.config import FIELD_SECTIONS, field_comments
+    from fastgrpo.train.config import FIELD_SECTIONS, field_help
 
-    comments = field_comments()
+    comments = field_help()
     assert sorted(comments) == sorted(FIELD_SECTIONS) and all(len(c) > 10 for c in comments.values())
 
 

@@ -1,9 +1,9 @@
 """Configuration of ``fastgrpo train``: one dataclass tree, the only source of truth.
 
-Every field has a comment; the command line (``--learning_rate 1e-6``) and YAML files are
-generated from these classes. Field names are unique across sections, follow TRL's
-``GRPOConfig`` where the meaning is the same, and may be given flat or under their section
-in YAML.
+Every field carries its help text (``opt``: field metadata); the command line
+(``--learning_rate 1e-6``) and YAML files are generated from these classes. Field names are
+unique across sections, follow TRL's ``GRPOConfig`` where the meaning is the same, and may be
+given flat or under their section in YAML.
 """
 
 from __future__ import annotations
@@ -36,126 +36,146 @@ INF_SPELLED_OTHERWISE = {
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {"loss_type": LOSS_TYPES, "lr_scheduler_type": LR_SCHEDULERS}
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its default and its help text (the CLI's ``--help``, the README's tables)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class ModelConfig:
-    model: str | None = None  # hub id or local directory; None = the embedded offline default
-    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16"
-    attn_implementation: str = (
-        "auto"  # "auto" (flash_attention_2 if installed, else sdpa_varlen) or a transformers name
+    model: str | None = opt(None, "hub id or local directory; None = the embedded offline default")
+    dtype: str = opt("auto", '"auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16"')
+    attn_implementation: str = opt(
+        "auto", '"auto" (flash_attention_2 if installed, else sdpa_varlen) or a transformers name'
     )
-    gradient_checkpointing: bool = True  # recompute activations in the backward instead of keeping them
-    offload_activations: bool = False  # checkpointed layer inputs wait for the backward in (pinned) CPU memory
-    padding_free: bool | None = None  # micro-batch as one packed row; None = auto (CUDA + varlen attention)
-    use_liger_body: bool | None = None  # Liger RMSNorm/SwiGLU/RoPE in the body; None = auto (CUDA, if installed)
-    use_peft: bool = False  # train LoRA adapters (pip install fastgrpo[lora]); the reference is the base, adapters off
-    lora_r: int = 16  # LoRA rank (adapter matrices are r x in and out x r)
-    lora_alpha: int = 32  # LoRA scaling numerator (scale = lora_alpha / lora_r)
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    lora_target_modules: list[str] | None = None  # module names to adapt; None = every linear layer of the body
-    trust_remote_code: bool = False  # allow custom modelling code from the model directory
-    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda[:N]"
-    loss_impl: str = (
-        "auto"  # fused loss path: "auto", "chunked" (3 GEMMs), "fused" (on chip; alias "triton") or "torch"
+    gradient_checkpointing: bool = opt(True, "recompute activations in the backward instead of keeping them")
+    offload_activations: bool = opt(False, "checkpointed layer inputs wait for the backward in (pinned) CPU memory")
+    padding_free: bool | None = opt(None, "micro-batch as one packed row; None = auto (CUDA + varlen attention)")
+    use_liger_body: bool | None = opt(None, "Liger RMSNorm/SwiGLU/RoPE in the body; None = auto (CUDA, if installed)")
+    use_peft: bool = opt(
+        False, "train LoRA adapters (pip install fastgrpo[lora]); the reference is the base, adapters off"
+    )
+    lora_r: int = opt(16, "LoRA rank (adapter matrices are r x in and out x r)")
+    lora_alpha: int = opt(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    lora_target_modules: list[str] | None = opt(None, "module names to adapt; None = every linear layer of the body")
+    trust_remote_code: bool = opt(False, "allow custom modelling code from the model directory")
+    device: str = opt("auto", '"auto" (cuda if available), "cpu" or "cuda[:N]"')
+    loss_impl: str = opt(
+        "auto", 'fused loss path: "auto", "chunked" (3 GEMMs), "fused" (on chip; alias "triton") or "torch"'
     )
 
 
 @dataclasses.dataclass
 class DataConfig:
-    dataset: str | None = None  # hub name or local json/jsonl/parquet/csv file; None with model=None = embedded task
-    dataset_config: str | None = None  # hub dataset configuration name (e.g. "main" for openai/gsm8k)
-    dataset_split: str = "train"  # split to train on
-    prompt_column: str = "prompt"  # column with the prompt (a string or a list of chat messages)
-    answer_column: str | None = "answer"  # column passed to rewards as ``answer``; None = no answer column
-    system_prompt: str | None = None  # prepended as a system message when the tokenizer has a chat template
-    max_prompt_length: int | None = 512  # prompts longer than this many tokens are cut from the left; None = no cut
-    shuffle_dataset: bool = True  # visit prompts in a seeded random order, reshuffled every epoch
+    dataset: str | None = opt(
+        None, "hub name or local json/jsonl/parquet/csv file; None with model=None = embedded task"
+    )
+    dataset_config: str | None = opt(None, 'hub dataset configuration name (e.g. "main" for openai/gsm8k)')
+    dataset_split: str = opt("train", "split to train on")
+    prompt_column: str = opt("prompt", "column with the prompt (a string or a list of chat messages)")
+    answer_column: str | None = opt("answer", "column passed to rewards as ``answer``; None = no answer column")
+    system_prompt: str | None = opt(None, "prepended as a system message when the tokenizer has a chat template")
+    max_prompt_length: int | None = opt(
+        512, "prompts longer than this many tokens are cut from the left; None = no cut"
+    )
+    shuffle_dataset: bool = opt(True, "visit prompts in a seeded random order, reshuffled every epoch")
 
 
 @dataclasses.dataclass
 class GenerationConfig:
-    num_generations: int = 8  # G: completions sampled per prompt
-    max_completion_length: int | None = 256  # tokens per completion; longer ones are cut (truncated)
-    temperature: float = 1.0  # sampling temperature, also applied to the logits in the loss
-    top_p: float = 1.0  # nucleus sampling
-    top_k: int = 0  # top-k sampling; 0 = off
-    repetition_penalty: float = 1.0  # HF repetition penalty; 1 = off
-    generation_batch_size: int | None = None  # sequences per call (hf, graph) or in flight (continuous); None = all
-    generation_backend: str = "auto"  # hf, continuous, graph, vllm, or auto (CUDA: continuous; CPU: hf to 1024 tokens)
-    vllm_gpu_memory_utilization: float = 0.3  # vllm: fraction of GPU memory vLLM may take (weights + KV cache)
-    vllm_enable_sleep_mode: bool = True  # vllm: free its KV cache and offload its weights during the update
+    num_generations: int = opt(8, "G: completions sampled per prompt")
+    max_completion_length: int | None = opt(256, "tokens per completion; longer ones are cut (truncated)")
+    temperature: float = opt(1.0, "sampling temperature, also applied to the logits in the loss")
+    top_p: float = opt(1.0, "nucleus sampling")
+    top_k: int = opt(0, "top-k sampling; 0 = off")
+    repetition_penalty: float = opt(1.0, "HF repetition penalty; 1 = off")
+    generation_batch_size: int | None = opt(
+        None, "sequences per call (hf, graph) or in flight (continuous); None = all"
+    )
+    generation_backend: str = opt(
+        "auto", "hf, continuous, graph, vllm, or auto (CUDA: continuous; CPU: hf to 1024 tokens)"
+    )
+    vllm_gpu_memory_utilization: float = opt(0.3, "vllm: fraction of GPU memory vLLM may take (weights + KV cache)")
+    vllm_enable_sleep_mode: bool = opt(True, "vllm: free its KV cache and offload its weights during the update")
 
 
 @dataclasses.dataclass
 class CorrectionConfig:
-    vllm_importance_sampling_correction: bool | None = (
-        None  # weight the loss by pi_train(old)/pi_sampler (TRL's name); None = auto (on for vllm)
+    vllm_importance_sampling_correction: bool | None = opt(
+        None, "weight the loss by pi_train(old)/pi_sampler (TRL's name); None = auto (on for vllm)"
     )
-    vllm_importance_sampling_mode: str = "sequence_mask"  # token_truncate/token_mask/sequence_truncate/sequence_mask
-    vllm_importance_sampling_clip_max: float | None = (
-        3.0  # C_max: truncate ratios above it, or mask them; None = no cap
+    vllm_importance_sampling_mode: str = opt(
+        "sequence_mask", "token_truncate/token_mask/sequence_truncate/sequence_mask"
     )
-    vllm_importance_sampling_clip_min: float | None = None  # C_min: truncate ratios below it, or mask them; None = none
+    vllm_importance_sampling_clip_max: float | None = opt(
+        3.0, "C_max: truncate ratios above it, or mask them; None = no cap"
+    )
+    vllm_importance_sampling_clip_min: float | None = opt(
+        None, "C_min: truncate ratios below it, or mask them; None = none"
+    )
 
 
 @dataclasses.dataclass
 class RewardConfig:
     reward_funcs: list[str] = dataclasses.field(
-        default_factory=lambda: ["accuracy", "format"]
-    )  # built-in name, module:function, or reward-model directory
-    reward_weights: list[float] | None = None  # one weight per reward function; None = all 1
-    overlong_buffer: int = 0  # soft_overlong: penalty ramps over the last this-many tokens
-    overlong_penalty_factor: float = 1.0  # soft_overlong: penalty at and beyond max_completion_length
+        default_factory=lambda: ["accuracy", "format"],
+        metadata={"help": "built-in name, module:function, or reward-model directory"},
+    )
+    reward_weights: list[float] | None = opt(None, "one weight per reward function; None = all 1")
+    overlong_buffer: int = opt(0, "soft_overlong: penalty ramps over the last this-many tokens")
+    overlong_penalty_factor: float = opt(1.0, "soft_overlong: penalty at and beyond max_completion_length")
 
 
 @dataclasses.dataclass
 class GRPOAlgoConfig:
-    loss_type: str = "dapo"  # the objective and how it averages tokens and completions (fastgrpo.fused_grpo_loss)
-    beta: float = 0.0  # k3 KL weight to the reference policy; > 0 loads a frozen reference copy
-    epsilon: float = 0.2  # lower clip of the importance ratio
-    epsilon_high: float | None = 0.28  # upper clip (DAPO clip-higher); None = epsilon
-    delta: float | None = None  # two-sided clipping cap on the unclipped ratio; None = off
-    importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
-    use_bias_correction_kl: bool = False  # multiply the KL by the importance ratio
-    sapo_temperature_pos: float = 1.0  # SAPO gate temperature for positive advantages
-    sapo_temperature_neg: float = 1.05  # SAPO gate temperature otherwise
-    scale_rewards: str = "group"  # advantage scaling: "group" std, "batch" std, or "none" (Dr. GRPO)
-    num_iterations: int = 1  # mu: optimizer passes over each generation batch
-    dynamic_sampling: bool = True  # DAPO: drop groups whose rewards are all equal, sample more prompts
-    max_resample_rounds: int = 3  # dynamic sampling: extra sampling rounds before training on what is kept
-    mask_truncated_completions: bool = True  # DAPO overlong filtering: truncated completions get no loss
+    loss_type: str = opt("dapo", "the objective and how it averages tokens and completions (fastgrpo.fused_grpo_loss)")
+    beta: float = opt(0.0, "k3 KL weight to the reference policy; > 0 loads a frozen reference copy")
+    epsilon: float = opt(0.2, "lower clip of the importance ratio")
+    epsilon_high: float | None = opt(0.28, "upper clip (DAPO clip-higher); None = epsilon")
+    delta: float | None = opt(None, "two-sided clipping cap on the unclipped ratio; None = off")
+    importance_sampling_level: str = opt("token", '"token" or "sequence" (GSPO)')
+    use_bias_correction_kl: bool = opt(False, "multiply the KL by the importance ratio")
+    sapo_temperature_pos: float = opt(1.0, "SAPO gate temperature for positive advantages")
+    sapo_temperature_neg: float = opt(1.05, "SAPO gate temperature otherwise")
+    scale_rewards: str = opt("group", 'advantage scaling: "group" std, "batch" std, or "none" (Dr. GRPO)')
+    num_iterations: int = opt(1, "mu: optimizer passes over each generation batch")
+    dynamic_sampling: bool = opt(True, "DAPO: drop groups whose rewards are all equal, sample more prompts")
+    max_resample_rounds: int = opt(3, "dynamic sampling: extra sampling rounds before training on what is kept")
+    mask_truncated_completions: bool = opt(True, "DAPO overlong filtering: truncated completions get no loss")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    output_dir: str = "fastgrpo-output"  # metrics, plots, checkpoints and the resolved config go here
-    max_steps: int = -1  # optimizer steps; -1 = num_train_epochs passes over the prompts
-    num_train_epochs: float = 1.0  # used when max_steps is -1
-    per_device_train_batch_size: int = 8  # completions per micro-batch (when max_tokens_per_microbatch is None)
-    max_tokens_per_microbatch: int | None = (
-        None  # token budget per micro-batch, sequences grouped by length; None = off
+    output_dir: str = opt("fastgrpo-output", "metrics, plots, checkpoints and the resolved config go here")
+    max_steps: int = opt(-1, "optimizer steps; -1 = num_train_epochs passes over the prompts")
+    num_train_epochs: float = opt(1.0, "used when max_steps is -1")
+    per_device_train_batch_size: int = opt(8, "completions per micro-batch (when max_tokens_per_microbatch is None)")
+    max_tokens_per_microbatch: int | None = opt(
+        None, "token budget per micro-batch, sequences grouped by length; None = off"
     )
-    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step; generation batch = their product
-    learning_rate: float = 1e-6  # peak AdamW learning rate
-    lr_scheduler_type: str = "linear"  # learning-rate schedule after the warmup_ratio warmup
-    warmup_ratio: float = 0.0  # fraction of max_steps spent warming up linearly from 0
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.99  # AdamW beta2
-    adam_epsilon: float = 1e-8  # AdamW epsilon
+    gradient_accumulation_steps: int = opt(4, "micro-batches per optimizer step; generation batch = their product")
+    learning_rate: float = opt(1e-6, "peak AdamW learning rate")
+    lr_scheduler_type: str = opt("linear", "learning-rate schedule after the warmup_ratio warmup")
+    warmup_ratio: float = opt(0.0, "fraction of max_steps spent warming up linearly from 0")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.99, "AdamW beta2")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
     # A 16-bit compensation buffer per trainable weight keeps the part of each update that bf16/fp16 rounding
     # drops (plain AdamW on bf16 weights at lr 1e-6 loses most updates).
-    kahan_summation: bool | None = (
-        None  # Kahan-summed AdamW (torch-optimi); None = auto: on for 16-bit trainable weights if it fits memory
+    kahan_summation: bool | None = opt(
+        None, "Kahan-summed AdamW (torch-optimi); None = auto: on for 16-bit trainable weights if it fits memory"
     )
-    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = off
-    seed: int = 42  # seeds data order, sampling and initialization
-    save_steps: int = 0  # checkpoint every this many steps (0 = only at the end)
-    save_total_limit: int | None = 2  # keep at most this many checkpoints; None = all
-    resume_from_checkpoint: str | None = None  # checkpoint directory or "latest" in output_dir
-    overwrite_output_dir: bool = False  # start afresh in an output_dir that holds checkpoints (deletes them)
-    logging_steps: int = 10  # print a metrics line every this many steps and at the last (metrics.jsonl: all)
-    disable_tqdm: bool = False  # no progress bar
-    plot: bool = True  # write reward.png at the end
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm; 0 = off")
+    seed: int = opt(42, "seeds data order, sampling and initialization")
+    save_steps: int = opt(0, "checkpoint every this many steps (0 = only at the end)")
+    save_total_limit: int | None = opt(2, "keep at most this many checkpoints; None = all")
+    resume_from_checkpoint: str | None = opt(None, 'checkpoint directory or "latest" in output_dir')
+    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir that holds checkpoints (deletes them)")
+    logging_steps: int = opt(10, "print a metrics line every this many steps and at the last (metrics.jsonl: all)")
+    disable_tqdm: bool = opt(False, "no progress bar")
+    plot: bool = opt(True, "write reward.png at the end")
 
 
 @dataclasses.dataclass
@@ -200,21 +220,9 @@ def field_types() -> dict[str, Any]:
     return out
 
 
-def field_comments() -> dict[str, str]:
-    """Flat field name -> the comment written next to it in this file (the CLI help text). The
-    formatter may wrap a long field over several lines; its comment is then on one of them."""
-    comments: dict[str, str] = {}
-    current = None
-    for line in Path(__file__).read_text().splitlines():
-        stripped = line.strip()
-        name = stripped.split(":", 1)[0].strip() if ":" in stripped else None
-        if line.startswith("    ") and not line.startswith("     ") and name in FIELD_SECTIONS:
-            current = name
-        elif not (line.startswith("     ") or stripped.startswith(")")):  # wrapped lines and their closer
-            current = None
-        if current and current not in comments and "  # " in stripped:
-            comments[current] = stripped.split("  # ", 1)[1]
-    return comments
+def field_help() -> dict[str, str]:
+    """Flat field name -> its help text (field metadata: the CLI's help and the README's tables)."""
+    return {f.name: f.metadata["help"] for cls in _SECTION_CLASSES.values() for f in dataclasses.fields(cls)}
 
 
 def _convert(name: str, value: Any, tp: Any) -> Any:
