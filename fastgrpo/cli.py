@@ -7,7 +7,7 @@ import sys
 import typing
 from typing import Any
 
-from .train import config as C
+from .train import config
 
 SWITCHES_HELP = (
     "Switches (the [true|false] flags) may also be given bare or negated: --use_peft means --use_peft true, "
@@ -21,16 +21,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     Values stay strings here (defaults suppressed) so only what the user typed overrides the
     YAML file; ``config.build_config`` converts and validates them.
     """
-    comments = C.field_help()
-    types_ = C.field_types()
-    defaults = {k: v for section in C.Config().to_dict().values() for k, v in section.items()}
-    groups = {s: parser.add_argument_group(f"{s} options") for s in C.SECTIONS}
-    for name, section in C.FIELD_SECTIONS.items():
+    comments = config.field_help()
+    types_ = config.field_types()
+    defaults = {k: v for section in config.Config().to_dict().values() for k, v in section.items()}
+    groups = {s: parser.add_argument_group(f"{s} options") for s in config.SECTIONS}
+    for name, section in config.FIELD_SECTIONS.items():
         tp = types_[name]
         is_list = typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
         help_ = comments.get(name, "")
-        if name in C.FIELD_CHOICES:
-            help_ += f"; one of: {', '.join(C.FIELD_CHOICES[name])}"
+        if name in config.FIELD_CHOICES:
+            help_ += f"; one of: {', '.join(config.FIELD_CHOICES[name])}"
         if tp is bool or bool in typing.get_args(tp):
             # A switch: --name alone means true, --no-name false (SWITCHES_HELP, said once in the
             # description); --name true/false (or auto, for an optional switch) still works. `train`
@@ -63,12 +63,12 @@ def _default_text(value: bool | None) -> str:
     return "auto" if value is None else str(value).lower()
 
 
-def resolve_train_config(args: argparse.Namespace) -> C.Config:
+def resolve_train_config(args: argparse.Namespace) -> config.Config:
     """Embedded preset (only when no model is named anywhere) < YAML file < command line."""
-    cli = {k: v for k, v in vars(args).items() if k in C.FIELD_SECTIONS}
+    cli = {k: v for k, v in vars(args).items() if k in config.FIELD_SECTIONS}
     layers: list[tuple[dict[str, Any], str]] = []
-    file_values = C.load_yaml(args.config) if args.config else {}
-    flat_file = C.flatten(file_values, args.config) if file_values else {}
+    file_values = config.load_yaml(args.config) if args.config else {}
+    flat_file = config.flatten(file_values, args.config) if file_values else {}
     from .train.embedded import preset_layer
 
     preset = preset_layer(flat_file, cli)
@@ -77,7 +77,7 @@ def resolve_train_config(args: argparse.Namespace) -> C.Config:
     if file_values:
         layers.append((file_values, f"config file {args.config}"))
     layers.append((cli, "the command line"))
-    return C.build_config(*layers)
+    return config.build_config(*layers)
 
 
 BENCHMARKS = {

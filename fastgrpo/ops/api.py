@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import checks as C
+from . import checks
 from .chunked import WORKSPACE_BYTES, chunked_grpo_loss
 from .chunked import extra_bytes as chunked_extra_bytes
 from .loss import GRPOLossParams, grpo_loss_from_logprobs
@@ -150,7 +150,7 @@ def _workspace(workspace_bytes, device: torch.device) -> int:
         if device.type != "cuda":
             return WORKSPACE_BYTES
         return max(1, min(WORKSPACE_BYTES, _memory_budget(device)))
-    return C.check_workspace_bytes(workspace_bytes)
+    return checks.check_workspace_bytes(workspace_bytes)
 
 
 def _cast_for_autocast(hidden, weight, bias):
@@ -219,12 +219,12 @@ def chunked_logprobs(
         (logp, entropy) with ``return_entropy``; both are differentiable w.r.t. hidden, weight
         and bias.
     """
-    C.check_temperature(temperature)
-    grad_filter_eps = C.check_grad_filter_eps(grad_filter_eps)
-    C.check_head(hidden, weight, targets, bias)
+    checks.check_temperature(temperature)
+    grad_filter_eps = checks.check_grad_filter_eps(grad_filter_eps)
+    checks.check_head(hidden, weight, targets, bias)
     impl = route(impl, hidden.device, loss=False)
-    C.check_targets_range(targets, weight.shape[0])
-    C.check_workspace_bytes(workspace_bytes)
+    checks.check_targets_range(targets, weight.shape[0])
+    checks.check_workspace_bytes(workspace_bytes)
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     shape = targets.shape
     logp, entropy = _logprobs_impl(
@@ -252,8 +252,8 @@ class _Knobs:
 
     def __post_init__(self):
         _check_impl(self.impl)
-        object.__setattr__(self, "grad_filter_eps", C.check_grad_filter_eps(self.grad_filter_eps))
-        C.check_workspace_bytes(self.workspace_bytes)
+        object.__setattr__(self, "grad_filter_eps", checks.check_grad_filter_eps(self.grad_filter_eps))
+        checks.check_workspace_bytes(self.workspace_bytes)
 
 
 def fused_grpo_loss(
@@ -348,7 +348,7 @@ def _fused_grpo_loss(
     x: LossTensors, params: GRPOLossParams, num_items_in_batch, knobs: _Knobs
 ) -> tuple[GRPOLossOutput, str]:
     """Check, route, run: (the output, the path that ran)."""
-    num_items_in_batch = C.check_loss_inputs(*x[:8], params.beta, num_items_in_batch)
+    num_items_in_batch = checks.check_loss_inputs(*x[:8], params.beta, num_items_in_batch)
     B, T = x.targets.shape
     H, V = x.hidden.shape[-1], x.weight.shape[0]
     hidden, weight, bias = _cast_for_autocast(x.hidden, x.weight, x.bias)  # route by the dtype that runs
@@ -358,9 +358,9 @@ def _fused_grpo_loss(
         dtype=hidden.dtype, trainable_head=weight.requires_grad, workspace_bytes=knobs.workspace_bytes,
     )  # fmt: skip
     active = x.mask != 0
-    C.check_loss_values(x.mask, active, x.advantages, num_items_in_batch)
-    C.check_targets_range(x.targets, V, where=active)
-    C.check_sampling_ratio(x.importance_sampling_ratio, x.targets, active)
+    checks.check_loss_values(x.mask, active, x.advantages, num_items_in_batch)
+    checks.check_targets_range(x.targets, V, where=active)
+    checks.check_sampling_ratio(x.importance_sampling_ratio, x.targets, active)
     if path == "chunked":
         loss, logp, entropy, metrics = chunked_grpo_loss(
             hidden, weight, bias, x.targets, active, x.advantages, x.old_logprobs, x.ref_logprobs, params,
