@@ -10,6 +10,7 @@ where its results went.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import importlib.metadata
@@ -141,6 +142,35 @@ def failure(e: BaseException) -> str:
     return f"error: {type(e).__name__}: {lines[0] if lines else ''}"[:200]
 
 
+# ----------------------------------------------------------------------------- command line
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A bench's parser: ``--help`` shows its module docstring laid out as written."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def default_help(defaults: dict, name: str) -> str:
+    """The help text naming both defaults of an option that ``--quick`` changes; ``defaults[name]`` is
+    (full run, --quick)."""
+    full, quick = defaults[name]
+    return f"default: {full} ({quick} with --quick)"
+
+
+def fill_defaults(args: argparse.Namespace, defaults: dict) -> None:
+    """Each option of ``defaults`` left unset takes its full-run or its ``--quick`` value: ``--quick``
+    changes the defaults only, never what the command line names."""
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
+def ratio(a, b):
+    """``a / b``, None where either is missing (or ``b`` is 0): a row's ratio to a row that may not be
+    there, e.g. one that went OOM."""
+    return None if a is None or not b else a / b
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -162,6 +192,36 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms=100, re
         times.append((time.perf_counter() - t0) * 1e3)
     q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
     return tuple(q.tolist())
+
+
+class Budget:
+    """``--time-budget``: whether the next run may start, from the time spent and the runs measured so far.
+
+    ``record`` keeps each run's measurement, a tuple ending in its seconds, under its key (a backend, a
+    trainer, a packing mode); a bench's subclass says in ``predict`` how the next run's seconds scale from
+    them, since what a run's time grows with differs from bench to bench, and in ``clock`` which clock
+    it reads (its module's ``_clock``, which its tests replace). ``exact_fit``: a run predicted to end
+    exactly at the budget still starts.
+    """
+
+    exact_fit = False
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.start = seconds, self.clock()
+        self.measured: dict[str, list[tuple]] = {}
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def record(self, key: str, *measurement: float) -> None:
+        self.measured.setdefault(key, []).append(measurement)
+
+    def allows(self, predicted_s: float | None = None) -> bool:
+        if self.seconds is None:
+            return True
+        spent = self.clock() - self.start
+        end = spent + (predicted_s or 0.0)
+        return (spent < self.seconds and end <= self.seconds) if self.exact_fit else end < self.seconds
 
 
 def synchronize(device: torch.device) -> None:

@@ -62,8 +62,8 @@ status, not a crash.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -454,25 +454,20 @@ def availability(backend: str, device: torch.device) -> str | None:
     return None
 
 
-class Budget:
-    """``--time-budget``: whether a (backend, cap) may start, from the time spent and what was measured."""
+class Budget(C.Budget):
+    """Whether a (backend, cap) may start: ``record(backend, cap, computed tokens, s)``."""
 
-    def __init__(self, seconds: float | None):
-        self.seconds, self.start = seconds, _clock()
-        self.measured: dict[str, list[tuple[int, int, float]]] = {}  # backend -> [(cap, computed tokens, s)]
-
-    def record(self, backend: str, cap: int, tokens: int, seconds: float) -> None:
-        self.measured.setdefault(backend, []).append((cap, tokens, seconds))
+    def clock(self) -> float:
+        return _clock()
 
     def predict(self, backend: str, cap: int, tokens: int) -> float | None:
+        """The largest measured cap at most ``cap`` scaled by the computed tokens, and a little by the cap
+        (longer rows attend over more)."""
         below = [m for m in self.measured.get(backend, []) if m[0] <= cap]
         if not below:
             return None
         c, t, s = max(below)
         return s * tokens / t * (cap / c) ** 0.25
-
-    def allows(self, predicted_s: float | None = None) -> bool:
-        return self.seconds is None or _clock() - self.start + (predicted_s or 0.0) < self.seconds
 
 
 # ----------------------------------------------------------------------------- run
@@ -487,25 +482,16 @@ def computed_tokens(backend: str, lengths: list[list[int]], args) -> int:
     return sum(len(c) * args.G * max(map(max, c)) for c in calls)
 
 
-def ratio(a, b):
-    return None if a is None or not b else a / b
-
-
 def vs_hf(row: dict, hf_rows: dict[int, dict]) -> None:
     """The row's ratios to the ok hf row of its cap (None while there is none)."""
     hf = hf_rows.get(row["cap"], {})
-    row["tokens_per_s_vs_hf"] = ratio(row.get("tokens_per_s"), hf.get("tokens_per_s"))
-    row["peak_vs_hf"] = ratio(row.get("peak_extra_mib"), hf.get("peak_extra_mib"))
+    row["tokens_per_s_vs_hf"] = C.ratio(row.get("tokens_per_s"), hf.get("tokens_per_s"))
+    row["peak_vs_hf"] = C.ratio(row.get("peak_extra_mib"), hf.get("peak_extra_mib"))
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="fastgrpo bench generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-
-    def default(name):
-        full, quick = DEFAULTS[name]
-        return f"default: {full} ({quick} with --quick)"
+    p = C.parser("fastgrpo bench generate", __doc__)
+    default = functools.partial(C.default_help, DEFAULTS)
 
     p.add_argument("--model", choices=sorted(MODELS), help="shape preset (fastgrpo bench train's); " + default("model"))
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="in this order")
@@ -528,9 +514,7 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, help=C.OUT_HELP)
     args = p.parse_args(argv)
     args.out = args.out or C.default_out_dir()  # resolved against the working directory now
-    for name, (full, quick) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    C.fill_defaults(args, DEFAULTS)
     if args.no_time_budget:
         args.time_budget = None
     for name in ("G", "prompts", "in_flight", "prompt_len"):

@@ -285,9 +285,7 @@ def head_shape(text: str) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="fastgrpo bench ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = C.parser("fastgrpo bench ops", __doc__)
     p.add_argument(
         "--quick", action="store_true", help="CPU smoke test: tiny head (H 96, V 2003), N 256 and 1024, fp32"
     )

@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib.util
 import json
@@ -442,27 +443,22 @@ def run_one(trainer: str, s: Setup) -> dict:
 # ----------------------------------------------------------------------------- run
 
 
-class Budget:
-    """``--time-budget``: whether a run may start, from the time spent and the runs measured so far."""
+class Budget(C.Budget):
+    """Whether a (cap, trainer) run may start: ``record(trainer, cap, s)``; one predicted to end exactly at
+    the budget still starts."""
 
-    def __init__(self, seconds: float | None):
-        self.seconds, self.start, self.runs = seconds, _clock(), {}
+    exact_fit = True
 
-    def record(self, trainer: str, cap: int, seconds: float) -> None:
-        self.runs.setdefault(trainer, []).append((cap, seconds))
+    def clock(self) -> float:
+        return _clock()
 
     def predict(self, trainer: str, cap: int) -> float | None:
-        smaller = [(c, s) for c, s in self.runs.get(trainer, []) if c <= cap]
+        """The largest measured cap at most ``cap``, scaled a little faster than the cap."""
+        smaller = [(c, s) for c, s in self.measured.get(trainer, []) if c <= cap]
         if not smaller:
             return None
         c, s = max(smaller)
         return s * (cap / c) ** 1.25
-
-    def allows(self, predicted: float | None) -> bool:
-        if self.seconds is None:
-            return True
-        spent = _clock() - self.start
-        return spent < self.seconds and (predicted is None or spent + predicted <= self.seconds)
 
 
 def make_setup(args, cap: int, device, dtype, work: Path) -> Setup:
@@ -492,17 +488,13 @@ def make_setup(args, cap: int, device, dtype, work: Path) -> Setup:
     return Setup(args, cap, model_dir, data, prompts, table, keys[args.prompts :], device, dtype, work)
 
 
-def ratio(a, b):
-    return None if a is None or not b else a / b
-
-
 def vs_trl(row: dict, trl_rows: dict[int, dict]) -> None:
     """The row's ratios to the ok ``trl`` row of its cap (None while there is none): tokens/s, the update
     phase (trl's / this row's, so > 1 is faster), peak."""
     t = trl_rows.get(row["cap"], {})
-    row["tokens_per_s_vs_trl"] = ratio(row.get("tokens_per_s"), t.get("tokens_per_s"))
-    row["update_vs_trl"] = ratio(t.get("update_s"), row.get("update_s"))
-    row["peak_vs_trl"] = ratio(row.get("peak_gib"), t.get("peak_gib"))
+    row["tokens_per_s_vs_trl"] = C.ratio(row.get("tokens_per_s"), t.get("tokens_per_s"))
+    row["update_vs_trl"] = C.ratio(t.get("update_s"), row.get("update_s"))
+    row["peak_vs_trl"] = C.ratio(row.get("peak_gib"), t.get("peak_gib"))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -533,13 +525,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="fastgrpo bench step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-
-    def default(name):
-        full, quick = DEFAULTS[name]
-        return f"default: {full} ({quick} with --quick)"
+    p = C.parser("fastgrpo bench step", __doc__)
+    default = functools.partial(C.default_help, DEFAULTS)
 
     p.add_argument("--model", choices=sorted(MODELS), help="shape preset (fastgrpo bench train's); " + default("model"))
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS), help="in this order")
@@ -556,9 +543,7 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, help=C.OUT_HELP)
     args = p.parse_args(argv)
     args.out = args.out or C.default_out_dir()  # resolved against the working directory now
-    for name, (full, quick) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    C.fill_defaults(args, DEFAULTS)
     for name in ("prompts", "micro_batch", "prompt_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -64,8 +64,8 @@ for the longest one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import importlib.util
 import os
 import shlex
@@ -180,15 +180,11 @@ def synthetic_batch(G: int, prompt_len: int, length: int, vocab: int, device, se
     return Batch(rollouts, completion_mask.to(device), advantages, {})
 
 
-class Budget:
-    """``--time-budget``: whether a step may start, from the time spent and the steps measured so far."""
+class Budget(C.Budget):
+    """Whether a step may start: ``record(run key, tokens, s)``, the key a packing mode or "trl"."""
 
-    def __init__(self, seconds: float | None):
-        self.seconds, self.start = seconds, _clock()
-        self.measured: dict[str, list[tuple[int, float]]] = {}  # run key (packing mode, "trl") -> [(tokens, s)]
-
-    def record(self, mode: str, tokens: int, step_s: float) -> None:
-        self.measured.setdefault(mode, []).append((tokens, step_s))
+    def clock(self) -> float:
+        return _clock()
 
     def predict(self, mode: str, tokens: int) -> float | None:
         """Seconds of one step: the nearest measured step below scaled by the token ratio squared, else
@@ -202,9 +198,6 @@ class Budget:
             t, s = min(steps)
             return s * tokens / t
         return None
-
-    def allows(self, predicted_s: float | None = None) -> bool:
-        return self.seconds is None or _clock() - self.start + (predicted_s or 0.0) < self.seconds
 
 
 def bench_config(args, packed: bool, length: int):
@@ -541,13 +534,8 @@ def plot(rows: list[dict], path: Path, device: torch.device, meta: dict) -> Path
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="fastgrpo bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-
-    def default(name):
-        full, quick = DEFAULTS[name]
-        return f"default: {full} ({quick} with --quick)"
+    p = C.parser("fastgrpo bench train", __doc__)
+    default = functools.partial(C.default_help, DEFAULTS)
 
     p.add_argument("--model", choices=sorted(MODELS), help=default("model"))
     p.add_argument("--lengths", type=int, nargs="+", help="completion lengths L; " + default("lengths"))
@@ -578,9 +566,7 @@ def parse_args(argv):
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     args.out = args.out or C.default_out_dir()  # resolved against the working directory now
-    for name, (full, quick) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    C.fill_defaults(args, DEFAULTS)
     for name in ("G", "prompt_len", "rows", "granularity", "max_length", "lora_r"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

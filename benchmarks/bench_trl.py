@@ -38,6 +38,7 @@ TRL installed the command says, in one line and before building anything, to ``p
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import shlex
 import sys
@@ -249,18 +250,9 @@ def run_trainer(name: str, args, model_dir: Path, work: Path, device, dtype, voc
         C.free_memory(device)
 
 
-def ratio(a, b):
-    return None if a is None or not b else a / b
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="fastgrpo bench trl-dropin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-
-    def default(name):
-        full, quick = DEFAULTS[name]
-        return f"default: {full} ({quick} with --quick)"
+    p = C.parser("fastgrpo bench trl-dropin", __doc__)
+    default = functools.partial(C.default_help, DEFAULTS)
 
     p.add_argument("--model", choices=sorted(MODELS), help="shape preset (fastgrpo bench train's); " + default("model"))
     for flag in SHAPE_FLAGS:
@@ -283,9 +275,7 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, help=C.OUT_HELP)
     args = p.parse_args(argv)
     args.out = args.out or C.default_out_dir()  # resolved against the working directory now
-    for name, (full, quick) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    C.fill_defaults(args, DEFAULTS)
     for name in ("G", "prompt_len", "completion_length", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -350,7 +340,7 @@ def main(argv=None) -> int:
                 row["ours_route"] = res.get("route")
             row |= {f"{name}_{k}": res.get(k) for k in PER_TRAINER}  # every key, None where not measured
     for k in ("loss_bwd_s", "peak_extra_mib", "step_s", "peak_gib"):
-        row[f"{k}_ratio"] = ratio(row.get(f"ours_{k}"), row.get(f"stock_{k}"))
+        row[f"{k}_ratio"] = C.ratio(row.get(f"ours_{k}"), row.get(f"stock_{k}"))
     C.append_rows(out, NAME, [row], meta, CSV_FIELDS)
 
     peak = "peak extra MiB" if cuda else "peak live tensor MiB"
