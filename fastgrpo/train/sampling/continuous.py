@@ -146,9 +146,7 @@ class ContinuousGenerator:
         """``params.num_generations`` completions per prompt, groups contiguous (rows i*G..i*G+G-1 share
         prompt i). Prompts (N, P) left-padded, completions (N, C) right-padded with the pad id, C the
         longest completion; ``sampler_logprobs`` (N, C) float32 (0 where masked) when ``return_logprobs``."""
-        from transformers import GenerationConfig
         from transformers.generation.continuous_batching.utils import WorkloadHints
-        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         self.check_params(params)
         model = self.model
@@ -160,7 +158,22 @@ class ContinuousGenerator:
             # A fork keeps one prompt token back for the children's first step; a shorter prompt cannot fork.
             raise ValueError("generation_backend='continuous' needs prompts of at least 2 tokens")
         N = len(inputs) * G
-        gen_config = GenerationConfig(
+        # One draw from the caller's RNG seeds the sampler thread (see the module docstring).
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        cb_config = self._cb_config(params, N, ids.shape[1], seed)
+        hints = WorkloadHints(
+            max_prompt_length=ids.shape[1], max_generated_length=params.max_completion_length, num_requests=N
+        )
+        rows = self._run(inputs, params, cb_config, hints, device)
+        tokens = [list(o.generated_tokens) for o in rows]
+        logprob_rows = [list(o.logprobs or []) for o in rows] if self.return_logprobs else None
+        eos, pad = self.eos_token_ids, self.pad_token_id
+        return rollouts_from_token_rows(tokens, logprob_rows, ids, mask, G, eos, pad, device)
+
+    def _generation_config(self, params: SamplingParams):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
             do_sample=True,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -169,20 +182,19 @@ class ContinuousGenerator:
             max_new_tokens=params.max_completion_length,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_ids,
-            num_return_sequences=G,
+            num_return_sequences=params.num_generations,
         )
-        # One draw from the caller's RNG seeds the sampler thread (see the module docstring).
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        cb_config = self._cb_config(params, N, ids.shape[1], seed)
-        hints = WorkloadHints(
-            max_prompt_length=ids.shape[1], max_generated_length=params.max_completion_length, num_requests=N
-        )
+
+    def _run(self, inputs: list[list[int]], params: SamplingParams, cb_config, hints, device) -> list:
+        """The finished outputs of every request, in row order (prompt i's parent, then its G - 1 forks),
+        under the attention continuous batching accepts, the caller's RNG state and training mode kept."""
+        model, G = self.model, params.num_generations
+        N = len(inputs) * G
         original_attn = model.config._attn_implementation
         was_training = model.training
         rng_devices = []  # fork_rng always covers the CPU generator; the CUDA one of this device too
         if device.type == "cuda":
             rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-        results = {}
         try:
             with torch.random.fork_rng(devices=rng_devices):
                 target = _attention_for(model)
@@ -191,30 +203,15 @@ class ContinuousGenerator:
                     model.set_attn_implementation(target)
                 self._destroy_manager()
                 self._manager = manager = model.init_continuous_batching(
-                    generation_config=gen_config, continuous_batching_config=cb_config, workload_hints=hints
+                    generation_config=self._generation_config(params),
+                    continuous_batching_config=cb_config,
+                    workload_hints=hints,
                 )
-                wanted = {
-                    "temperature": (TemperatureLogitsWarper, params.temperature != 1.0),
-                    "top_k": (TopKLogitsWarper, params.top_k != 0),
-                    "top_p": (TopPLogitsWarper, params.top_p < 1.0),
-                }
-                kept = {type(p) for p in manager.logit_processor.logits_processor}
-                for name, (cls, needed) in wanted.items():
-                    if needed and cls not in kept:
-                        raise ValueError(f"{name} is not supported by this transformers' continuous batching")
+                _check_processors(manager, params)
                 # Every request is queued before the loop starts, so its first step takes them all and the
                 # schedule (hence which random draw goes to which row) does not depend on thread timing.
                 request_ids = manager.add_requests(inputs, max_new_tokens=params.max_completion_length)
-                manager.start()
-                while len(results) < N:
-                    out = manager.get_result(timeout=1.0)
-                    if out is None:
-                        if not manager.is_running():
-                            break
-                        continue
-                    if out.is_finished():
-                        results[out.request_id] = out
-                error = manager.background_thread_status.fatal_error
+                results, error = _collect(manager, N)
                 self._destroy_manager()
         finally:
             self._destroy_manager()
@@ -228,7 +225,36 @@ class ContinuousGenerator:
         failed = [o.error for o in rows if o.error is not None]
         if failed:
             raise RuntimeError(f"continuous batching failed {len(failed)} of {N} requests: {failed[0]}")
-        tokens = [list(o.generated_tokens) for o in rows]
-        logprob_rows = [list(o.logprobs or []) for o in rows] if self.return_logprobs else None
-        eos, pad = self.eos_token_ids, self.pad_token_id
-        return rollouts_from_token_rows(tokens, logprob_rows, ids, mask, G, eos, pad, device)
+        return rows
+
+
+def _check_processors(manager, params: SamplingParams) -> None:
+    """Each sampling setting in use has its logits processor in the manager (an older transformers may lack
+    one and would silently sample from another distribution)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    wanted = {
+        "temperature": (TemperatureLogitsWarper, params.temperature != 1.0),
+        "top_k": (TopKLogitsWarper, params.top_k != 0),
+        "top_p": (TopPLogitsWarper, params.top_p < 1.0),
+    }
+    kept = {type(p) for p in manager.logit_processor.logits_processor}
+    for name, (cls, needed) in wanted.items():
+        if needed and cls not in kept:
+            raise ValueError(f"{name} is not supported by this transformers' continuous batching")
+
+
+def _collect(manager, n: int) -> tuple[dict, BaseException | None]:
+    """Start the manager and wait for ``n`` finished requests: (request id -> output, the background
+    thread's fatal error or None). Returns early if the thread stops."""
+    results = {}
+    manager.start()
+    while len(results) < n:
+        out = manager.get_result(timeout=1.0)
+        if out is None:
+            if not manager.is_running():
+                break
+            continue
+        if out.is_finished():
+            results[out.request_id] = out
+    return results, manager.background_thread_status.fatal_error
