@@ -260,7 +260,7 @@ def fastgrpo_run(s: Setup, backend: str) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # its start lines would interleave with the table
         trainer = GRPOTrainer(cfg)
         try:
-            resolved = trainer.model_info["generation_backend"]
+            resolved = trainer.model_info.generation_backend
             if resolved == "vllm":
                 return dict(status="skipped: per-row lengths cannot be imposed on n=G vLLM requests", backend=resolved)
             if resolved == "hf":

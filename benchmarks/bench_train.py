@@ -287,17 +287,18 @@ class ModeRun(StepRun):
         model = build_model(args.model, dtype, device, args.attn)
         self.model, self.info = prepare_model(model, cfg, device)
         # The optimizer a run resolves to (auto: Kahan summation on 16-bit weights); OOM probes find its limit.
-        self.info["kahan_summation"] = resolve_kahan_summation(cfg.kahan_summation, self.model, fits=True)
+        kahan = resolve_kahan_summation(cfg.kahan_summation, self.model, fits=True)
+        self.info = dataclasses.replace(self.info, kahan_summation=kahan)
         self.plan = memory_plan(self.model, cfg, self.info)
         params = GRPOLossParams(beta=args.beta, **LOSS)
-        settings = UpdateSettings.from_config(cfg, packed=packed, kahan=self.info["kahan_summation"])
+        settings = UpdateSettings.from_config(cfg, packed=packed, kahan=kahan)
         # Every measured step at the same learning rate (no schedule runs it down to 0).
         self.updater = Updater(self.model, None, params, dataclasses.replace(settings, lr_scheduler_type="constant"))
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.fields = dict(
-            trainable_parameters=self.info["trainable_parameters"],
-            parameters=self.info["parameters"],
-            liger_body=self.info["liger_body"],
+            trainable_parameters=self.info.trainable_parameters,
+            parameters=self.info.parameters,
+            liger_body=self.info.liger_body,
         )
 
     def plan_fields(self, length: int) -> dict:
@@ -668,9 +669,10 @@ def main(argv=None) -> int:
             + ". No plan: the plan models fastgrpo's update."
         )
     for f in filter(None, facts):
-        liger = ", ".join(f["info"]["liger_body"]) or "none"
+        info = f["info"]
+        liger = ", ".join(info.liger_body) or "none"
         notes.append(
-            f"packing {f['packing']}: {f['info']['parameters']:,} parameters ({f['info']['trainable_parameters']:,} "
+            f"packing {f['packing']}: {info.parameters:,} parameters ({info.trainable_parameters:,} "
             f"trainable), Liger body: {liger}; {format_plan(f['plan'])} (L = {max(args.lengths)})"
         )
     title = f"Update step: {args.model}{' LoRA' if args.use_peft else ''}, G={args.G}, {meta['dtype']}"

@@ -187,7 +187,7 @@ def sampled(embedded, tmp_path_factory):
 
 def test_auto_is_off_for_hf(sampled):
     trainer, _, _ = sampled
-    assert trainer.model_info["generation_backend"] == "hf"
+    assert trainer.model_info.generation_backend == "hf"
     assert not trainer.updater.correction.enabled
 
 

@@ -364,7 +364,7 @@ def test_the_optimizer_choice_is_resolved_printed_and_planned(embedded, tmp_path
     from helpers import train_config
 
     on = GRPOTrainer(train_config(embedded, tmp_path / "bf16", max_steps=1, dtype="bfloat16"))
-    assert on.updater.kahan and on.model_info["kahan_summation"] and on.memory_plan["kahan_summation"] == 1.0
+    assert on.updater.kahan and on.model_info.kahan_summation and on.memory_plan["kahan_summation"] == 1.0
     assert "optimizer: AdamW with Kahan summation (bfloat16 trainable weights" in capsys.readouterr().out
     trainable = sum(p.numel() * 2 for p in on.model.parameters() if p.requires_grad) / 2**30
     assert on.memory_plan["optimizer_gb"] == pytest.approx(3 * trainable)

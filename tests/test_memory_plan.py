@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastgrpo.train.memory import GB, memory_plan, sampling_gb, tokens_per_microbatch
+from fastgrpo.train.modeling import ModelInfo
 
 from helpers import train_config
 
@@ -42,7 +43,7 @@ def test_plan_has_both_phases_and_the_peak(embedded, tmp_path):
 
     cfg = train_config(embedded, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(embedded[0])
-    plan = memory_plan(model, cfg, {"generation_backend": "hf"})
+    plan = memory_plan(model, cfg, ModelInfo(generation_backend="hf"))
     resident = plan["weights_gb"] + plan["ref_weights_gb"] + plan["optimizer_gb"]
     assert plan["sampling_total_gb"] == pytest.approx(resident + plan["sampling_gb"]) and plan["sampling_gb"] > 0
     backward = plan["activations_gb"] + plan["loss_gb"]
@@ -73,9 +74,9 @@ def test_offloaded_activations_and_a_sleeping_engine_are_counted_on_the_host(emb
     model = AutoModelForCausalLM.from_pretrained(embedded[0])
     c = model.config
     cfg = train_config(embedded, tmp_path, offload_activations=True)
-    plan = memory_plan(model, cfg, {"generation_backend": "hf"})
+    plan = memory_plan(model, cfg, ModelInfo(generation_backend="hf"))
     T = tokens_per_microbatch(cfg)[0]
     assert plan["host_gb"] == pytest.approx(c.num_hidden_layers * T * c.hidden_size * 4 / GB) and plan["host_gb"] > 0
     asleep = train_config(embedded, tmp_path, vllm_enable_sleep_mode=True)
-    on = memory_plan(model, asleep, {"generation_backend": "vllm"})
+    on = memory_plan(model, asleep, ModelInfo(generation_backend="vllm"))
     assert on["host_gb"] == pytest.approx(on["weights_gb"])

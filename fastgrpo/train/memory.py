@@ -7,11 +7,13 @@ ends in an out-of-memory error at step 1.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import torch
 
 from ..ops.api import extra_bytes, route
+from .modeling import ModelInfo
 from .policy import unwrap
 
 GB = 2**30
@@ -45,7 +47,7 @@ def kv_bytes_per_token(model) -> int:
     return c.num_hidden_layers * _kv_width(c) * next(iter(model.parameters())).element_size()
 
 
-def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
+def memory_plan(model, cfg, info: ModelInfo, ref_model=None) -> dict[str, float]:
     """Estimated GiB of both phases. The update (``total_gb``): weights (policy and reference
     copy), gradients, AdamW state, activations of one micro-batch at the configured lengths, the
     fused loss's buffers; plus what full fp32 logits would take, which the fused loss never
@@ -84,16 +86,16 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
         else sum(p.numel() * p.element_size() for p in ref_model.parameters()) / GB,
         "gradients_gb": trainable_gb,
         # AdamW's two moments, plus Kahan summation's compensation buffer when it is on (all in the weights' dtype).
-        "optimizer_gb": (3 if info.get("kahan_summation") else 2) * trainable_gb,
+        "optimizer_gb": (3 if info.kahan_summation else 2) * trainable_gb,
         "optimizer_step_gb": trainable_gb,
         "activations_gb": activations / GB,
         "loss_gb": loss / GB,
         "tokens_per_microbatch": float(T),
-        "kahan_summation": float(bool(info.get("kahan_summation"))),
+        "kahan_summation": float(info.kahan_summation),
         "full_logits_gb": M * V * 4 / GB,
     }
     resident = sum(plan[k] for k in ("weights_gb", "ref_weights_gb", "optimizer_gb"))  # held in both phases
-    backend = info.get("generation_backend", "hf")
+    backend = info.generation_backend
     sampling, engine_awake = sampling_gb(cfg, backend, kv_bytes_per_token(model), V, params[0].device)
     plan["sampling_gb"] = sampling
     # The update's peak; a vLLM engine without sleep mode keeps its share of the GPU through it.
@@ -102,7 +104,7 @@ def memory_plan(model, cfg, info: dict, ref_model=None) -> dict[str, float]:
     plan["total_gb"] = resident + engine_awake + max(backward, step)
     # Host: the checkpointed layer inputs offloaded to pinned memory; vLLM's weights while it sleeps (level 1).
     offloaded = L * T * H * b if cfg.gradient_checkpointing and cfg.offload_activations else 0
-    asleep = plan["weights_gb"] if info.get("generation_backend") == "vllm" and cfg.vllm_enable_sleep_mode else 0.0
+    asleep = plan["weights_gb"] if info.generation_backend == "vllm" and cfg.vllm_enable_sleep_mode else 0.0
     plan["host_gb"] = offloaded / GB + asleep
     # Sampling: gradients are freed by the last step's zero_grad(set_to_none=True).
     plan["sampling_total_gb"] = resident + sampling
@@ -128,7 +130,7 @@ def sampling_gb(cfg, backend: str, kv_bytes_per_token: int, vocab: int, device: 
     return (kv + rows * vocab * 4) / GB, 0.0
 
 
-def format_plan(plan: dict[str, float], info: dict | None = None) -> str:
+def format_plan(plan: dict[str, float], info: ModelInfo | None = None) -> str:
     parts = [f"{k[:-3]} {plan[k]:.2f}" for k in ("weights_gb", "ref_weights_gb", "gradients_gb", "optimizer_gb",
                                                   "activations_gb", "loss_gb")]  # fmt: skip
     line = (
@@ -139,7 +141,7 @@ def format_plan(plan: dict[str, float], info: dict | None = None) -> str:
         f"pinned host {plan['host_gb']:.2f}"
     )
     if info:
-        line += "\n" + ", ".join(f"{k}={v}" for k, v in info.items())
+        line += "\n" + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(info).items())
     return line
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -156,12 +157,25 @@ def check_checkpoint_kind(path: Path, use_peft: bool) -> None:
         )
 
 
-def prepare_model(model, cfg, device: torch.device, resume_path: Path | None = None):
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run resolved about its model, printed under the memory plan and recorded by the benches."""
+
+    attn_implementation: str | None = None  # the training attention (a transformers name or sdpa_varlen)
+    padding_free: bool = False  # micro-batches packed into one row
+    liger_body: list[str] = field(default_factory=list)  # Liger kernels applied to the body
+    trainable_parameters: int = 0
+    parameters: int = 0
+    generation_backend: str = "hf"  # the resolved sampling backend (the memory plan's sampling phase)
+    kahan_summation: bool = False  # AdamW with a Kahan compensation buffer (the plan's optimizer state)
+
+
+def prepare_model(model, cfg, device: torch.device, resume_path: Path | None = None) -> tuple[object, ModelInfo]:
     """Liger body kernels, LoRA adapters (new, or a checkpoint's when resuming) and gradient
-    checkpointing on a loaded model. Returns ``(model, info)``; ``info["liger_body"]`` lists the
-    kernels applied."""
+    checkpointing on a loaded model. Returns ``(model, info)``: the kernels applied and the parameter
+    counts."""
     use_liger = resolve_use_liger_body(cfg.use_liger_body, device, model_type=model.config.model_type)
-    info: dict = {"liger_body": apply_liger_body(model) if use_liger else []}
+    liger = apply_liger_body(model) if use_liger else []
     if cfg.use_peft:
         lora_cfg = lora_config(cfg)
         import peft
@@ -181,9 +195,10 @@ def prepare_model(model, cfg, device: torch.device, resume_path: Path | None = N
         enable_gradient_checkpointing(model, offload=cfg.offload_activations)
     model.config.use_cache = False
     model.train()
-    info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info["parameters"] = sum(p.numel() for p in model.parameters())
-    return model, info
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, ModelInfo(
+        liger_body=liger, trainable_parameters=trainable, parameters=sum(p.numel() for p in model.parameters())
+    )
 
 
 def build_models(cfg, device: torch.device, dtype: torch.dtype, resume_path: Path | None = None):
@@ -204,11 +219,11 @@ def build_models(cfg, device: torch.device, dtype: torch.dtype, resume_path: Pat
     path = cfg.model.model if (cfg.use_peft or resume_path is None) else str(resume_path)
     model, tokenizer = load_model_and_tokenizer(str(path), **load)
     model, info = prepare_model(model, cfg, device, resume_path)
-    info = {"attn_implementation": attn, "padding_free": resolve_padding_free(cfg.padding_free, attn, device), **info}
+    info = replace(info, attn_implementation=attn, padding_free=resolve_padding_free(cfg.padding_free, attn, device))
     ref_model = None
     if cfg.beta > 0 and not cfg.use_peft:  # the reference is the initial policy, also after a resume
         ref_model, _ = load_model_and_tokenizer(cfg.model.model, **load)
-        if info["liger_body"]:
+        if info.liger_body:
             apply_liger_body(ref_model)
         ref_model.eval().requires_grad_(False)
     return model, ref_model, tokenizer, info

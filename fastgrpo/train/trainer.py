@@ -7,6 +7,7 @@ over it. The loss always goes through ``fastgrpo.fused_grpo_loss`` on backbone h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -114,7 +115,7 @@ class GRPOTrainer:
         # The resolved padding_free / Liger body live in model_info: config.yaml keeps what was asked
         # (auto), so a GPU run's checkpoint resumes on a CPU, where auto resolves the other way.
         self.generator = build_generator(backend, self.model, self.tokenizer, cfg)
-        self.model_info["generation_backend"] = backend
+        self.model_info = dataclasses.replace(self.model_info, generation_backend=backend)
         self.sampling = SamplingParams(
             cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k,
             cfg.repetition_penalty, cfg.generation_batch_size,
@@ -124,15 +125,15 @@ class GRPOTrainer:
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))
         kahan = resolve_kahan_summation(cfg.kahan_summation, self.model, fits=self._fits())
-        self.model_info["kahan_summation"] = kahan
+        self.model_info = dataclasses.replace(self.model_info, kahan_summation=kahan)
         settings = UpdateSettings.from_config(
-            cfg, packed=self.model_info["padding_free"], kahan=kahan, backend=backend,
+            cfg, packed=self.model_info.padding_free, kahan=kahan, backend=backend,
             total_updates=self.max_steps * cfg.num_iterations,
         )  # fmt: skip
         self.updater = Updater(self.model, self.ref_model, self.params, settings)
         self.optimizer, self.scheduler = self.updater.optimizer, self.updater.scheduler
         self.memory_plan = memory_plan(self.model, cfg, self.model_info, self.ref_model)
-        print(optimizer_line(self.model, self.model_info["kahan_summation"], cfg.kahan_summation), flush=True)
+        print(optimizer_line(self.model, kahan, cfg.kahan_summation), flush=True)
         if self.device.type == "cuda":
             print(format_plan(self.memory_plan, self.model_info), flush=True)
         self.step, self.num_tokens = 0, 0
@@ -173,7 +174,9 @@ class GRPOTrainer:
         """The memory plan with Kahan summation's buffer within the device's memory (always, off CUDA)."""
         if self.device.type != "cuda":
             return True
-        plan = memory_plan(self.model, self.cfg, {**self.model_info, "kahan_summation": True}, self.ref_model)
+        plan = memory_plan(
+            self.model, self.cfg, dataclasses.replace(self.model_info, kahan_summation=True), self.ref_model
+        )
         return plan["peak_gb"] * 2**30 <= torch.cuda.get_device_properties(self.device).total_memory
 
     def _preflight_rewards(self) -> None:
