@@ -210,6 +210,57 @@ def test_a_micro_batch_reads_top_to_bottom(embedded, tmp_path, padding_free, cap
     assert modules.index("fastgrpo.train.policy") < first_op
 
 
+def calls_into(module: str, run) -> list[tuple[str, str]]:
+    """(calling module, function) for every call that enters ``module`` from another fastgrpo module
+    while ``run()`` runs."""
+    seen: list[tuple[str, str]] = []
+
+    def profile(frame, event, arg):
+        if event != "call" or frame.f_globals.get("__name__") != module or frame.f_back is None:
+            return
+        caller = frame.f_back.f_globals.get("__name__", "")
+        if caller.startswith("fastgrpo") and caller != module:
+            seen.append((caller, frame.f_code.co_name))
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def test_nothing_below_the_trainer_calls_back_into_it(embedded, tmp_path, monkeypatch):
+    """Control flows one way: what the trainer uses (updater, sampling, rewards, checkpoints, ...) never
+    calls the trainer, through construction (bf16 weights: the Kahan choice reads the memory plan), a
+    good step and a step whose loss is NaN (the trainer saves on the updater's exception)."""
+    import fastgrpo.train.update as update
+    from fastgrpo.train.trainer import GRPOTrainer, NonFiniteLossError
+
+    from helpers import train_config
+
+    below = _reachable(import_graph(), "fastgrpo.train.trainer")
+    assert {"fastgrpo.train.update", "fastgrpo.train.sampling.hf", "fastgrpo.train.rewards"} <= below
+    made: list = []
+    cfg = train_config(embedded, tmp_path, max_steps=2, dtype="bfloat16", kahan_summation=None)
+    calls = calls_into("fastgrpo.train.trainer", lambda: made.append(GRPOTrainer(cfg)))
+    trainer = made[0]
+    real = update.policy_loss
+
+    def nan_in_step_2(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan")) if trainer.step == 1 else out
+
+    monkeypatch.setattr(update, "policy_loss", nan_in_step_2)
+
+    def two_steps():
+        with pytest.raises(NonFiniteLossError, match="at step 2"):
+            trainer.train()
+
+    calls += calls_into("fastgrpo.train.trainer", two_steps)
+    assert [c for c in calls if c[0] in below] == []
+
+
 def test_every_package_is_installed():
     """A subpackage missing from pyproject's explicit list works in a source checkout and is
     missing from a wheel; compare the list with the folders."""
