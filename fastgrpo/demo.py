@@ -57,63 +57,50 @@ def make_batch(prompts, G, T, H, V, device, dtype, seed=0):
 def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    b = make_batch(
-        args.prompts,
-        args.num_generations,
-        args.max_completion_length,
-        args.hidden_size,
-        args.vocab_size,
-        device,
-        dtype,
-        args.seed,
-    )
+    b = make_batch(args.prompts, args.num_generations, args.max_completion_length, args.hidden_size,
+                   args.vocab_size, device, dtype, args.seed)  # fmt: skip
     B, T, _ = b["hidden"].shape
-    V = args.vocab_size
-    params = GRPOLossParams(
-        beta=args.beta, loss_type=args.loss_type, epsilon=0.2, epsilon_high=0.28, max_completion_length=T
-    )
+    hp = dict(beta=args.beta, epsilon=0.2, epsilon_high=0.28, loss_type=args.loss_type, max_completion_length=T)
+    params = GRPOLossParams(**hp)
     # Stand-ins for the sampling policy and the reference model: a small step away from the current one.
     current = _logp(b)
-    old = current + b["drift"]
-    ref = current - b["drift"].abs()
-    kwargs = dict(old_logprobs=old, ref_logprobs=ref)
-    hp = dict(beta=params.beta, epsilon=0.2, epsilon_high=0.28, loss_type=params.loss_type, max_completion_length=T)
-
-    def step(fn):
-        h = b["hidden"].detach().requires_grad_()
-        w = b["weight"].detach().requires_grad_()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-        t0 = time.perf_counter()
-        loss = fn(h, w)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
-        return loss.detach().double(), h.grad.double(), w.grad.double(), dt, peak
-
-    fused = step(
-        lambda h, w: (
-            fused_grpo_loss(h, w, b["targets"], b["mask"], b["advantages"], impl=args.impl, **kwargs, **hp).loss
-        )
-    )
-    naive = step(
-        lambda h, w: reference_grpo_loss(h, w, b["targets"], b["mask"], b["advantages"], params=params, **kwargs)[0]
-    )
-    tokens = int(b["mask"].sum())
-    fused_impl = route(args.impl, device, shape=(B * T, args.hidden_size, V), dtype=dtype)
-    rel = lambda a, r: float((a - r).norm() / r.norm().clamp(min=1e-30))
+    kwargs = dict(old_logprobs=current + b["drift"], ref_logprobs=current - b["drift"].abs())
+    inputs = (b["targets"], b["mask"], b["advantages"])
+    fused = _timed(b, device, lambda h, w: fused_grpo_loss(h, w, *inputs, impl=args.impl, **kwargs, **hp).loss)
+    naive = _timed(b, device, lambda h, w: reference_grpo_loss(h, w, *inputs, params=params, **kwargs)[0])
+    fused_impl = route(args.impl, device, shape=(B * T, args.hidden_size, args.vocab_size), dtype=dtype)
     print(
-        f"fastgrpo demo: {args.loss_type} loss, B={B} completions x T={T} (masked-in tokens {tokens}), "
-        f"H={args.hidden_size}, V={V}, {dtype} on {device}"
+        f"fastgrpo demo: {args.loss_type} loss, B={B} completions x T={T} (masked-in tokens {int(b['mask'].sum())}), "
+        f"H={args.hidden_size}, V={args.vocab_size}, {dtype} on {device}"
     )
+    return _report(fused, naive, fused_impl, B * T * args.vocab_size * 4 / 2**20, device)
+
+
+def _timed(b, device: torch.device, fn):
+    """(loss, dHidden, dWeight) in float64, seconds and peak extra MiB (CUDA; NaN elsewhere) of
+    ``fn(hidden, weight)``'s forward and backward."""
+    h = b["hidden"].detach().requires_grad_()
+    w = b["weight"].detach().requires_grad_()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    t0 = time.perf_counter()
+    loss = fn(h, w)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
+    return loss.detach().double(), h.grad.double(), w.grad.double(), dt, peak
+
+
+def _report(fused, naive, fused_impl: str, logits_mb: float, device: torch.device) -> int:
+    """Print the fused path against the materialized reference; 0 when they agree."""
+    rel = lambda a, r: float((a - r).norm() / r.norm().clamp(min=1e-30))
     print(f"  loss   fused {fused[0]:.6f}   naive {naive[0]:.6f}   |diff| {abs(float(fused[0] - naive[0])):.2e}")
     print(f"  grads  rel. error dHidden {rel(fused[1], naive[1]):.2e}   dWeight {rel(fused[2], naive[2]):.2e}")
     print(f"  time   fused {fused[3] * 1e3:.1f} ms   naive {naive[3] * 1e3:.1f} ms (forward + backward)")
-    logits_mb = B * T * V * 4 / 2**20
     if device.type == "cuda":
         print(f"  memory peak extra: fused {fused[4]:.0f} MiB   naive {naive[4]:.0f} MiB")
     held = {
