@@ -155,7 +155,7 @@ def _liger_fused_linear(x: Inputs, mode: str):
         beta=PARAMS.beta,
         compiled=x.hidden.device.type == "cuda",
         epsilon_low=PARAMS.epsilon_low,
-        epsilon_high=PARAMS.upper,
+        epsilon_high=PARAMS.epsilon_high_resolved,
         loss_type=PARAMS.loss_type,
         temperature=1.0,
     )
@@ -184,7 +184,7 @@ def _liger_triton(x: Inputs, mode: str):
             temperature=1.0,
             beta=PARAMS.beta,
             eps_low=PARAMS.epsilon_low,
-            eps_high=PARAMS.upper,
+            eps_high=PARAMS.epsilon_high_resolved,
             loss_type=PARAMS.loss_type,
             reduce=True,
             # In-place (Liger's default) writes d logits over the saved logits, so the bwd row's

@@ -88,7 +88,10 @@ class GRPOLossParams:
         return self.epsilon
 
     @property
-    def upper(self) -> float:
+    def epsilon_high_resolved(self) -> float:
+        """``epsilon_high``, or ``epsilon`` when it is None (TRL's ``self.epsilon_high``). TRL reads it two
+        ways, and so do we: PPO-clipped losses clip the ratio to ``1 + epsilon_high_resolved``, while CISPO
+        caps the ratio at ``epsilon_high_resolved`` itself (so CISPO wants values like 4 or 5, not 0.28)."""
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
@@ -100,7 +103,7 @@ class GRPOLossParams:
 
 def _clipped_term(ratio, adv, logp, p):
     """PPO's pessimistic clipped ratio (grpo, bnpo, dr_grpo, dapo, luspo); ``delta`` caps the unclipped one."""
-    clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.upper)
+    clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.epsilon_high_resolved)
     if p.delta is not None:
         ratio = torch.clamp(ratio, max=p.delta)  # TRL's clip metrics see this capped ratio
     return -torch.minimum(ratio * adv, clipped * adv), ratio
@@ -108,7 +111,7 @@ def _clipped_term(ratio, adv, logp, p):
 
 def _cispo_term(ratio, adv, logp, p):
     """CISPO: the clipped ratio as a detached weight on the log-prob's gradient (``upper`` is its cap)."""
-    return -torch.clamp(ratio, max=p.upper).detach() * adv * logp, ratio
+    return -torch.clamp(ratio, max=p.epsilon_high_resolved).detach() * adv * logp, ratio
 
 
 def _sapo_term(ratio, adv, logp, p):
@@ -315,10 +318,10 @@ def grpo_loss_from_logprobs(
         if kl is not None:
             metrics["kl"] = batch_mean(kl)
         low = (ratio < 1 - p.epsilon_low) & (adv < 0)
-        high = (ratio > 1 + p.upper) & (adv > 0)
+        high = (ratio > 1 + p.epsilon_high_resolved) & (adv > 0)
         metrics["clip_ratio/low_mean"] = batch_mean(low)
         metrics["clip_ratio/high_mean"] = batch_mean(high)
         metrics["clip_ratio/region_mean"] = batch_mean(low | high)
         if spec.clip_metric is not None:
-            metrics[spec.clip_metric] = batch_mean((ratio > p.upper) & (adv > 0))
+            metrics[spec.clip_metric] = batch_mean((ratio > p.epsilon_high_resolved) & (adv > 0))
     return loss, metrics

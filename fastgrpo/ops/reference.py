@@ -84,14 +84,14 @@ def reference_grpo_loss(
             per_token_kl = per_token_kl * coef_1
 
     if p.loss_type == "cispo":
-        clamped_ratios = torch.clamp(coef_1, max=p.upper).detach()
+        clamped_ratios = torch.clamp(coef_1, max=p.epsilon_high_resolved).detach()
         per_token_loss = -clamped_ratios * advantages * per_token_logps
     elif p.loss_type == "sapo":
         temperatures = torch.where(advantages > 0, p.sapo_temperature_pos, p.sapo_temperature_neg).to(f)
         soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
         per_token_loss = -soft_coef_1 * advantages
     else:
-        coef_2 = torch.clamp(coef_1, 1 - p.epsilon_low, 1 + p.upper)
+        coef_2 = torch.clamp(coef_1, 1 - p.epsilon_low, 1 + p.epsilon_high_resolved)
         if p.delta is not None:
             coef_1 = torch.clamp(coef_1, max=p.delta)
         per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
@@ -122,10 +122,11 @@ def reference_grpo_loss(
         if per_token_kl is not None:
             metrics["kl"] = masked_batch_mean(per_token_kl)
         is_low = (coef_1 < 1 - p.epsilon_low) & (advantages < 0)
-        is_high = (coef_1 > 1 + p.upper) & (advantages > 0)
+        is_high = (coef_1 > 1 + p.epsilon_high_resolved) & (advantages > 0)
         metrics["clip_ratio/low_mean"] = masked_batch_mean(is_low.to(f))
         metrics["clip_ratio/high_mean"] = masked_batch_mean(is_high.to(f))
         metrics["clip_ratio/region_mean"] = masked_batch_mean((is_low | is_high).to(f))
         if p.loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = masked_batch_mean(((coef_1 > p.upper) & (advantages > 0)).to(f))
+            capped = (coef_1 > p.epsilon_high_resolved) & (advantages > 0)
+            metrics["cispo_clip_ratio"] = masked_batch_mean(capped.to(f))
     return loss, per_token_logps, entropies, metrics
