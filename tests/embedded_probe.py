@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastgrpo.train.embedded import _prompt_text
-from fastgrpo.train.embedded_task import completion_text, format_prompt
+from fastgrpo.train.embedded_task import addition_completion, addition_prompt
 from fastgrpo.train.sampling import HFGenerator
 
 
@@ -49,11 +49,11 @@ def answer_probabilities(model: Any, tokenizer: Any, a: int, b: int, max_value: 
     """
     import torch
 
-    prompt = tokenizer(_prompt_text(tokenizer, format_prompt(a, b)), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(_prompt_text(tokenizer, addition_prompt(a, b)), add_special_tokens=False)["input_ids"]
     keys, seqs = [], []
     for value in range(max_value + 1):
         for think in (False, True):
-            completion = tokenizer(completion_text(a, b, value, think), add_special_tokens=False)["input_ids"]
+            completion = tokenizer(addition_completion(a, b, value, think), add_special_tokens=False)["input_ids"]
             keys.append(value)
             seqs.append(prompt + completion + [tokenizer.eos_token_id])
     width = max(map(len, seqs))

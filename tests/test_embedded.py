@@ -188,7 +188,7 @@ def test_expected_nll_rows_match_entropy(tokenizer):
     completions = {}
     for value, prob in task.answer_distribution(a, b).items():
         for think, p_t in ((True, task.P_THINK), (False, 1 - task.P_THINK)):
-            ids = tokenizer(task.completion_text(a, b, value, think), add_special_tokens=False)["input_ids"]
+            ids = tokenizer(task.addition_completion(a, b, value, think), add_special_tokens=False)["input_ids"]
             completions[(*ids, tokenizer.eos_token_id)] = prob * p_t
     entropy = -sum(p * math.log(p) for p in completions.values())
 
@@ -254,7 +254,7 @@ def test_base_model_behaviour(embedded):
         assert WELL_FORMED.match(completion[0]), completion
 
     pairs = [(a, b) for a in range(10) for b in range(10)]
-    groups = probe.sample_completions(model, tok, [task.format_prompt(a, b) for a, b in pairs], num_samples=8)
+    groups = probe.sample_completions(model, tok, [task.addition_prompt(a, b) for a, b in pairs], num_samples=8)
     samples = [(c, str(a + b)) for (a, b), group in zip(pairs, groups, strict=True) for c in group]
     accuracy = sum(task.is_correct(c, gold) for c, gold in samples) / len(samples)
     fmt = sum(task.is_well_formatted(c) for c, _ in samples) / len(samples)

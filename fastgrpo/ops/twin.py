@@ -46,7 +46,7 @@ def _scaled_logits(hidden, weight, bias, inv_temp):
     return z.mul_(inv_temp)
 
 
-class _ChunkedLinearLogprobs(torch.autograd.Function):
+class _TwinLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, active, inv_temp, chunk_bytes):
         N = hidden.shape[0]
@@ -141,4 +141,4 @@ def linear_logprobs_torch(
         (logp, entropy), each (N,) fp32, differentiable w.r.t. hidden, weight and bias.
     """
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    return _ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, active, 1.0 / float(temperature), chunk_bytes)
+    return _TwinLinearLogprobs.apply(hidden, weight, bias, targets, active, 1.0 / float(temperature), chunk_bytes)

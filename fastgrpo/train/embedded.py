@@ -36,10 +36,10 @@ from .embedded_task import (
     P_CORRECT,
     P_NEAR,
     P_THINK,
+    addition_completion,
+    addition_prompt,
     answer_distribution,
     build_tokenizer,
-    completion_text,
-    format_prompt,
     write_dataset,
 )
 
@@ -221,14 +221,14 @@ def _warmup_rows(tokenizer: Any, p_think: float, p_near: float) -> dict[str, Any
 
     rows = []  # (prompt index, is-right-part, prompt, row)
     for index, (a, b) in enumerate((a, b) for a in range(10) for b in range(10)):
-        prompt = encode(_prompt_text(tokenizer, format_prompt(a, b)))
+        prompt = encode(_prompt_text(tokenizer, addition_prompt(a, b)))
         wrong = answer_distribution(a, b, 0.0, p_near)
         for right, dist in ((True, {a + b: 1.0}), (False, wrong)):
             completions: dict[tuple[int, ...], float] = {}
             for value, prob in dist.items():
                 for think, p_t in ((True, p_think), (False, 1.0 - p_think)):
                     if prob * p_t > 0:
-                        completions[encode(completion_text(a, b, value, think)) + (eos,)] = prob * p_t
+                        completions[encode(addition_completion(a, b, value, think)) + (eos,)] = prob * p_t
             rows += [(index, right, prompt, row) for row in _expected_nll_rows(completions)]
     # Right padding: positions start at 0 in every row, as in unpadded generation.
     width = max(len(prompt) + len(row[0]) for _, _, prompt, row in rows)

@@ -96,7 +96,7 @@ def build_tokenizer(padding_side: str = "left", model_max_length: int = 128) -> 
 # -------------------------------------------------------------------------------------------- task
 
 
-def format_prompt(a: int, b: int) -> str:
+def addition_prompt(a: int, b: int) -> str:
     """The user message for ``a + b``."""
     return f"{a}+{b}"
 
@@ -112,7 +112,7 @@ def make_dataset_rows(n: int, seed: int) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
         a, b = rng.randrange(10), rng.randrange(10)
-        rows.append({"prompt": format_prompt(a, b), "answer": str(a + b)})
+        rows.append({"prompt": addition_prompt(a, b), "answer": str(a + b)})
     return rows
 
 
@@ -160,7 +160,7 @@ def answer_distribution(a: int, b: int, p_correct: float = P_CORRECT, p_near: fl
     return dist
 
 
-def completion_text(a: int, b: int, value: int, think: bool) -> str:
+def addition_completion(a: int, b: int, value: int, think: bool) -> str:
     """The completion answering ``value`` to ``a + b``, with or without the ``<think>`` block (no EOS)."""
     return (f"<think>{a}+{b}</think>" if think else "") + f"<answer>{value}</answer>"
 
@@ -177,4 +177,4 @@ def noisy_completion(
     ``<think>`` block with probability ``p_think``."""
     dist = answer_distribution(a, b, p_correct, p_near)
     value = rng.choices(list(dist), weights=list(dist.values()))[0]
-    return completion_text(a, b, value, rng.random() < p_think)
+    return addition_completion(a, b, value, rng.random() < p_think)

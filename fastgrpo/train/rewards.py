@@ -110,7 +110,7 @@ def accuracy_reward(prompts: list[str], completions: list[str], answer: list | N
     if answer is None:
         raise ValueError("accuracy reward needs the 'answer' column")
     return [
-        None if a is None else float(answers_match(extract_answer(completion_text(c)), gold_answer(a)))
+        None if a is None else float(answers_match(extract_answer(as_text(c)), gold_answer(a)))
         for c, a in zip(completions, answer, strict=True)
     ]
 
@@ -122,11 +122,11 @@ _FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     """1.0 where the completion is exactly ``<think>...</think>`` then ``<answer>...</answer>`` (whitespace
     allowed around and between, one of each tag), else 0.0. Returns a list (N,)."""
-    texts = [completion_text(c) for c in completions]
+    texts = [as_text(c) for c in completions]
     return [float(bool(_FORMAT_RE.fullmatch(c)) and all(c.count(t) == 1 for t in _FORMAT_TAGS)) for c in texts]
 
 
-def completion_text(completion) -> str:
+def as_text(completion) -> str:
     """The text of a completion: a string, or (conversational datasets, as TRL passes them) a list
     of messages whose last one holds the assistant's reply."""
     if isinstance(completion, str):
@@ -268,7 +268,7 @@ class RewardModel:
 
     def format(self, prompt, completion) -> str:
         """The text scored for one (prompt, completion) pair; either may be a string or a message list."""
-        completion = completion_text(completion)
+        completion = as_text(completion)
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             messages.append({"role": "assistant", "content": completion})
