@@ -27,7 +27,7 @@ from .resume import apply_optimizer_settings, changed_settings, check_resume_set
 from .rewards import RewardFunctionError, RewardScorer, build_reward_functions
 from .rollouts import Batch, Rollouts
 from .run_dir import RunDir
-from .sampling import SamplingParams, build_generator, check_backend
+from .sampling import SamplingParams, build_generator, check_backend, completion_texts
 from .tracking import (
     METRICS_FILE,
     NO_SIGNAL_SHARE,
@@ -213,10 +213,7 @@ class GRPOTrainer:
         with self.times("sample"):
             ro = self.generator.generate(texts, self.sampling)
         with self.times("score"):
-            ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
-            completions = self.tokenizer.batch_decode(
-                [[t for t in x if t not in self.generator.eos_token_ids] for x in ids], skip_special_tokens=True
-            )
+            ids, completions = completion_texts(ro, self.tokenizer, self.generator.eos_token_ids)
             scored = self._score(rows, completions, ids, ro.truncated.tolist())
             no_signal = self._no_signal(scored)
         return {"rollouts": ro, "scored": scored, "no_signal": no_signal}

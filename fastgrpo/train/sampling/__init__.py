@@ -23,7 +23,14 @@ import os
 import torch
 
 from ..config import GENERATION_BACKENDS
-from .base import Generator, SamplingParams, completion_mask_and_truncation, eos_and_pad, tokenize_prompts
+from .base import (
+    Generator,
+    SamplingParams,
+    completion_mask_and_truncation,
+    completion_texts,
+    eos_and_pad,
+    tokenize_prompts,
+)
 from .hf import HFGenerator
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "build_generator",
     "check_backend",
     "completion_mask_and_truncation",
+    "completion_texts",
     "eos_and_pad",
     "resolve_backend",
     "tokenize_prompts",

@@ -127,3 +127,12 @@ def rollouts_from_token_rows(
         None if logprob_rows is None else torch.where(cmask, logprobs, 0.0),
     )
     return ro.map(lambda x: x.to(device))
+
+
+def completion_texts(rollouts: Rollouts, tokenizer, eos_token_ids: list[int]) -> tuple[list[list[int]], list[str]]:
+    """What the rewards see of each completion: its token ids (masked-in, the EOS kept) and its text (EOS
+    ids dropped, special tokens skipped), in row order."""
+    ids = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.completion_mask, strict=True)]
+    eos = set(eos_token_ids)
+    texts = tokenizer.batch_decode([[t for t in x if t not in eos] for x in ids], skip_special_tokens=True)
+    return ids, texts
