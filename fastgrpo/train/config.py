@@ -180,6 +180,10 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class Config:
+    """The whole configuration. Read a field flat (``cfg.learning_rate``: names are unique across
+    sections), except ``cfg.model.model``, whose section shares its name; write through its section
+    (``cfg.train.learning_rate = ...``)."""
+
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)

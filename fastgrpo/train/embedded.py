@@ -415,7 +415,7 @@ def resolve(cfg: Config) -> Job:
     """The run ``cfg`` asks for, complete. With no model named, the embedded base model and data are built
     (or found in :func:`cache_dir`) and named in a copy of ``cfg``; ``cfg`` itself is not changed."""
     if cfg.model.model is not None:
-        if cfg.data.dataset is None:
+        if cfg.dataset is None:
             raise ValueError("dataset is required when model is given")
         return Job(cfg)
     check_no_data_without_model(cfg)

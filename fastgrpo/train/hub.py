@@ -199,5 +199,5 @@ def check_hub_sources(cfg) -> None:
     model = cfg.model.model
     if model is not None and not cfg.resume_from_checkpoint and is_hub_model(model):
         hub_source("--model", model, "model")
-    if cfg.data.dataset is not None and not is_local_dataset(cfg.data.dataset):
-        hub_source("--dataset", cfg.data.dataset, "dataset")
+    if cfg.dataset is not None and not is_local_dataset(cfg.dataset):
+        hub_source("--dataset", cfg.dataset, "dataset")

@@ -69,8 +69,8 @@ class GRPOTrainer:
         self.title = title or f"fastgrpo train: {cfg.model.model}"
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
-        self.device = resolve_device(cfg.model.device)
-        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, self.device)
         # Cheap checks first: hub names, data columns and reward functions fail before any model loads.
         check_hub_sources(cfg)  # an unreachable hub: one line now, not minutes of retries
         self.dataset = load_prompt_dataset(
