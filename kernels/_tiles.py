@@ -68,6 +68,36 @@ def _logits_tile(
 
 
 @triton.jit
+def _grouped_tile(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """(token block, vocabulary block) of this program in grouped order: GROUP_N token blocks sweep the
+    vocabulary together, so each weight tile is read from L2 by several programs in a row."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    first_n = pid // (GROUP_N * num_v) * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * num_v)) % group_size
+    pid_v = (pid % (GROUP_N * num_v)) // group_size
+    return pid_n, pid_v
+
+
+@triton.jit
+def _dlogits_tile(u, offs_v, y, lse, g_lp, g_ent, ent, HAS_DENT: tl.constexpr):
+    """d loss / d u of a (BLOCK_N, BLOCK_V) tile of scaled logits ``u``, from each token's target ``y``,
+    log Z ``lse``, upstream d loss / d logp ``g_lp`` and (HAS_DENT) d loss / d entropy ``g_ent`` and
+    entropy ``ent``; the caller scales by 1 / temperature and masks. The caller loads the (BLOCK_N,)
+    vectors, in the order its register schedule was measured with (the compile gate)."""
+    logp = u - lse[:, None]
+    p = tl.exp(logp)
+    # d logp_y / d u_v = [v == y] - p_v
+    dz = g_lp[:, None] * ((offs_v[None, :] == y[:, None]).to(tl.float32) - p)
+    if HAS_DENT:
+        # d entropy / d u_v = -p_v (log p_v + entropy)
+        dz -= g_ent[:, None] * p * tl.where(p > 0, logp + ent[:, None], 0.0)
+    return dz
+
+
+@triton.jit
 def _online_lse_update(m_i, s0, s1, u):
     """Fold a logit tile into (running max m, s0 = sum e^t, s1 = sum e^t * t), t = u - m.
 

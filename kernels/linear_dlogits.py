@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import _gemm
 from ._args import as_contiguous, nan_where_invalid
-from ._tiles import _dlogits_constants, _launch_constants, _logits_tile, _target
+from ._tiles import _dlogits_constants, _dlogits_tile, _grouped_tile, _launch_constants, _logits_tile, _target
 
 # Bound on one chunk's d loss / d logits workspace (input dtype); ~1,700 tokens at V = 152K, bf16.
 WORKSPACE_BYTES = 512 << 20
@@ -67,15 +67,7 @@ def _dlogits_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_N token blocks sweep the vocabulary together, so each weight tile
-    # is read from L2 by several programs in a row.
-    pid = tl.program_id(0).to(tl.int64)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(V, BLOCK_V)
-    first_n = pid // (GROUP_N * num_v) * GROUP_N
-    group_size = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % (GROUP_N * num_v)) % group_size
-    pid_v = (pid % (GROUP_N * num_v)) // group_size
+    pid_n, pid_v = _grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -105,15 +97,11 @@ def _dlogits_kernel(
     y = tl.load(y_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
     g_lp = tl.load(g_lp_ptr + offs_n, mask=n_mask, other=0.0)
-    logp = u - lse[:, None]
-    p = tl.exp(logp)
-    # d logp_y / d u_v = [v == y] - p_v
-    dz = g_lp[:, None] * ((offs_v[None, :] == y[:, None]).to(tl.float32) - p)
+    g_ent, ent = g_lp, lse  # read only with HAS_DENT
     if HAS_DENT:
-        # d entropy / d u_v = -p_v (log p_v + entropy)
         g_ent = tl.load(g_ent_ptr + offs_n, mask=n_mask, other=0.0)
         ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
-        dz -= g_ent[:, None] * p * tl.where(p > 0, logp + ent[:, None], 0.0)
+    dz = _dlogits_tile(u, offs_v, y, lse, g_lp, g_ent, ent, HAS_DENT)
     tile = n_mask[:, None] & v_mask[None, :]
     tl.store(dz_ptr + offs_n[:, None] * stride_zn + offs_v[None, :], (dz * inv_temp).to(dz_ptr.dtype.element_ty), tile)
 

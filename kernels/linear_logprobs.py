@@ -29,7 +29,9 @@ import triton.language as tl
 from ._args import as_contiguous, nan_where_invalid
 from ._debug import alloc_output
 from ._tiles import (
+    _dlogits_tile,
     _fwd_constants,
+    _grouped_tile,
     _launch_constants,
     _load_rows,
     _logits_tile,
@@ -174,21 +176,13 @@ def _bwd_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_N token blocks sweep the vocabulary together so each weight
-    # tile is read from L2 by several programs in a row.
-    pid = tl.program_id(0).to(tl.int64)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(V, BLOCK_V)
-    group = pid // (GROUP_N * num_v)
-    first_n = group * GROUP_N
-    group_size = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % (GROUP_N * num_v)) % group_size
-    pid_v = (pid % (GROUP_N * num_v)) // group_size
+    pid_n, pid_v = _grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = offs_n < N
     g_lp = tl.load(g_lp_ptr + offs_n, mask=n_mask, other=0.0)
     live = tl.abs(g_lp)
+    g_ent = g_lp  # read only with HAS_DENT
     if HAS_DENT:
         g_ent = tl.load(g_ent_ptr + offs_n, mask=n_mask, other=0.0)
         live += tl.abs(g_ent)
@@ -218,14 +212,10 @@ def _bwd_kernel(
         )
         y = tl.load(y_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
         lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
-        logp = u - lse[:, None]
-        p = tl.exp(logp)
-        # d logp_y / d u_v = [v == y] - p_v
-        dz = g_lp[:, None] * ((offs_v[None, :] == y[:, None]).to(tl.float32) - p)
+        ent = lse  # read only with HAS_DENT
         if HAS_DENT:
-            # d entropy / d u_v = -p_v (log p_v + entropy)
             ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
-            dz -= g_ent[:, None] * p * tl.where(p > 0, logp + ent[:, None], 0.0)
+        dz = _dlogits_tile(u, offs_v, y, lse, g_lp, g_ent, ent, HAS_DENT)
         dz = tl.where(n_mask[:, None] & v_mask[None, :], dz * inv_temp, 0.0)
         keep = True
         if HAS_FILTER:
