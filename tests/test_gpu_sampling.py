@@ -39,11 +39,11 @@ def _prompts(tokenizer) -> list[str]:
 
 def _vllm(model, tokenizer, model_dir, tmp_path, **values):
     from fastgrpo.train.config import build_config
-    from fastgrpo.train.sampling.vllm import VLLMGenerator
+    from fastgrpo.train.sampling.vllm import VLLMGenerator, VLLMSettings
 
     base = dict(model=model_dir, output_dir=str(tmp_path), max_prompt_length=64, max_completion_length=16)
     base.update(vllm_gpu_memory_utilization=0.2, vllm_enable_sleep_mode=True)
-    return VLLMGenerator(model, tokenizer, build_config(({**base, **values}, "test")))
+    return VLLMGenerator(model, tokenizer, VLLMSettings.from_config(build_config(({**base, **values}, "test"))))
 
 
 def _assert_logprobs_are_the_policys(model, ro, temperature, tol):

@@ -169,7 +169,7 @@ def test_engine_kwargs_from_the_config(dtype, name):
         generation_batch_size=16,
         trust_remote_code=True,
     )
-    kw = V.vllm_engine_kwargs(cfg, "/models/tiny", dtype, torch.device("cuda"))
+    kw = V.vllm_engine_kwargs(V.VLLMSettings.from_config(cfg), "/models/tiny", dtype, torch.device("cuda"))
     assert kw == dict(
         model="/models/tiny",
         dtype=name,
@@ -189,15 +189,19 @@ def test_engine_kwargs_from_the_config(dtype, name):
 def test_engine_kwargs_defaults_and_limits():
     """No prompt cap: the model's own max_model_len (None); no generation_batch_size: vLLM's max_num_seqs; a
     batch larger than the profiler's token count raises it, so a whole batch's decode step fits."""
-    kw = V.vllm_engine_kwargs(_config(max_prompt_length=None), "m", torch.bfloat16, torch.device("cuda"))
+    kw = V.vllm_engine_kwargs(
+        V.VLLMSettings.from_config(_config(max_prompt_length=None)), "m", torch.bfloat16, torch.device("cuda")
+    )
     assert kw["max_model_len"] is None and "max_num_seqs" not in kw
     assert kw["max_num_batched_tokens"] == V.MAX_NUM_BATCHED_TOKENS
     assert kw["gpu_memory_utilization"] == 0.3 and kw["enable_sleep_mode"] is True  # the config's defaults
     assert kw["seed"] == 42 and kw["trust_remote_code"] is False
-    big = V.vllm_engine_kwargs(_config(generation_batch_size=8192), "m", torch.bfloat16, torch.device("cuda"))
+    big = V.vllm_engine_kwargs(
+        V.VLLMSettings.from_config(_config(generation_batch_size=8192)), "m", torch.bfloat16, torch.device("cuda")
+    )
     assert big["max_num_seqs"] == 8192 and big["max_num_batched_tokens"] == 8192
     with pytest.raises(ValueError, match="float64"):
-        V.vllm_engine_kwargs(_config(), "m", torch.float64, torch.device("cuda"))
+        V.vllm_engine_kwargs(V.VLLMSettings.from_config(_config()), "m", torch.float64, torch.device("cuda"))
 
 
 # ---- RequestOutput list -> Rollouts ----------------------------------------------------------------------
@@ -581,7 +585,7 @@ def fake_vllm(clean_env):
 def _generator(fake, tokenizer, model=None, sleep_level=1, **values):
     model = model if model is not None else _tiny_model()
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 5]
-    gen = V.VLLMGenerator(model, tokenizer, _config(**values), sleep_level=sleep_level)
+    gen = V.VLLMGenerator(model, tokenizer, V.VLLMSettings.from_config(_config(**values)), sleep_level=sleep_level)
     return gen, fake.llms[-1]
 
 
@@ -601,7 +605,7 @@ def test_engine_is_built_from_the_config_and_gets_the_policys_weights(fake_vllm,
     model = _tiny_model()
     gen, llm = _generator(fake_vllm, tokenizer, model, generation_batch_size=8, seed=3)
     assert len(fake_vllm.llms) == 1
-    assert llm.kwargs == V.vllm_engine_kwargs(gen.cfg, "/models/tiny", torch.float32, torch.device("cpu"))
+    assert llm.kwargs == V.vllm_engine_kwargs(gen.settings, "/models/tiny", torch.float32, torch.device("cpu"))
     assert llm.kwargs["model"] == "/models/tiny" and llm.kwargs["max_num_seqs"] == 8 and llm.kwargs["seed"] == 3
     assert _take(fake_vllm.log) == PUSH
     (pushed,) = llm.model.loads
@@ -726,7 +730,7 @@ def test_engine_with_lora_loads_the_base_and_gets_merged_weights(fake_vllm, toke
     base = _tiny_model()
     base.name_or_path = "/models/base"  # as from_pretrained sets it
     pm = _lora(base)
-    gen = V.VLLMGenerator(pm, tokenizer, build_config(({"model": None}, "test")))
+    gen = V.VLLMGenerator(pm, tokenizer, V.VLLMSettings.from_config(build_config(({"model": None}, "test"))))
     llm = fake_vllm.llms[-1]
     assert llm.kwargs["model"] == "/models/base" and llm.kwargs["dtype"] == "float32"
     (pushed,) = llm.model.loads
@@ -734,11 +738,11 @@ def test_engine_with_lora_loads_the_base_and_gets_merged_weights(fake_vllm, toke
     assert set(pushed) == set(want) and all(torch.equal(pushed[n], want[n]) for n in want)
     assert gen.eos_token_ids == [tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="needs the model as a directory"):
-        V.VLLMGenerator(_tiny_model(), tokenizer, build_config(({"model": None}, "test")))
+        V.VLLMGenerator(_tiny_model(), tokenizer, V.VLLMSettings())
     converted = _tiny_model()
     converted._weight_conversions = [WeightConverter()]
     with pytest.raises(ValueError, match="cannot push"):
-        V.VLLMGenerator(converted, tokenizer, _config())
+        V.VLLMGenerator(converted, tokenizer, V.VLLMSettings.from_config(_config()))
     assert len(fake_vllm.llms) == 1
 
 

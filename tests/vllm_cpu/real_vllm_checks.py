@@ -18,7 +18,7 @@ from fastgrpo.train.config import build_config
 from fastgrpo.train.embedded_task import build_tokenizer
 from fastgrpo.train.policy import completion_logprobs
 from fastgrpo.train.sampling import HFGenerator, SamplingParams, check_backend
-from fastgrpo.train.sampling.vllm import VLLMGenerator
+from fastgrpo.train.sampling.vllm import VLLMGenerator, VLLMSettings
 
 PROMPTS = ["3+4=", "12+9=", "what is 7+1?"]
 PROMPT_CAP, CAP = 16, 12
@@ -60,7 +60,7 @@ def _policy(model_dir):
 
 def _engine(policy, tokenizer, model_dir, tmp_path, **values):
     base = dict(model=model_dir, output_dir=str(tmp_path), max_prompt_length=PROMPT_CAP, max_completion_length=CAP)
-    return VLLMGenerator(policy, tokenizer, build_config(({**base, **values}, "test")))
+    return VLLMGenerator(policy, tokenizer, VLLMSettings.from_config(build_config(({**base, **values}, "test"))))
 
 
 def _assert_logprobs_are_the_policys(policy, ro, temperature):

