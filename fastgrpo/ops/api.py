@@ -348,7 +348,10 @@ def _fused_grpo_loss(
     x: LossTensors, params: GRPOLossParams, num_items_in_batch, knobs: _Knobs
 ) -> tuple[GRPOLossOutput, str]:
     """Check, route, run: (the output, the path that ran)."""
-    num_items_in_batch = checks.check_loss_inputs(*x[:8], params.beta, num_items_in_batch)
+    num_items_in_batch = checks.check_loss_inputs(
+        x.hidden, x.weight, x.targets, x.mask, x.advantages, x.old_logprobs, x.ref_logprobs, x.bias, params.beta,
+        num_items_in_batch,
+    )  # fmt: skip
     B, T = x.targets.shape
     H, V = x.hidden.shape[-1], x.weight.shape[0]
     hidden, weight, bias = _cast_for_autocast(x.hidden, x.weight, x.bias)  # route by the dtype that runs

@@ -56,8 +56,7 @@ class GRPOLossParams:
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
             object.__setattr__(self, name, value)
-        if self.loss_type not in LOSS_SPECS:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        spec = loss_spec(self.loss_type)
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(
                 f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
@@ -72,7 +71,7 @@ class GRPOLossParams:
         # A cap at or below 1 would clip every ratio above 1, even inside the clip region.
         if self.delta is not None and self.delta <= 1:
             raise ValueError(f"delta must be > 1 or None, got {self.delta}")
-        if loss_spec(self.loss_type).normalizer.needs_max_completion_length:
+        if spec.normalizer.needs_max_completion_length:
             mcl = self.max_completion_length
             if mcl is None or isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0:
                 raise ValueError(f"loss_type={self.loss_type!r} needs max_completion_length > 0, got {mcl!r}")
@@ -110,7 +109,7 @@ def _clipped_term(ratio, adv, logp, p):
 
 
 def _cispo_term(ratio, adv, logp, p):
-    """CISPO: the clipped ratio as a detached weight on the log-prob's gradient (``upper`` is its cap)."""
+    """CISPO: the ratio capped at ``epsilon_high_resolved``, as a detached weight on the log-prob's gradient."""
     return -torch.clamp(ratio, max=p.epsilon_high_resolved).detach() * adv * logp, ratio
 
 
@@ -170,7 +169,8 @@ SEQUENCE_SUM = Normalizer(  # each row's token sum, averaged over rows: longer r
 class LossSpec:
     """One loss type: its per-token policy term ``term(ratio, adv, logp, params) -> (per_token, ratio)``,
     its normalizer, whether it is PPO-clipped (TRL logs clip ratios for those), and the name of its own
-    clip metric, if any (``cispo_clip_ratio``: ratio above ``upper`` with a positive advantage)."""
+    clip metric, if any (``cispo_clip_ratio``: ratio above ``epsilon_high_resolved`` with a positive
+    advantage)."""
 
     term: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     normalizer: Normalizer
@@ -194,7 +194,7 @@ def loss_spec(loss_type: str) -> LossSpec:
     """The registry entry of ``loss_type``; one line naming the valid types otherwise."""
     try:
         return LOSS_SPECS[loss_type]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable value (a list) is no loss type either
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}") from None
 
 

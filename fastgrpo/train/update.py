@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -70,23 +70,24 @@ class NonFiniteUpdate(ArithmeticError):
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    """Everything the update phase reads, resolved once before the ``Updater`` is built."""
+    """Everything the update phase reads, resolved once before the ``Updater`` is built. No defaults:
+    the config's are the only ones (``from_config``)."""
 
     micro_batch_rows: int  # rows per micro-batch (per_device_train_batch_size)
-    max_tokens_per_microbatch: int | None = None  # token budget per micro-batch (None: rows only)
-    packed: bool = False  # padding-free micro-batches (resolved padding_free)
-    num_iterations: int = 1  # optimizer updates per generation batch
-    max_grad_norm: float = 1.0  # clip threshold; <= 0 measures the norm and never clips
-    loss_impl: str = "auto"  # fused op implementation for every pass
-    kahan: bool = False  # torch-optimi's AdamW with Kahan summation (resolve_kahan_summation)
-    learning_rate: float = 1e-6
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "constant"  # linear, cosine, constant, constant_with_warmup
-    warmup_updates: int = 0
-    total_updates: int = 1
-    correction: CorrectionSettings = field(default_factory=CorrectionSettings)  # sampler/trainer mismatch
+    max_tokens_per_microbatch: int | None  # token budget per micro-batch (None: rows only)
+    packed: bool  # padding-free micro-batches (resolved padding_free)
+    num_iterations: int  # optimizer updates per generation batch
+    max_grad_norm: float  # clip threshold; <= 0 measures the norm and never clips
+    loss_impl: str  # fused op implementation for every pass
+    kahan: bool  # torch-optimi's AdamW with Kahan summation (resolve_kahan_summation)
+    learning_rate: float
+    adam_betas: tuple[float, float]
+    adam_epsilon: float
+    weight_decay: float
+    lr_scheduler_type: str  # linear, cosine, constant, constant_with_warmup
+    warmup_updates: int
+    total_updates: int
+    correction: CorrectionSettings  # the sampler/trainer mismatch correction, resolved for the backend
 
     @classmethod
     def from_config(
@@ -167,12 +168,10 @@ class Updater:
 
     def __init__(self, model, ref_model, params: GRPOLossParams, settings: UpdateSettings):
         self.model, self.ref_model, self.params, self.settings = model, ref_model, params, settings
-        self.correction = settings.correction
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
         self.device = trainable[0].device
-        self.kahan = settings.kahan
         self.optimizer = build_optimizer(trainable, settings)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(settings.lr_scheduler_type, settings.warmup_updates, settings.total_updates)
@@ -183,6 +182,14 @@ class Updater:
     @property
     def packed(self) -> bool:
         return self.settings.packed
+
+    @property
+    def kahan(self) -> bool:
+        return self.settings.kahan
+
+    @property
+    def correction(self) -> CorrectionSettings:
+        return self.settings.correction
 
     def micro_batches(self, batch: Batch) -> list[MicroBatch]:
         ro = batch.rollouts
