@@ -30,7 +30,7 @@ TRL_VOCAB_CHUNK = 32768  # TRL's GRPOTrainer default for the chunked log-prob pa
 
 # Implementations whose forward already computes the gradients (the backward only scales them):
 # their bwd row is not measured and their fwd row is held to the whole fwd+bwd floor.
-GRADS_IN_FORWARD = frozenset({"liger-fused-linear", "fastgrpo-chunked"})
+GRADS_IN_FORWARD = frozenset({"liger-fused-linear", "fastgrpo-chunked", "fastgrpo-chunked-input-acc"})
 
 
 class Missing(Exception):
@@ -220,6 +220,8 @@ IMPLS: dict[str, Callable[[Inputs, str], Callable[[], torch.Tensor]]] = {
     "naive": _naive,
     "fastgrpo-torch": _fastgrpo("torch"),
     "fastgrpo-chunked": _fastgrpo("chunked"),
+    # dWeight summed in the weight's dtype over token chunks (issue 26): beside the fp32 row, one window times both.
+    "fastgrpo-chunked-input-acc": _fastgrpo("chunked", grad_accumulation="input"),
     "fastgrpo-fused": _fastgrpo("fused"),
     "fastgrpo-fused-filter": _fastgrpo("fused", grad_filter_eps=GRAD_FILTER_EPS),
     "naive-compile": _naive_compiled,

@@ -7,7 +7,9 @@ gate (``benchmarks/compile_gate.py``) holds every one of them to no spills and t
 """
 
 import contextlib
+import dataclasses
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,28 +36,23 @@ def _load_rows(ptr, offs_r, r_mask, offs_h, h_mask, stride_r, stride_h, UPCAST: 
 
 @triton.jit
 def _logits_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    offs_n,
-    offs_v,
+    head,  # (h_ptr (N, H), w_ptr (V, H), b_ptr (V,) or dummy)
+    strides,  # head's (stride_hn, stride_hh, stride_wv, stride_wh)
+    offs_n,  # (BLOCK_N,) int64 token ids, n_mask their bound
+    offs_v,  # (BLOCK_V,) int64 vocabulary ids, v_mask their bound
     n_mask,
-    v_mask,  # (BLOCK_N,) int64, (BLOCK_V,) int64, masks
+    v_mask,
     H,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
     inv_temp,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """Temperature-scaled logits (BLOCK_N, BLOCK_V) in fp32; -inf past the vocabulary end."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_ptr, w_ptr, b_ptr = head
+    stride_hn, stride_hh, stride_wv, stride_wh = strides
+    acc = tl.zeros((offs_n.shape[0], offs_v.shape[0]), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
@@ -193,64 +190,49 @@ def _family(capability: tuple[int, int] | None) -> str:
     return "sm100" if major >= 10 else "sm90" if major == 9 else "sm80"
 
 
-def _launch_constants(dtype: torch.dtype, capability: tuple[int, int] | None = None) -> dict:
-    """Tile sizes and dot precision for a dtype on a GPU of ``capability`` (None: the sm80 family).
+class Tile(NamedTuple):
+    """One kernel's launch shape: a (block_n x block_v) logits tile over block_h-wide H steps."""
 
-    BLOCK_N / BLOCK_V / BLOCK_H, ``bwd_warps`` and ``stages`` are the backward's; on a GPU the
-    forward's are ``FWD_BLOCK_N`` / ``FWD_BLOCK_V`` / ``FWD_BLOCK_H``, ``fwd_warps``, ``fwd_stages``
-    (the interpreter uses one set for both; see ``_fwd_constants``).
+    block_n: int
+    block_v: int
+    block_h: int
+    warps: int
+    stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Tiles and dot precision of the lm_head kernels for one dtype on one target.
+
+    ``fwd``: the forward; ``bwd``: the filtered (atomic) backward; ``dlogits``: the exact
+    backward's d-logits kernel (the forward's tile unless the family has its own).
     """
-    interp = _interpreting()
+
+    dot_precision: str  # "tf32" or "ieee"; 16-bit dots ignore it
+    upcast: bool  # the interpreter's bf16 workaround (see _load_rows)
+    fwd: Tile
+    bwd: Tile
+    dlogits: Tile
+
+
+def _launch_constants(dtype: torch.dtype, capability: tuple[int, int] | None = None) -> LaunchConfig:
+    """Tiles and dot precision for a dtype on a GPU of ``capability`` (None: the sm80 family)."""
     # fp32 follows torch's own matmul policy (IEEE unless the user allowed TF32); the setting
     # is ignored for 16-bit operands.
     prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if interp:
+    if _interpreting():
         # Each interpreted program costs tens of ms: tiles as large as test shapes allow while
         # still leaving partial tiles in every dimension (e.g. N=37, V=1003, H=72).
-        return dict(
-            DOT_PRECISION=prec,
-            UPCAST=dtype == torch.bfloat16,
-            BLOCK_N=32,
-            BLOCK_V=128,
-            BLOCK_H=32,
-            fwd_warps=1,
-            bwd_warps=1,
-            stages=1,
-        )
+        tile = Tile(32, 128, 32, 1, 1)
+        return LaunchConfig(prec, dtype == torch.bfloat16, tile, tile, tile)
     kind = "16bit" if dtype != torch.float32 else prec
     cfg = _GPU_CONFIGS[(_family(capability), kind)]
-    fn, fv, fh, fw, fs = cfg["fwd"]
-    bn, bv, bh, bw, bs = cfg["bwd"]
-    extra = {"DLOGITS": cfg["dlogits"]} if "dlogits" in cfg else {}
-    return dict(
-        **extra,
-        DOT_PRECISION=prec,
-        UPCAST=False,
-        BLOCK_N=bn,
-        BLOCK_V=bv,
-        BLOCK_H=bh,
-        bwd_warps=bw,
-        stages=bs,
-        FWD_BLOCK_N=fn,
-        FWD_BLOCK_V=fv,
-        FWD_BLOCK_H=fh,
-        fwd_warps=fw,
-        fwd_stages=fs,
-    )
+    fwd = Tile(*cfg["fwd"])
+    return LaunchConfig(prec, False, fwd, Tile(*cfg["bwd"]), Tile(*cfg["dlogits"]) if "dlogits" in cfg else fwd)
 
 
-def _dlogits_constants(c: dict) -> tuple[int, int, int, int, int]:
-    """The d-logits kernel's (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): its own where the
-    family has one (``dlogits``), else the forward's (the same logits tile, a lighter epilogue)."""
-    return c.get("DLOGITS") or _fwd_constants(c)
-
-
-def _fwd_constants(c: dict) -> tuple[int, int, int, int, int]:
-    """The forward's (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) from ``_launch_constants``."""
-    return (
-        c.get("FWD_BLOCK_N", c["BLOCK_N"]),
-        c.get("FWD_BLOCK_V", c["BLOCK_V"]),
-        c.get("FWD_BLOCK_H", c["BLOCK_H"]),
-        c["fwd_warps"],
-        c.get("fwd_stages", c["stages"]),
-    )
+def _head_args(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dummy: torch.Tensor):
+    """The kernels' ``head`` and ``strides`` tuples: hidden (n, H) and weight (V, H) with their
+    strides, and the bias or a dummy for HAS_BIAS = False."""
+    head = (hidden, weight, bias if bias is not None else dummy)
+    return head, (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))

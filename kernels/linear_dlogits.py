@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import _gemm
 from ._args import as_contiguous, nan_where_invalid
-from ._tiles import _dlogits_constants, _dlogits_tile, _grouped_tile, _launch_constants, _logits_tile, _target
+from ._tiles import _dlogits_tile, _grouped_tile, _head_args, _launch_constants, _logits_tile, _target
 
 # Bound on one chunk's d loss / d logits workspace (input dtype); ~1,700 tokens at V = 152K, bf16.
 WORKSPACE_BYTES = 512 << 20
@@ -37,24 +37,16 @@ def extra_bytes(N, H, V, dtype, *, trainable_head=True) -> int:
 @triton.jit
 def _dlogits_kernel(
     # pointers
-    h_ptr,  # (N, H)
-    w_ptr,  # (V, H)
-    b_ptr,  # (V,) or dummy
-    y_ptr,  # (N,) integer targets
-    lse_ptr,  # (N,) fp32 log Z of the scaled logits
-    ent_ptr,  # (N,) fp32 entropy, read only with HAS_DENT
-    g_lp_ptr,  # (N,) fp32 d loss / d logp
-    g_ent_ptr,  # (N,) fp32 d loss / d entropy, or dummy
+    head,  # (h_ptr (N, H), w_ptr (V, H), b_ptr (V,) or dummy)
+    per_token,  # (N,) each: y_ptr targets, lse_ptr and ent_ptr fp32 from the forward (entropy read only
+    # with HAS_DENT), g_lp_ptr and g_ent_ptr fp32 d loss / d logp and d loss / d entropy (or dummy)
     dz_ptr,  # (N, V) workspace, input dtype, row stride stride_zn
     # shapes
     N,
     V,
     H,
     # strides
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
+    strides,  # head's (stride_hn, stride_hh, stride_wv, stride_wh)
     stride_zn,
     # constants
     inv_temp,
@@ -67,6 +59,7 @@ def _dlogits_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
+    y_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_ent_ptr = per_token
     pid_n, pid_v = _grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -74,25 +67,7 @@ def _dlogits_kernel(
     n_mask = offs_n < N
     v_mask = offs_v < V
     u = _logits_tile(
-        h_ptr,
-        w_ptr,
-        b_ptr,
-        offs_n,
-        offs_v,
-        n_mask,
-        v_mask,
-        H,
-        stride_hn,
-        stride_hh,
-        stride_wv,
-        stride_wh,
-        inv_temp,
-        HAS_BIAS,
-        DOT_PRECISION,
-        UPCAST,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
+        head, strides, offs_n, offs_v, n_mask, v_mask, H, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_H
     )
     y = tl.load(y_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
@@ -126,31 +101,23 @@ def _launch(c, h, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, 
     n, V = z.shape
     H = h.shape[1]
     # A logits tile and its epilogue, as in the forward: the forward's tiles unless the family has its own.
-    block_n, block_v, block_h, warps, stages = _dlogits_constants(c)
+    block_n, block_v, block_h, warps, stages = c.dlogits
     grid = (triton.cdiv(n, block_n) * triton.cdiv(V, block_v),)
+    head, strides = _head_args(h, weight, bias, lse)
     _dlogits_kernel[grid](
-        h,
-        weight,
-        bias if bias is not None else lse,
-        targets,
-        lse,
-        entropy,
-        grad_logp,
-        grad_entropy if grad_entropy is not None else lse,
+        head,
+        (targets, lse, entropy, grad_logp, grad_entropy if grad_entropy is not None else lse),
         z,
         n,
         V,
         H,
-        h.stride(0),
-        h.stride(1),
-        weight.stride(0),
-        weight.stride(1),
+        strides,
         z.stride(0),
         inv_temp,
         HAS_BIAS=bias is not None,
         HAS_DENT=grad_entropy is not None,
-        DOT_PRECISION=c["DOT_PRECISION"],
-        UPCAST=c["UPCAST"],
+        DOT_PRECISION=c.dot_precision,
+        UPCAST=c.upcast,
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_H=block_h,

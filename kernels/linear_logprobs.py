@@ -30,8 +30,8 @@ from ._args import as_contiguous, nan_where_invalid
 from ._debug import alloc_output
 from ._tiles import (
     _dlogits_tile,
-    _fwd_constants,
     _grouped_tile,
+    _head_args,
     _launch_constants,
     _load_rows,
     _logits_tile,
@@ -49,9 +49,7 @@ __all__ = ["linear_logprobs_bwd", "linear_logprobs_fwd", "linear_logprobs_triton
 @triton.jit
 def _fwd_kernel(
     # pointers
-    h_ptr,  # (N, H)
-    w_ptr,  # (V, H)
-    b_ptr,  # (V,) or dummy
+    head,  # (h_ptr (N, H), w_ptr (V, H), b_ptr (V,) or dummy)
     y_ptr,  # (N,) integer targets
     act_ptr,  # (N,) bool, or dummy
     part_ptr,  # (4, SPLITS, N) fp32: m, s0, s1, target logit
@@ -61,10 +59,7 @@ def _fwd_kernel(
     H,
     v_per_split,
     # strides
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
+    strides,  # head's (stride_hn, stride_hh, stride_wv, stride_wh)
     # constants
     inv_temp,
     HAS_BIAS: tl.constexpr,
@@ -103,25 +98,7 @@ def _fwd_kernel(
             offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             v_mask = offs_v < V
             u = _logits_tile(
-                h_ptr,
-                w_ptr,
-                b_ptr,
-                offs_n,
-                offs_v,
-                n_mask,
-                v_mask,
-                H,
-                stride_hn,
-                stride_hh,
-                stride_wv,
-                stride_wh,
-                inv_temp,
-                HAS_BIAS,
-                DOT_PRECISION,
-                UPCAST,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_H,
+                head, strides, offs_n, offs_v, n_mask, v_mask, H, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_H
             )
             m_i, s0, s1 = _online_lse_update(m_i, s0, s1, u)
             u_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], u, 0.0), axis=1)
@@ -141,14 +118,9 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     # pointers
-    h_ptr,  # (N, H)
-    w_ptr,  # (V, H)
-    b_ptr,  # (V,) or dummy
-    y_ptr,  # (N,) integer targets
-    lse_ptr,  # (N,) fp32 log Z of the scaled logits
-    ent_ptr,  # (N,) fp32 entropy, read only with HAS_DENT
-    g_lp_ptr,  # (N,) fp32 d loss / d logp
-    g_ent_ptr,  # (N,) fp32 d loss / d entropy, or dummy
+    head,  # (h_ptr (N, H), w_ptr (V, H), b_ptr (V,) or dummy)
+    per_token,  # (N,) each: y_ptr targets, lse_ptr and ent_ptr fp32 from the forward (entropy read only
+    # with HAS_DENT), g_lp_ptr and g_ent_ptr fp32 d loss / d logp and d loss / d entropy (or dummy)
     dh_ptr,  # (N, H) fp32 accumulator, contiguous
     dw_ptr,  # (V, H) fp32 accumulator, contiguous, or dummy
     db_ptr,  # (V,) fp32 accumulator, or dummy
@@ -157,10 +129,7 @@ def _bwd_kernel(
     V,
     H,
     # strides
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
+    strides,  # head's (stride_hn, stride_hh, stride_wv, stride_wh)
     # constants
     inv_temp,
     filter_eps,  # fp32 >= 0, read only with HAS_FILTER
@@ -176,6 +145,9 @@ def _bwd_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
+    y_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_ent_ptr = per_token
+    h_ptr, w_ptr, _ = head
+    stride_hn, stride_hh, stride_wv, stride_wh = strides
     pid_n, pid_v = _grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -190,25 +162,7 @@ def _bwd_kernel(
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         v_mask = offs_v < V
         u = _logits_tile(
-            h_ptr,
-            w_ptr,
-            b_ptr,
-            offs_n,
-            offs_v,
-            n_mask,
-            v_mask,
-            H,
-            stride_hn,
-            stride_hh,
-            stride_wv,
-            stride_wh,
-            inv_temp,
-            HAS_BIAS,
-            DOT_PRECISION,
-            UPCAST,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
+            head, strides, offs_n, offs_v, n_mask, v_mask, H, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_H
         )
         y = tl.load(y_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
         lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
@@ -312,16 +266,15 @@ def linear_logprobs_fwd(
     V = weight.shape[0]
     capability, sm_count = _target(hidden.device)
     c = _launch_constants(hidden.dtype, capability)
-    block_n, block_v, block_h, num_warps, num_stages = _fwd_constants(c)
+    block_n, block_v, block_h, num_warps, num_stages = c.fwd
     n_blocks, v_blocks = triton.cdiv(N, block_n), triton.cdiv(V, block_v)
     splits = _num_splits(n_blocks, v_blocks, sm_count)
     v_per_split = triton.cdiv(v_blocks, splits) * block_v
     part = alloc_output((4, splits, N), hidden.device)
     if N > 0:
+        head, strides = _head_args(hidden, weight, bias, _dummy(hidden))
         _fwd_kernel[(n_blocks, splits)](
-            hidden,
-            weight,
-            bias if bias is not None else _dummy(hidden),
+            head,
             targets,
             active if active is not None else _dummy(hidden),
             part,
@@ -329,15 +282,12 @@ def linear_logprobs_fwd(
             V,
             H,
             v_per_split,
-            hidden.stride(0),
-            hidden.stride(1),
-            weight.stride(0),
-            weight.stride(1),
+            strides,
             inv_temp,
             HAS_BIAS=bias is not None,
             HAS_ACTIVE=active is not None,
-            DOT_PRECISION=c["DOT_PRECISION"],
-            UPCAST=c["UPCAST"],
+            DOT_PRECISION=c.dot_precision,
+            UPCAST=c.upcast,
             BLOCK_N=block_n,
             BLOCK_V=block_v,
             BLOCK_H=block_h,
@@ -398,32 +348,32 @@ def linear_logprobs_bwd(
     )
     grad_logp = nan_where_invalid(grad_logp, targets, V)
     c = _launch_constants(hidden.dtype, _target(hidden.device)[0])
+    t = c.bwd
     low_precision = hidden.dtype != torch.float32
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dweight else weight.new_empty(0)
     db_acc = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_dbias else None
 
     def launch(n0, n1, v0, v1, dh_acc, dw_acc):
-        num = triton.cdiv(n1 - n0, c["BLOCK_N"]) * triton.cdiv(v1 - v0, c["BLOCK_V"])
+        num = triton.cdiv(n1 - n0, t.block_n) * triton.cdiv(v1 - v0, t.block_v)
+        b = bias[v0:v1] if bias is not None else None
+        head, strides = _head_args(hidden[n0:n1], weight[v0:v1], b, _dummy(hidden))
         _bwd_kernel[(num,)](
-            hidden[n0:n1],
-            weight[v0:v1],
-            bias[v0:v1] if bias is not None else _dummy(hidden),
-            targets[n0:n1] - v0 if v0 else targets[n0:n1],  # ids local to the vocabulary slice
-            lse[n0:n1],
-            entropy[n0:n1],
-            grad_logp[n0:n1],
-            grad_entropy[n0:n1] if grad_entropy is not None else _dummy(hidden),
+            head,
+            (
+                targets[n0:n1] - v0 if v0 else targets[n0:n1],  # ids local to the vocabulary slice
+                lse[n0:n1],
+                entropy[n0:n1],
+                grad_logp[n0:n1],
+                grad_entropy[n0:n1] if grad_entropy is not None else _dummy(hidden),
+            ),
             dh_acc,
             dw_acc if dw_acc is not None else _dummy(hidden),
             db_acc[v0:v1] if db_acc is not None else _dummy(hidden),
             n1 - n0,
             v1 - v0,
             H,
-            hidden.stride(0),
-            hidden.stride(1),
-            weight.stride(0),
-            weight.stride(1),
+            strides,
             inv_temp,
             grad_filter_eps,
             HAS_BIAS=bias is not None,
@@ -431,14 +381,14 @@ def linear_logprobs_bwd(
             HAS_DW=need_dweight,
             HAS_DB=need_dbias,
             HAS_FILTER=grad_filter_eps > 0,
-            DOT_PRECISION=c["DOT_PRECISION"],
-            UPCAST=c["UPCAST"],
-            BLOCK_N=c["BLOCK_N"],
-            BLOCK_V=c["BLOCK_V"],
-            BLOCK_H=c["BLOCK_H"],
+            DOT_PRECISION=c.dot_precision,
+            UPCAST=c.upcast,
+            BLOCK_N=t.block_n,
+            BLOCK_V=t.block_v,
+            BLOCK_H=t.block_h,
             GROUP_N=8,
-            num_warps=c["bwd_warps"],
-            num_stages=c["stages"],
+            num_warps=t.warps,
+            num_stages=t.stages,
         )
 
     # Both gradients accumulate in fp32. For 16-bit inputs one accumulator must span its whole
@@ -450,7 +400,7 @@ def linear_logprobs_bwd(
 
     if need_dweight and N <= V:  # vocabulary outer: whole fp32 dHidden, dWeight in chunks
         dh_acc = _scratch(N, H, hidden.device) if low_precision else dh.zero_()
-        step = rows(c["BLOCK_V"])
+        step = rows(t.block_v)
         for v0 in range(0, V, step):
             v1 = min(V, v0 + step)
             dw_acc = _scratch(v1 - v0, H, hidden.device) if low_precision else dw[v0:v1].zero_()
@@ -465,7 +415,7 @@ def linear_logprobs_bwd(
         dw_acc = None
         if need_dweight:
             dw_acc = _scratch(V, H, hidden.device) if low_precision else dw.zero_()
-        step = rows(c["BLOCK_N"])
+        step = rows(t.block_n)
         for n0 in range(0, N, step):
             n1 = min(N, n0 + step)
             dh_acc = _scratch(n1 - n0, H, hidden.device) if low_precision else dh[n0:n1].zero_()

@@ -36,6 +36,14 @@ def _scaled_tile(z_rows, b_ptr, offs_v, r_mask, v_mask, inv_temp, HAS_BIAS: tl.c
 
 
 @triton.jit
+def _row_block(z_ptr, R, stride_zr, BLOCK_R: tl.constexpr):
+    """This program's rows: ids (BLOCK_R,) int64, their bound, and their row pointers into z."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_mask = offs_r < R
+    return offs_r, r_mask, z_ptr + offs_r * stride_zr
+
+
+@triton.jit
 def _row_stats_kernel(
     # pointers
     z_ptr,  # (R, V) logits workspace, compute dtype
@@ -53,9 +61,7 @@ def _row_stats_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r_mask = offs_r < R
-    z_rows = z_ptr + offs_r * stride_zr
+    offs_r, r_mask, z_rows = _row_block(z_ptr, R, stride_zr, BLOCK_R)
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     s0 = tl.zeros((BLOCK_R,), tl.float32)
     s1 = tl.zeros((BLOCK_R,), tl.float32)
@@ -97,9 +103,7 @@ def _row_grad_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r_mask = offs_r < R
-    z_rows = z_ptr + offs_r * stride_zr
+    offs_r, r_mask, z_rows = _row_block(z_ptr, R, stride_zr, BLOCK_R)
     y = tl.load(y_ptr + offs_r, mask=r_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + offs_r, mask=r_mask, other=0.0)
     g = tl.load(g_ptr + offs_r, mask=r_mask, other=0.0) * inv_temp
@@ -129,6 +133,27 @@ def _launch_constants() -> dict:
     return dict(BLOCK_R=1, BLOCK_V=2048, num_warps=8)
 
 
+def _launch(kernel, z: torch.Tensor, bias, vectors: tuple, inv_temp: float, dummy: torch.Tensor) -> None:
+    """One program per BLOCK_R rows of the (R, V) workspace ``z``; ``vectors`` are the kernel's per-row
+    pointer arguments after the bias; ``dummy`` (an fp32 vector) stands in for a missing bias."""
+    R, V = z.shape
+    c = _launch_constants()
+    if R:
+        kernel[(triton.cdiv(R, c["BLOCK_R"]),)](
+            z,
+            bias if bias is not None else dummy,
+            *vectors,
+            R,
+            V,
+            z.stride(0),
+            inv_temp,
+            HAS_BIAS=bias is not None,
+            BLOCK_R=c["BLOCK_R"],
+            BLOCK_V=c["BLOCK_V"],
+            num_warps=c["num_warps"],
+        )
+
+
 def _check_workspace(z: torch.Tensor, targets: torch.Tensor, bias) -> None:
     if z.dim() != 2 or z.stride(1) != 1:
         raise ValueError(f"workspace must be a (R, V) row-major matrix, got shape {tuple(z.shape)}")
@@ -155,24 +180,8 @@ def row_stats(
     """
     _check_workspace(z, targets, bias)
     bias, targets = as_contiguous(bias, targets)
-    R, V = z.shape
-    c = _launch_constants()
-    out = alloc_output((3, R), z.device)
-    if R:
-        _row_stats_kernel[(triton.cdiv(R, c["BLOCK_R"]),)](
-            z,
-            bias if bias is not None else out,
-            targets,
-            out,
-            R,
-            V,
-            z.stride(0),
-            inv_temp,
-            HAS_BIAS=bias is not None,
-            BLOCK_R=c["BLOCK_R"],
-            BLOCK_V=c["BLOCK_V"],
-            num_warps=c["num_warps"],
-        )
+    out = alloc_output((3, z.shape[0]), z.device)
+    _launch(_row_stats_kernel, z, bias, (targets, out), inv_temp, dummy=out)
     return out[0], out[1], out[2]
 
 
@@ -199,24 +208,8 @@ def row_grad_(
         z.
     """
     _check_workspace(z, targets, bias)
-    R, V = z.shape
+    V = z.shape[1]
     bias, targets, lse, grad_logp = as_contiguous(bias, targets, lse, grad_logp)
     grad_logp = nan_where_invalid(grad_logp, targets, V)
-    c = _launch_constants()
-    if R:
-        _row_grad_kernel[(triton.cdiv(R, c["BLOCK_R"]),)](
-            z,
-            bias if bias is not None else lse,
-            targets,
-            lse,
-            grad_logp,
-            R,
-            V,
-            z.stride(0),
-            inv_temp,
-            HAS_BIAS=bias is not None,
-            BLOCK_R=c["BLOCK_R"],
-            BLOCK_V=c["BLOCK_V"],
-            num_warps=c["num_warps"],
-        )
+    _launch(_row_grad_kernel, z, bias, (targets, lse, grad_logp), inv_temp, dummy=lse)
     return z

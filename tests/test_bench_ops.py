@@ -17,7 +17,8 @@ from fastgrpo.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_IMPLS = [
-    "naive", "fastgrpo-torch", "fastgrpo-chunked", "naive-compile", "liger-fused-linear", "trl-chunked", "gemm-floor"
+    "naive", "fastgrpo-torch", "fastgrpo-chunked", "fastgrpo-chunked-input-acc", "naive-compile",
+    "liger-fused-linear", "trl-chunked", "gemm-floor",
 ]  # fmt: skip
 TRITON_IMPLS = ["naive", "fastgrpo-fused", "fastgrpo-fused-filter", "liger-triton"]
 IN_FORWARD = ops_impls.GRADS_IN_FORWARD

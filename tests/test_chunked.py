@@ -6,6 +6,7 @@ import torch
 import fastgrpo
 from fastgrpo.ops import api, chunked
 from fastgrpo.ops.loss import GRPOLossParams, grpo_loss_from_logprobs, token_terms, token_weights
+from fastgrpo.ops.reference import reference_grpo_loss
 
 from helpers import DEVICE, DTYPES, TRITON_OK, grpo_inputs, leaf, loss_args, rel_err
 
@@ -230,3 +231,62 @@ def test_empty_batch(impl):
     out.loss.backward()
     assert out.loss.item() == 0 and out.logprobs.shape == (0, 5)
     assert h.grad.shape == h.shape and not w.grad.any()
+
+
+def test_balanced_chunks_keep_the_chunk_count_and_drop_the_small_tail():
+    """Equal chunks, 64-row aligned where that fits: as few chunks as the budget allows, none larger."""
+    assert chunked.balanced_chunks(4096, 3530) == 2048  # not 3530 + 566
+    assert chunked.balanced_chunks(16384, 3530) == 3328  # 4 x 3328 + 3072
+    assert chunked.balanced_chunks(37, 5) == 5 and chunked.balanced_chunks(0, 7) == 7
+    g = torch.Generator().manual_seed(0)
+    for n, most in torch.randint(1, 5000, (300, 2), generator=g).tolist():
+        rows = chunked.balanced_chunks(n, most)
+        assert 0 < rows <= most and -(-n // rows) == -(-n // most), (n, most, rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_accumulation_in_the_weights_dtype(dtype):
+    """grad_accumulation="input": dWeight summed in a 16-bit weight's dtype over many chunks stays within a
+    few bf16/fp16 roundings of the fp32 accumulator and of float64; fp32 weights are unaffected."""
+    inp = grpo_inputs(B=4, T=17, seed=31, dtype=dtype, bias=True)
+    V = inp["weight"].shape[0]
+    budget = 7 * chunked.row_cost(V, dtype, "torch")  # ~8 chunks over the 4 x 17 tokens
+    grads = {}
+    for acc in ("fp32", "input"):
+        out, _, grads[acc] = _loss(inp, "chunked", workspace_bytes=budget, grad_accumulation=acc, beta=0.04)
+        assert grads[acc][1].dtype == dtype
+    want = _float64_grads(inp, beta=0.04)
+    if dtype == torch.float32:
+        assert all(torch.equal(a, b) for a, b in zip(grads["fp32"], grads["input"], strict=True))
+        return
+    unit = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)  # the dtype's relative rounding
+    base = rel_err(grads["fp32"][1], want[1])
+    assert rel_err(grads["input"][1], grads["fp32"][1]) < 2 * unit  # measured: 0.7 unit over 7 chunks
+    assert rel_err(grads["input"][1], want[1]) < base + 2 * unit
+    for i in (0, 2):  # dHidden and dBias never sum across chunks
+        assert torch.equal(grads["input"][i], grads["fp32"][i])
+
+
+def _float64_grads(inp, **hp):
+    """(dHidden, dWeight, dBias) of TRL's loss transcribed, in float64."""
+    m = inp["mask"]
+    h, w, b = (leaf(inp[k], torch.float64) for k in ("hidden", "weight", "bias"))
+    loss = reference_grpo_loss(
+        h, w, inp["targets"].clamp(min=0), m, inp["advantages"],
+        old_logprobs=torch.where(m, inp["old_logprobs"], 0.0), ref_logprobs=torch.where(m, inp["ref_logprobs"], 0.0),
+        bias=b, params=GRPOLossParams(**hp), compute_dtype=torch.float64,
+    )[0]  # fmt: skip
+    loss.backward()
+    return h.grad, w.grad, b.grad
+
+
+def test_grad_accumulation_input_holds_no_fp32_weight_buffer():
+    w = torch.zeros(5, 3, dtype=torch.bfloat16)
+    assert chunked._DWeight(w, "input", True).acc.dtype == torch.bfloat16
+    assert chunked._DWeight(w, "fp32", True).acc.dtype == torch.float32
+    assert not chunked._DWeight(w, "input", False).acc.any()  # no chunk: zeros, not garbage
+    N, H, V = 4096, 3584, 152064
+    fp32 = chunked.extra_bytes(N, H, V, torch.bfloat16)
+    assert fp32 - chunked.extra_bytes(N, H, V, torch.bfloat16, grad_accumulation="input") == 4 * V * H
+    with pytest.raises(ValueError, match="grad_accumulation must be one of"):
+        fastgrpo.FusedGRPOLoss(grad_accumulation="bf16")

@@ -188,7 +188,7 @@ def sampled(embedded, tmp_path_factory):
 def test_auto_is_off_for_hf(sampled):
     trainer, _, _ = sampled
     assert trainer.model_info.generation_backend == "hf"
-    assert not trainer.updater.correction.enabled
+    assert not trainer.updater.settings.correction.enabled
 
 
 def _synthetic(trainer, state, batch, scale):
@@ -284,7 +284,7 @@ def test_update_applies_trls_ratio(sampled, mode, num_iterations, loss_type, cli
 def test_forced_on_without_sampler_logprobs_is_a_clear_error(embedded, tmp_path):
     cfg = train_config(embedded, tmp_path, max_steps=1, vllm_importance_sampling_correction=True)
     trainer = GRPOTrainer(cfg)
-    assert trainer.updater.correction.enabled
+    assert trainer.updater.settings.correction.enabled
     batch = trainer.sample_batch()
     batch = dataclasses.replace(batch, rollouts=dataclasses.replace(batch.rollouts, sampler_logprobs=None))
     with pytest.raises(ValueError, match="vllm_importance_sampling_correction .*'hf'.* no sampler log-probs"):

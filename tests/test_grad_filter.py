@@ -33,8 +33,8 @@ def _triton():
 def _tiles(dtype):
     from fastgrpo.kernels.linear_logprobs import _launch_constants
 
-    c = _launch_constants(dtype)
-    return c["BLOCK_N"], c["BLOCK_V"]
+    t = _launch_constants(dtype).bwd
+    return t.block_n, t.block_v
 
 
 def _peaked_head(n, seed, a=8.0, hot=(5, 60, 70, 100, 400, 410, 450)):

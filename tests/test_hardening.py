@@ -364,16 +364,16 @@ def test_the_optimizer_choice_is_resolved_printed_and_planned(embedded, tmp_path
     from helpers import train_config
 
     on = GRPOTrainer(train_config(embedded, tmp_path / "bf16", max_steps=1, dtype="bfloat16"))
-    assert on.updater.kahan and on.model_info.kahan_summation and on.memory_plan["kahan_summation"] == 1.0
+    assert on.updater.settings.kahan and on.model_info.kahan_summation and on.memory_plan["kahan_summation"] == 1.0
     assert "optimizer: AdamW with Kahan summation (bfloat16 trainable weights" in capsys.readouterr().out
     trainable = sum(p.numel() * 2 for p in on.model.parameters() if p.requires_grad) / 2**30
     assert on.memory_plan["optimizer_gb"] == pytest.approx(3 * trainable)
     off = GRPOTrainer(train_config(embedded, tmp_path / "fp32", max_steps=1))
-    assert not off.updater.kahan and isinstance(off.optimizer, torch.optim.AdamW)
+    assert not off.updater.settings.kahan and isinstance(off.optimizer, torch.optim.AdamW)
     assert "optimizer: AdamW (float32 trainable weights)" in capsys.readouterr().out
     forced = GRPOTrainer(train_config(embedded, tmp_path / "off", max_steps=1, dtype="bfloat16", kahan_summation=False))
     assert "Kahan summation off (bfloat16 trainable weights lose updates" in capsys.readouterr().out
-    assert not forced.updater.kahan
+    assert not forced.updater.settings.kahan
 
 
 def test_a_resume_with_the_other_optimizer_state_is_refused(embedded, tmp_path):

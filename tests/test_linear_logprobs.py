@@ -180,12 +180,10 @@ def test_filtered_backward_accumulates_in_bounded_chunks(monkeypatch, dtype, N, 
     import importlib
 
     kernel = importlib.import_module("fastgrpo.kernels.linear_logprobs")
-    c = kernel._launch_constants(dtype)
+    t = kernel._launch_constants(dtype).bwd
     H = 72
-    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 4 * H * (c["BLOCK_N"] + c["BLOCK_V"] + 5))
-    step = {
-        d: max(c[b], (c["BLOCK_N"] + c["BLOCK_V"] + 5) // c[b] * c[b]) for d, b in (("N", "BLOCK_N"), ("V", "BLOCK_V"))
-    }
+    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 4 * H * (t.block_n + t.block_v + 5))
+    step = {d: max(b, (t.block_n + t.block_v + 5) // b * b) for d, b in (("N", t.block_n), ("V", t.block_v))}
     shapes, real = [], kernel._scratch
     monkeypatch.setattr(kernel, "_scratch", lambda r, k, d: shapes.append((r, k)) or real(r, k, d))
     _bounded_backward_run(kernel, dtype, N, V, frozen, eps=2.0**-60)

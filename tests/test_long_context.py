@@ -180,6 +180,8 @@ def test_config_yaml_records_what_was_asked_not_what_it_resolved_to(embedded, tm
     for path in (tmp_path / "config.yaml", tmp_path / "checkpoint-1" / "config.yaml"):
         saved = load_yaml(path)["model"]
         assert saved["padding_free"] is None and saved["use_liger_body"] is None, path
-    assert trainer.model_info.padding_free is False and trainer.updater.packed is False  # resolved, kept apart
+    assert trainer.model_info.padding_free is False and trainer.updater.settings.packed is False  # resolved, kept apart
     forced = GRPOTrainer(train_config(embedded, tmp_path / "on", max_steps=1, padding_free=True))
-    assert forced.updater.packed is True and load_yaml(tmp_path / "on" / "config.yaml")["model"]["padding_free"]
+    assert (
+        forced.updater.settings.packed is True and load_yaml(tmp_path / "on" / "config.yaml")["model"]["padding_free"]
+    )

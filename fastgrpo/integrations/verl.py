@@ -100,6 +100,22 @@ def linear_cross_entropy(
         over the N tokens) otherwise; entropy (N,). Both are differentiable w.r.t. ``hidden`` and
         ``weight``; the gradients have their dtypes.
     """
+    red = _check_call(hidden, labels, reduction)
+    _check_process_group(dist_process_group)
+    labels = labels.reshape(-1)
+    _check_labels_range(labels, weight)
+    logp, entropy = chunked_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels, temperature=temperature, return_entropy=True, impl=impl
+    )
+    if red == "sum":
+        logp = logp.sum()
+    elif red == "mean":
+        logp = logp.mean()
+    return logp, entropy
+
+
+def _check_call(hidden, labels, reduction) -> str:
+    """Checks verl's flat layout needs before ``chunked_logprobs`` sees the tensors; the reduction, lower case."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dim() < 2:
@@ -121,33 +137,33 @@ def linear_cross_entropy(
     red = reduction.lower()
     if red not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS} (any case), got {reduction!r}")
-    if dist_process_group is not None:
-        if not isinstance(dist_process_group, dist.ProcessGroup):
-            raise TypeError(
-                f"dist_process_group must be a torch.distributed ProcessGroup or None, "
-                f"got {type(dist_process_group).__name__}"
-            )
-        size = dist.get_world_size(dist_process_group)
-        if size != 1:
-            raise ValueError(
-                f"dist_process_group has world size {size}: a vocabulary-parallel lm_head (Megatron tensor "
-                "parallel size > 1) is not supported; use tensor parallel size 1 or verl's own kernel"
-            )
-    labels = labels.reshape(-1)
+    return red
+
+
+def _check_process_group(group) -> None:
+    """Only an unsharded head is exact here: a process group must have world size 1."""
+    if group is None:
+        return
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"dist_process_group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
+        )
+    size = dist.get_world_size(group)
+    if size != 1:
+        raise ValueError(
+            f"dist_process_group has world size {size}: a vocabulary-parallel lm_head (Megatron tensor "
+            "parallel size > 1) is not supported; use tensor parallel size 1 or verl's own kernel"
+        )
+
+
+def _check_labels_range(labels, weight) -> None:
+    """verl passes no ignore index, so an id outside [0, V) is a caller's bug: name the ids (flat labels)."""
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and values_checked() and labels.numel():
         vocab = weight.shape[0]
         bad = (labels < 0) | (labels >= vocab)
         if bool(bad.any()):
             t = labels[bad]
             raise ValueError(f"labels must lie in [0, {vocab}), got values in [{int(t.min())}, {int(t.max())}]")
-    logp, entropy = chunked_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels, temperature=temperature, return_entropy=True, impl=impl
-    )
-    if red == "sum":
-        logp = logp.sum()
-    elif red == "mean":
-        logp = logp.mean()
-    return logp, entropy
 
 
 def make_hook(impl: str = "auto"):

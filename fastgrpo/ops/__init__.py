@@ -8,6 +8,7 @@
 - ``chunked``: the 3-GEMM path (``impl="chunked"``): cuBLAS GEMMs through a bounded workspace,
   row kernels in ``fastgrpo.kernels.logits_rows`` or their torch twins.
 - ``twin``: the pure-PyTorch twin of the fused kernels (``impl="torch"``).
+- ``tensors``: ``LossTensors``, the tensors of one loss call (built by ``api``, read by ``chunked``).
 - ``reference``: the materialized float64 reference that tests and benchmarks hold both to.
 
 Nothing here imports ``fastgrpo.train`` or ``fastgrpo.integrations``.

@@ -25,6 +25,11 @@ token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 or None = exa
 Only the fused backward filters: the cuBLAS paths' dense GEMMs would gain nothing from zeroing
 entries, so they ignore eps and return the exact gradient (eps bounds what *may* be dropped;
 dropping nothing is within it).
+
+``grad_accumulation`` is the other knob: how the chunked path sums dWeight over its token chunks.
+"fp32" (default) keeps a V x H fp32 accumulator and casts it once; "input" sums in the weight's
+dtype (each chunk's GEMM accumulates in fp32 inside cuBLAS and rounds once), which saves the fp32
+buffer and its traffic at one rounding per chunk. fp32 weights always sum in fp32.
 """
 
 from __future__ import annotations
@@ -39,25 +44,12 @@ from . import checks
 from .chunked import WORKSPACE_BYTES, chunked_grpo_loss
 from .chunked import extra_bytes as chunked_extra_bytes
 from .loss import GRPOLossParams, grpo_loss_from_logprobs
+from .tensors import LossTensors
 from .twin import extra_bytes as twin_extra_bytes
 from .twin import linear_logprobs_torch
 
 IMPLS = ("auto", "chunked", "fused", "triton", "torch")
 ROUTES = ("chunked", "fused", "torch")  # what runs: 3 GEMMs, on chip, the 4-pass torch twin
-
-
-class LossTensors(NamedTuple):
-    """The tensors of one loss call, as ``fused_grpo_loss`` documents them; the optional ones may be None."""
-
-    hidden: torch.Tensor  # (B, T, H)
-    weight: torch.Tensor  # (V, H)
-    targets: torch.Tensor  # (B, T)
-    mask: torch.Tensor  # (B, T)
-    advantages: torch.Tensor  # (B,) or (B, T)
-    old_logprobs: torch.Tensor | None = None  # (B, T)
-    ref_logprobs: torch.Tensor | None = None  # (B, T)
-    bias: torch.Tensor | None = None  # (V,)
-    importance_sampling_ratio: torch.Tensor | None = None  # (B, T) or (B, 1)
 
 
 class GRPOLossOutput(NamedTuple):
@@ -111,6 +103,7 @@ def route(
     dtype: torch.dtype = torch.bfloat16,
     trainable_head: bool = True,
     workspace_bytes: int | None = None,
+    grad_accumulation: str = "fp32",
 ) -> str:
     """The path (one of ``ROUTES``) a call with these arguments runs.
 
@@ -123,6 +116,7 @@ def route(
         dtype: the hidden states' dtype.
         trainable_head: whether the lm_head weight needs a gradient.
         workspace_bytes: the chunked path's workspace bound (None: the default).
+        grad_accumulation: "fp32" or "input" (module docstring).
     """
     asked, impl = impl, _check_impl(impl)
     if impl == "auto":
@@ -133,7 +127,9 @@ def route(
         impl = "chunked"
         if shape is not None:
             ws = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-            extra = chunked_extra_bytes(*shape, dtype, trainable_head=trainable_head, workspace_bytes=ws)
+            extra = chunked_extra_bytes(
+                *shape, dtype, trainable_head=trainable_head, workspace_bytes=ws, grad_accumulation=grad_accumulation
+            )
             impl = "chunked" if extra <= _memory_budget(device) else "fused"
     if impl == "fused" and not _triton_ok(device):
         raise ValueError(
@@ -164,14 +160,21 @@ def _cast_for_autocast(hidden, weight, bias):
 
 
 def _logprobs_impl(
-    hidden2d, weight, bias, targets1d, active, temperature, impl, grad_filter_eps=0.0, workspace_bytes=None
+    hidden2d, weight, bias, targets, active, temperature, impl, grad_filter_eps=0.0, workspace_bytes=None
 ):
+    """(logp, entropy) of ``targets``'s shape from (N, H) hidden states; the kernels see targets flat."""
+    targets1d = targets.reshape(-1)
+    active1d = None if active is None else active.reshape(-1)
     if impl == "fused":
         from ..kernels import linear_logprobs_triton
 
-        return linear_logprobs_triton(hidden2d, weight, bias, targets1d, active, temperature, grad_filter_eps)
-    # The torch twin ignores grad_filter_eps: exact gradients (see the module docstring).
-    return linear_logprobs_torch(hidden2d, weight, bias, targets1d, active, temperature, workspace_bytes)
+        logp, entropy = linear_logprobs_triton(
+            hidden2d, weight, bias, targets1d, active1d, temperature, grad_filter_eps
+        )
+    else:
+        # The torch twin ignores grad_filter_eps: exact gradients (see the module docstring).
+        logp, entropy = linear_logprobs_torch(hidden2d, weight, bias, targets1d, active1d, temperature, workspace_bytes)
+    return logp.view(targets.shape), entropy.view(targets.shape)
 
 
 # ----------------------------------------------------------------------------- public
@@ -226,19 +229,10 @@ def chunked_logprobs(
     checks.check_targets_range(targets, weight.shape[0])
     checks.check_workspace_bytes(workspace_bytes)
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
-    shape = targets.shape
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
     logp, entropy = _logprobs_impl(
-        hidden.reshape(-1, hidden.shape[-1]),
-        weight,
-        bias,
-        targets.reshape(-1),
-        None,
-        float(temperature),
-        impl,
-        grad_filter_eps,
-        workspace_bytes,
+        hidden2d, weight, bias, targets, None, float(temperature), impl, grad_filter_eps, workspace_bytes
     )
-    logp, entropy = logp.view(shape), entropy.view(shape)
     return (logp, entropy) if return_entropy else logp
 
 
@@ -249,11 +243,21 @@ class _Knobs:
     impl: str = "auto"
     grad_filter_eps: float = 0.0
     workspace_bytes: int | None = None
+    grad_accumulation: str = "fp32"
 
     def __post_init__(self):
         _check_impl(self.impl)
+        checks.check_grad_accumulation(self.grad_accumulation)
         object.__setattr__(self, "grad_filter_eps", checks.check_grad_filter_eps(self.grad_filter_eps))
         checks.check_workspace_bytes(self.workspace_bytes)
+
+
+def _records(given: dict) -> tuple[LossTensors, GRPOLossParams, _Knobs]:
+    """``fused_grpo_loss``'s arguments, read by name into the records the call runs on (knobs checked first)."""
+    knobs = _Knobs(**{f.name: given[f.name] for f in dataclasses.fields(_Knobs)})
+    params = GRPOLossParams(**{f.name: given[f.name] for f in dataclasses.fields(GRPOLossParams)})
+    tensors = LossTensors(**{name: given[name] for name in LossTensors._fields})
+    return tensors, params, knobs
 
 
 def fused_grpo_loss(
@@ -282,24 +286,23 @@ def fused_grpo_loss(
     impl: str = "auto",
     grad_filter_eps: float | None = 0.0,
     workspace_bytes: int | None = None,
+    grad_accumulation: str = "fp32",
 ) -> GRPOLossOutput:
     """GRPO-family loss straight from final hidden states and the lm_head weight.
 
-    Semantics match TRL 1.16's ``GRPOTrainer._compute_loss`` (one process, no gradient
-    accumulation; ``fastgrpo.integrations.trl`` adds TRL's accumulation and multi-process
-    normalizers). Masked tokens cost no FLOPs, and their ``logprobs``/``entropy`` are returned as 0.
-    Every tensor may be a strided view (``(T, B)`` tensors' ``.t()``, ``ids[:, ::2]``, ``expand``,
-    ``b[::2]``, hidden transposed from (T, B, H)): each path honours the strides or copies the
-    O(N) / O(V) vectors at the kernel's boundary; hidden and weight are never copied.
+    Semantics match TRL 1.16's ``GRPOTrainer._compute_loss`` (one process, no gradient accumulation;
+    ``fastgrpo.integrations.trl`` adds TRL's accumulation and multi-process normalizers). Masked tokens cost no
+    FLOPs, and their ``logprobs``/``entropy`` are returned as 0. Every tensor may be a strided view (``(T, B)``
+    tensors' ``.t()``, ``ids[:, ::2]``, ``expand``, ``b[::2]``, hidden transposed from (T, B, H)): each path honours
+    the strides or copies the O(N) / O(V) vectors at the kernel's boundary; hidden and weight are never copied.
 
     Args:
         hidden: (B, T, H) fp32/fp16/bf16 hidden states at the positions that predict ``targets``.
         weight: (V, H) lm_head weight, same dtype and device as hidden.
-        targets: (B, T) int32/int64 completion token ids, in [0, V) where ``mask`` is set (masked
-            tokens may hold any id, e.g. -100). Eagerly an id outside [0, V) where ``mask`` is
-            set raises ValueError; under ``torch.compile`` (which skips that check, it reads data
-            back) such a token's logprob is NaN, so the loss and the gradients are NaN, on every
-            path: never a plausible finite number, never an out-of-bounds read.
+        targets: (B, T) int32/int64 completion token ids, in [0, V) where ``mask`` is set (masked tokens may hold
+            any id, e.g. -100). Eagerly an id outside [0, V) where ``mask`` is set raises ValueError; under
+            ``torch.compile`` (which skips that check, it reads data back) such a token's logprob, the loss and the
+            gradients are NaN, on every path: never a plausible finite number, never an out-of-bounds read.
         mask: (B, T) bool, integer or float with 0/1 values: completion tokens that count.
         advantages: (B,) per sequence or (B, T) per token, float, finite.
         old_logprobs: (B, T) float log-probs of the sampling policy; None = current (ratio 1).
@@ -312,35 +315,29 @@ def fused_grpo_loss(
         loss_type: "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo" or "luspo".
         importance_sampling_level: "token", or "sequence" (GSPO: masked mean log-ratio per row).
         max_completion_length: dr_grpo's normalizer (required for dr_grpo).
-        num_items_in_batch: dapo/cispo normalizer, e.g. completion tokens of the whole generation
-            batch when it is split into micro-batches (default: masked tokens here).
+        num_items_in_batch: dapo/cispo normalizer, e.g. completion tokens of the whole generation batch when it
+            is split into micro-batches (default: masked tokens here).
         use_bias_correction_kl: multiply the KL by the importance ratio.
         sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures.
-        importance_sampling_ratio: (B, T) or (B, 1) float, finite and >= 0 where ``mask``, or
-            None: multiplies each token's policy term (not its KL), as TRL applies its truncated
-            pi_old / pi_sampler correction (``vllm_importance_sampling_correction``). Treated
-            as a constant.
+        importance_sampling_ratio: (B, T) or (B, 1) float, finite and >= 0 where ``mask``, or None: multiplies
+            each token's policy term (not its KL), as TRL applies its truncated pi_old / pi_sampler correction
+            (``vllm_importance_sampling_correction``). Treated as a constant.
         impl: one of ``IMPLS`` (module docstring); ``route`` tells which path runs.
-        grad_filter_eps: skip the backward GEMMs of vocabulary tiles whose d loss / d logits
-            is below eps times the token's gradient scale (Cut Cross-Entropy's gradient
-            filtering), in [0, 1). 0 or None = off (exact); 2**-12 suits bf16. Fused path only: the others
-            ignore it and return exact gradients.
-        workspace_bytes: int > 0 or None: bound on the chunked path's logits workspace (at least
-            one token's row, V x element size). None: 1 GiB, capped on CUDA by the memory budget.
-            The torch twin takes it as its chunk's fp32 logits bound (None: 64 MiB).
+        grad_filter_eps: in [0, 1): skip the backward GEMMs of vocabulary tiles whose d loss / d logits is below
+            eps times the token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 or None = off
+            (exact); 2**-12 suits bf16. Fused path only: the others ignore it and return exact gradients.
+        workspace_bytes: int > 0 or None: bound on the chunked path's logits workspace (at least one token's row,
+            V x element size). None: 1 GiB, capped on CUDA by the memory budget. The torch twin takes it as its
+            chunk's fp32 logits bound (None: 64 MiB).
+        grad_accumulation: "fp32" or "input": how the chunked path sums dWeight over token chunks (module
+            docstring); the other paths ignore it.
 
     Returns:
-        GRPOLossOutput(loss, logprobs, entropy, metrics) (loss and logprobs NaN at an out-of-range
-        target, see ``targets``); metrics has ``entropy``,
-        ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``kl``
-        (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
+        GRPOLossOutput(loss, logprobs, entropy, metrics) (loss and logprobs NaN at an out-of-range target, see
+        ``targets``); metrics has ``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+        ``clip_ratio/region_mean``, ``kl`` (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
     """
-    knobs = _Knobs(impl, grad_filter_eps, workspace_bytes)
-    given = locals()  # the signature's loss settings carry GRPOLossParams' names: read them by name
-    params = GRPOLossParams(**{f.name: given[f.name] for f in dataclasses.fields(GRPOLossParams)})
-    tensors = LossTensors(
-        hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, importance_sampling_ratio
-    )
+    tensors, params, knobs = _records(locals())  # the signature's names are the records' fields
     return _fused_grpo_loss(tensors, params, num_items_in_batch, knobs)[0]
 
 
@@ -359,22 +356,26 @@ def _fused_grpo_loss(
     path = route(
         knobs.impl, hidden.device, importance_sampling_level=params.importance_sampling_level, shape=(B * T, H, V),
         dtype=hidden.dtype, trainable_head=weight.requires_grad, workspace_bytes=knobs.workspace_bytes,
+        grad_accumulation=knobs.grad_accumulation,
     )  # fmt: skip
     active = x.mask != 0
     checks.check_loss_values(x.mask, active, x.advantages, num_items_in_batch)
     checks.check_targets_range(x.targets, V, where=active)
     checks.check_sampling_ratio(x.importance_sampling_ratio, x.targets, active)
     if path == "chunked":
+        workspace_bytes = _workspace(knobs.workspace_bytes, hidden.device)
         loss, logp, entropy, metrics = chunked_grpo_loss(
-            hidden, weight, bias, x.targets, active, x.advantages, x.old_logprobs, x.ref_logprobs, params,
-            num_items_in_batch, _workspace(knobs.workspace_bytes, hidden.device), x.importance_sampling_ratio,
-        )  # fmt: skip
+            x._replace(mask=active),
+            params,
+            num_items_in_batch,
+            workspace_bytes,
+            grad_accumulation=knobs.grad_accumulation,
+        )
         return GRPOLossOutput(loss, logp, entropy, metrics), path
     logp, entropy = _logprobs_impl(
-        hidden.reshape(B * T, H), weight, bias, x.targets.reshape(-1), active.reshape(-1), params.temperature,
+        hidden.reshape(B * T, H), weight, bias, x.targets, active, params.temperature,
         path, knobs.grad_filter_eps, knobs.workspace_bytes,
     )  # fmt: skip
-    logp, entropy = logp.view(B, T), entropy.view(B, T)
     loss, metrics = grpo_loss_from_logprobs(
         logp, entropy, active, x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch,
         x.importance_sampling_ratio,
@@ -386,16 +387,22 @@ class FusedGRPOLoss(torch.nn.Module):
     """``fused_grpo_loss`` with its hyper-parameters held by the module.
 
     Keyword arguments are those of ``fused_grpo_loss`` after ``advantages`` (less the tensors).
-    ``impl``, ``grad_filter_eps`` and ``workspace_bytes`` (implementation knobs, not loss
+    ``impl``, ``grad_filter_eps``, ``workspace_bytes`` and ``grad_accumulation`` (implementation knobs, not loss
     semantics) are kept on the module; the loss hyper-parameters go into ``self.params``.
     ``last_route`` is the path (one of ``ROUTES``) the latest call ran, None before any.
     """
 
     def __init__(
-        self, *, impl: str = "auto", grad_filter_eps: float | None = 0.0, workspace_bytes: int | None = None, **hyper
+        self,
+        *,
+        impl: str = "auto",
+        grad_filter_eps: float | None = 0.0,
+        workspace_bytes: int | None = None,
+        grad_accumulation: str = "fp32",
+        **hyper,
     ):
         super().__init__()
-        self.knobs = _Knobs(impl, grad_filter_eps, workspace_bytes)
+        self.knobs = _Knobs(impl, grad_filter_eps, workspace_bytes, grad_accumulation)
         unknown = set(hyper) - {f.name for f in dataclasses.fields(GRPOLossParams)}
         if unknown:
             valid = sorted(f.name for f in dataclasses.fields(GRPOLossParams))
@@ -433,5 +440,6 @@ class FusedGRPOLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         k = self.knobs
         return (
-            f"impl={k.impl!r}, grad_filter_eps={k.grad_filter_eps}, workspace_bytes={k.workspace_bytes}, {self.params}"
+            f"impl={k.impl!r}, grad_filter_eps={k.grad_filter_eps}, workspace_bytes={k.workspace_bytes}, "
+            f"grad_accumulation={k.grad_accumulation!r}, {self.params}"
         )

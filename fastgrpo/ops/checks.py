@@ -85,6 +85,15 @@ def check_workspace_bytes(workspace_bytes):
     return workspace_bytes
 
 
+GRAD_ACCUMULATIONS = ("fp32", "input")
+
+
+def check_grad_accumulation(value) -> str:
+    if value not in GRAD_ACCUMULATIONS:
+        raise ValueError(f"grad_accumulation must be one of {GRAD_ACCUMULATIONS}, got {value!r}")
+    return value
+
+
 def check_grad_filter_eps(eps) -> float:
     """``grad_filter_eps`` as a float; None means off, the same as the default 0."""
     if eps is None:

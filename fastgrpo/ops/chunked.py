@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels._gemm import accumulate_mm
 from .loss import GRPOLossParams, grpo_loss_from_logprobs, sampling_correction, token_terms, token_weights
+from .tensors import LossTensors
 from .twin import clamp_targets, nan_where_invalid
 
 # Default bound on the logits workspace of one chunk.
@@ -44,12 +45,31 @@ def row_cost(vocab: int, dtype: torch.dtype, rows_impl: str) -> int:
     return vocab * (elem if rows_impl == "triton" else elem + 8)
 
 
-def extra_bytes(N, H, V, dtype, *, trainable_head=True, workspace_bytes=WORKSPACE_BYTES) -> int:
-    """Memory this path holds beyond its inputs: workspace, dHidden, and dWeight (fp32 accumulator plus
-    the copy kept for the backward) when the head is trainable."""
+def extra_bytes(
+    N, H, V, dtype, *, trainable_head=True, workspace_bytes=WORKSPACE_BYTES, grad_accumulation="fp32"
+) -> int:
+    """Memory this path holds beyond its inputs: workspace, dHidden, and dWeight when the head is trainable
+    (the copy kept for the backward, plus the fp32 accumulator unless it sums in a 16-bit weight's dtype)."""
     elem = torch.finfo(dtype).bits // 8
     work = min(workspace_bytes, max(N, 1) * row_cost(V, dtype, "triton"))
-    return work + N * H * elem + (V * H * (4 + elem) if trainable_head else 0)
+    acc = 0 if _sums_in_place(dtype, grad_accumulation) else 4
+    return work + N * H * elem + (V * H * (acc + elem) if trainable_head else 0)
+
+
+def _sums_in_place(dtype: torch.dtype, grad_accumulation: str) -> bool:
+    """dWeight sums straight into its own dtype: asked for ("input"), or already fp32."""
+    return grad_accumulation == "input" or dtype == torch.float32
+
+
+def balanced_chunks(n: int, max_rows: int) -> int:
+    """Rows per chunk for ``n`` tokens: the fewest chunks of at most ``max_rows``, split evenly and rounded
+    up to a multiple of 64 where that stays within ``max_rows`` (no small tail chunk: its GEMMs
+    would waste most of their last row tile)."""
+    if n <= 0:
+        return max_rows
+    per = -(-n // -(-n // max_rows))
+    aligned = -(-per // 64) * 64
+    return aligned if aligned <= max_rows else per
 
 
 def chunk_rows(vocab: int, dtype: torch.dtype, workspace_bytes: int, rows_impl: str) -> int:
@@ -118,7 +138,24 @@ def _token_grad(logp, old, ref, adv, weight, isr, params: GRPOLossParams) -> tor
     return grad
 
 
-def _chunk_loop(hidden, weight, bias, targets, active, adv, old, ref, isr, w, params, workspace_bytes, rows_impl, need):
+def _chunk_loop(
+    hidden,
+    weight,
+    bias,
+    targets,
+    active,
+    adv,
+    old,
+    ref,
+    isr,
+    w,
+    params,
+    need,
+    *,
+    workspace_bytes,
+    rows_impl,
+    grad_accumulation,
+):
     """logp, entropy (N,) fp32 and the gradients (None where not needed) of sum(w * per_token)."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -128,12 +165,12 @@ def _chunk_loop(hidden, weight, bias, targets, active, adv, old, ref, isr, w, pa
     logp = hidden.new_zeros(N, dtype=torch.float32)
     entropy = torch.zeros_like(logp)
     dh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-    dw = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_dw else None
     db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_db else None
     stats, grad_ = _rows(rows_impl)
     idx_all = active.nonzero().squeeze(1)
-    step = chunk_rows(V, hidden.dtype, workspace_bytes, rows_impl)
+    step = balanced_chunks(idx_all.numel(), chunk_rows(V, hidden.dtype, workspace_bytes, rows_impl))
     chunks = idx_all.split(step) if idx_all.numel() else ()
+    dw = _DWeight(weight, grad_accumulation, bool(chunks)) if need_dw else None
     ws = _alloc_workspace(min(step, idx_all.numel()), V, hidden.dtype, hidden.device) if chunks else None
     for idx in chunks:
         n = idx.numel()
@@ -150,11 +187,37 @@ def _chunk_loop(hidden, weight, bias, targets, active, adv, old, ref, isr, w, pa
         if need_dh:
             dh[idx] = dz @ weight
         if need_dw:
-            accumulate_mm(dw, dz.T, h)
+            dw.add(dz.T, h)
         if need_db:
             db += dz.sum(0, dtype=torch.float32)
     del ws
-    return logp, entropy, dh, dw, db
+    return logp, entropy, dh, None if dw is None else dw.result(), db
+
+
+class _DWeight:
+    """dWeight summed over token chunks: in an fp32 accumulator cast once at the end, or (``"input"``
+    accumulation of a 16-bit weight) straight in the weight's dtype, the first chunk written with
+    beta = 0 so nothing is zero-filled, one rounding per chunk."""
+
+    def __init__(self, weight: torch.Tensor, grad_accumulation: str, any_chunk: bool):
+        self.in_place = _sums_in_place(weight.dtype, grad_accumulation)
+        dtype = weight.dtype if self.in_place else torch.float32
+        make = torch.empty if self.in_place and any_chunk else torch.zeros
+        self.acc = make(weight.shape, device=weight.device, dtype=dtype)
+        self.first = self.in_place and any_chunk
+        self.dtype = weight.dtype
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.first:
+            torch.mm(a, b, out=self.acc)
+            self.first = False
+        elif self.in_place:
+            self.acc.addmm_(a, b)
+        else:
+            accumulate_mm(self.acc, a, b)
+
+    def result(self) -> torch.Tensor:
+        return self.acc.to(self.dtype)
 
 
 class _ChunkedGRPOLoss(torch.autograd.Function):
@@ -167,9 +230,7 @@ class _ChunkedGRPOLoss(torch.autograd.Function):
         loss, metrics = grpo_loss_from_logprobs(logp2, ent2, job["mask"], *job["epilogue"])
         job["metrics"] = metrics
         # dW is held in the weight's dtype (half the fp32 accumulator) until the backward.
-        ctx.save_for_backward(
-            dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
-        )
+        ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype))
         ctx.mark_non_differentiable(logp2, ent2)
         return loss, logp2, ent2
 
@@ -180,40 +241,60 @@ class _ChunkedGRPOLoss(torch.autograd.Function):
         return tuple(None if d is None else d * grad_loss.to(d.dtype) for d in (dh, dw, db)) + (None,)
 
 
+def _needed_grads(x: LossTensors) -> tuple[bool, bool, bool]:
+    """Whether dHidden, dWeight, dBias are wanted: the forward forms them before any backward asks."""
+    grad = torch.is_grad_enabled()
+    return (
+        grad and x.hidden.requires_grad,
+        grad and x.weight.requires_grad,
+        grad and x.bias is not None and x.bias.requires_grad,
+    )
+
+
+def _flat_token_inputs(x: LossTensors, params: GRPOLossParams, num_items_in_batch) -> dict:
+    """The chunk loop's per-token inputs, (B * T,) and fp32: its chunks pick tokens across rows."""
+    B, T = x.targets.shape
+    adv = x.advantages.to(torch.float32)
+    isr = sampling_correction(x.importance_sampling_ratio, x.mask)
+    flat = {
+        name: None if t is None else t.reshape(-1).to(torch.float32)
+        for name, t in (("old", x.old_logprobs), ("ref", x.ref_logprobs))
+    }
+    return dict(
+        targets=x.targets.reshape(-1),
+        active=x.mask.reshape(-1),
+        adv=(adv[:, None].expand(B, T) if adv.dim() == 1 else adv).reshape(-1),
+        w=token_weights(x.mask, params, num_items_in_batch).reshape(-1),
+        isr=None if isr is None else isr.reshape(-1),
+        **flat,
+    )
+
+
 # The chunk loop is data-dependent host code (nonzero, split, autograd inside the forward):
 # torch.compile runs it eagerly, one graph break, instead of tracing into the row kernels.
 @torch.compiler.disable
 def chunked_grpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
+    x: LossTensors,
     params: GRPOLossParams,
     num_items_in_batch: float | torch.Tensor | None = None,
     workspace_bytes: int = WORKSPACE_BYTES,
-    importance_sampling_ratio: torch.Tensor | None = None,
     rows_impl: str | None = None,
+    grad_accumulation: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """GRPO loss with token-level importance sampling in 3 GEMMs; inputs validated by ``fastgrpo.ops``.
 
     Args:
-        hidden: (B, T, H) fp32/fp16/bf16.
-        weight: (V, H), same dtype and device.
-        bias: (V,) same dtype, or None.
-        targets: (B, T) int32/int64 in [0, V) where ``mask``.
-        mask: (B, T) bool.
-        advantages: (B,) or (B, T) float.
-        old_logprobs, ref_logprobs: (B, T) float or None.
+        x: the loss tensors: hidden (B, T, H) fp32/fp16/bf16; weight (V, H), same dtype and device; bias (V,)
+            same dtype, or None; targets (B, T) int32/int64 in [0, V) where ``mask``; mask (B, T) bool;
+            advantages (B,) or (B, T) float; old_logprobs, ref_logprobs (B, T) float or None;
+            importance_sampling_ratio (B, T) or (B, 1) float correction of the policy term, or None.
         params: loss hyper-parameters; ``importance_sampling_level`` must be "token".
         num_items_in_batch: dapo/cispo normalizer, number, fp32 tensor or None.
-        importance_sampling_ratio: (B, T) or (B, 1) float correction of the policy term, or None.
         workspace_bytes: bound on the chunk-sized memory (the logits workspace; with the torch
             row twin, its fp32 temporaries too); at least one token's row.
         rows_impl: "triton" or "torch" row kernels; None = Triton on CUDA or under the interpreter.
+        grad_accumulation: "fp32" (an fp32 dWeight accumulator) or "input" (dWeight summed in a 16-bit
+            weight's own dtype, one rounding per chunk).
 
     Returns:
         (loss, logp, entropy, metrics) as ``fused_grpo_loss``; logp and entropy are (B, T) fp32, 0
@@ -221,37 +302,13 @@ def chunked_grpo_loss(
     """
     if params.importance_sampling_level != "token":
         raise ValueError("the 3-GEMM path needs importance_sampling_level='token'; GSPO takes the 4-pass route")
-    B, T = targets.shape
-    rows_impl = _rows_impl(hidden.device) if rows_impl is None else rows_impl
-    grad = torch.is_grad_enabled()
-    need = (
-        grad and hidden.requires_grad,
-        grad and weight.requires_grad,
-        grad and bias is not None and bias.requires_grad,
-    )
-    adv = advantages.to(torch.float32)
-    adv_tok = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv).reshape(-1)
-    flat = {
-        name: None if x is None else x.reshape(-1).to(torch.float32)
-        for name, x in (("old", old_logprobs), ("ref", ref_logprobs))
-    }
-    isr = sampling_correction(importance_sampling_ratio, mask)
-    flat["isr"] = None if isr is None else isr.reshape(-1)
-    job = {
-        "need": need,
-        "shape": (B, T),
-        "mask": mask,
-        "loop": dict(
-            targets=targets.reshape(-1),
-            active=mask.reshape(-1),
-            adv=adv_tok,
-            w=token_weights(mask, params, num_items_in_batch).reshape(-1),
-            params=params,
-            workspace_bytes=workspace_bytes,
-            rows_impl=rows_impl,
-            **flat,
-        ),
-        "epilogue": (advantages, old_logprobs, ref_logprobs, params, num_items_in_batch, importance_sampling_ratio),
-    }
-    loss, logp, entropy = _ChunkedGRPOLoss.apply(hidden.reshape(B * T, hidden.shape[-1]), weight, bias, job)
+    B, T = x.targets.shape
+    rows_impl = _rows_impl(x.hidden.device) if rows_impl is None else rows_impl
+    loop = _flat_token_inputs(x, params, num_items_in_batch)
+    how = dict(workspace_bytes=workspace_bytes, rows_impl=rows_impl, grad_accumulation=grad_accumulation)
+    loop.update(params=params, **how)
+    epilogue = (x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch, x.importance_sampling_ratio)
+    job = {"need": _needed_grads(x), "shape": (B, T), "mask": x.mask, "loop": loop, "epilogue": epilogue}
+    hidden2d = x.hidden.reshape(B * T, x.hidden.shape[-1])
+    loss, logp, entropy = _ChunkedGRPOLoss.apply(hidden2d, x.weight, x.bias, job)
     return loss, logp, entropy, job["metrics"]

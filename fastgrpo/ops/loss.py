@@ -292,36 +292,46 @@ def grpo_loss_from_logprobs(
     p = params
     m = mask
     mf = m.to(torch.float32)
-    tokens = mf.sum()
     adv = advantages.to(torch.float32)
     adv = adv[:, None] if adv.dim() == 1 else torch.where(m, adv, 0.0)
-    old = logp.detach() if old_logprobs is None else old_logprobs.to(torch.float32)
-    log_ratio = torch.where(m, logp - old, 0.0)
-    if p.importance_sampling_level == "sequence":
-        log_ratio = log_ratio.sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1.0)
+    log_ratio = _log_ratio(logp, old_logprobs, m, mf, p.importance_sampling_level)
     isr = sampling_correction(importance_sampling_ratio, m)
     per_token, ratio, kl = token_terms(logp, log_ratio, ref_logprobs, adv, m, p, isr)
 
     per_token = torch.where(m, per_token.expand_as(logp), 0.0)
     spec = loss_spec(p.loss_type)
     loss = spec.normalizer.aggregate(per_token, mf, p, num_items_in_batch)
-
     with torch.no_grad():
-        count = tokens.clamp(min=1.0)
-
-        def batch_mean(x: torch.Tensor) -> torch.Tensor:
-            # TRL: sequence-level tensors (B, 1) average over rows, token-level over masked tokens.
-            x = x.to(torch.float32)
-            return x.mean() if x.shape[1] == 1 else torch.where(m, x, 0.0).sum() / count
-
-        metrics = {"entropy": batch_mean(entropy)}
-        if kl is not None:
-            metrics["kl"] = batch_mean(kl)
-        low = (ratio < 1 - p.epsilon_low) & (adv < 0)
-        high = (ratio > 1 + p.epsilon_high_resolved) & (adv > 0)
-        metrics["clip_ratio/low_mean"] = batch_mean(low)
-        metrics["clip_ratio/high_mean"] = batch_mean(high)
-        metrics["clip_ratio/region_mean"] = batch_mean(low | high)
-        if spec.clip_metric is not None:
-            metrics[spec.clip_metric] = batch_mean((ratio > p.epsilon_high_resolved) & (adv > 0))
+        metrics = _metrics(entropy, kl, ratio, adv, m, mf, p, spec.clip_metric)
     return loss, metrics
+
+
+def _log_ratio(logp, old_logprobs, m, mf, level: str) -> torch.Tensor:
+    """log(pi / pi_old), 0 where masked: per token, or (B, 1) for GSPO (the row's masked mean)."""
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(torch.float32)
+    log_ratio = torch.where(m, logp - old, 0.0)
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1.0)
+    return log_ratio
+
+
+def _metrics(entropy, kl, ratio, adv, m, mf, p: GRPOLossParams, clip_metric: str | None) -> dict[str, torch.Tensor]:
+    """The metrics TRL logs, each a mean over the batch; call under no_grad."""
+    count = mf.sum().clamp(min=1.0)
+
+    def batch_mean(x: torch.Tensor) -> torch.Tensor:
+        # TRL: sequence-level tensors (B, 1) average over rows, token-level over masked tokens.
+        x = x.to(torch.float32)
+        return x.mean() if x.shape[1] == 1 else torch.where(m, x, 0.0).sum() / count
+
+    metrics = {"entropy": batch_mean(entropy)}
+    if kl is not None:
+        metrics["kl"] = batch_mean(kl)
+    low = (ratio < 1 - p.epsilon_low) & (adv < 0)
+    high = (ratio > 1 + p.epsilon_high_resolved) & (adv > 0)
+    metrics["clip_ratio/low_mean"] = batch_mean(low)
+    metrics["clip_ratio/high_mean"] = batch_mean(high)
+    metrics["clip_ratio/region_mean"] = batch_mean(low | high)
+    if clip_metric is not None:
+        metrics[clip_metric] = batch_mean((ratio > p.epsilon_high_resolved) & (adv > 0))
+    return metrics

@@ -68,65 +68,80 @@ def reference_grpo_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     old = per_token_logps.detach() if old_logprobs is None else old_logprobs.to(f)
-    log_ratio = per_token_logps - old
-    if p.importance_sampling_level == "token":
-        log_importance_weights = log_ratio
-    else:
-        log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        log_importance_weights = log_importance_weights.unsqueeze(-1)
-    coef_1 = torch.exp(log_importance_weights)
-
+    coef_1 = _importance_weights(per_token_logps - old, mask, p.importance_sampling_level)
     per_token_kl = None
     if ref_logprobs is not None:
         ref = ref_logprobs.to(f)
         per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
         if p.use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
-
-    if p.loss_type == "cispo":
-        clamped_ratios = torch.clamp(coef_1, max=p.epsilon_high_resolved).detach()
-        per_token_loss = -clamped_ratios * advantages * per_token_logps
-    elif p.loss_type == "sapo":
-        temperatures = torch.where(advantages > 0, p.sapo_temperature_pos, p.sapo_temperature_neg).to(f)
-        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
-        per_token_loss = -soft_coef_1 * advantages
-    else:
-        coef_2 = torch.clamp(coef_1, 1 - p.epsilon_low, 1 + p.epsilon_high_resolved)
-        if p.delta is not None:
-            coef_1 = torch.clamp(coef_1, max=p.delta)
-        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    # The policy term returns the ratio its clip metrics see: PPO's is capped by ``delta``.
+    per_token_loss, coef_1 = _policy_term(coef_1, advantages, per_token_logps, p)
     if importance_sampling_ratio is not None:
         per_token_loss = per_token_loss * importance_sampling_ratio.to(f)
     if p.beta != 0.0:
         per_token_loss = per_token_loss + p.beta * per_token_kl
+    loss = _aggregate(per_token_loss, mask, p, num_items_in_batch)
+    with torch.no_grad():
+        metrics = _metrics(entropies, per_token_kl, coef_1, advantages, mask, p)
+    return loss, per_token_logps, entropies, metrics
 
+
+def _importance_weights(log_ratio, mask, level):
+    """TRL's ``coef_1``: exp of the per-token log-ratio, or of its masked row mean (GSPO) as (B, 1)."""
+    if level == "token":
+        return torch.exp(log_ratio)
+    log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return torch.exp(log_importance_weights.unsqueeze(-1))
+
+
+def _policy_term(coef_1, advantages, per_token_logps, p):
+    """(per-token policy loss, the ratio after ``delta``'s cap), TRL's branches transcribed."""
+    f = per_token_logps.dtype
+    if p.loss_type == "cispo":
+        clamped_ratios = torch.clamp(coef_1, max=p.epsilon_high_resolved).detach()
+        return -clamped_ratios * advantages * per_token_logps, coef_1
+    if p.loss_type == "sapo":
+        temperatures = torch.where(advantages > 0, p.sapo_temperature_pos, p.sapo_temperature_neg).to(f)
+        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
+        return -soft_coef_1 * advantages, coef_1
+    coef_2 = torch.clamp(coef_1, 1 - p.epsilon_low, 1 + p.epsilon_high_resolved)
+    if p.delta is not None:
+        coef_1 = torch.clamp(coef_1, max=p.delta)
+    return -torch.min(coef_1 * advantages, coef_2 * advantages), coef_1
+
+
+def _aggregate(per_token_loss, mask, p, num_items_in_batch):
+    """The loss from the per-token losses, each type's normalizer written out as TRL does."""
     if p.loss_type in ("grpo", "sapo"):
-        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif p.loss_type == "bnpo":
-        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-    elif p.loss_type == "dr_grpo":
-        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * p.max_completion_length)
-    elif p.loss_type in ("cispo", "dapo"):
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if p.loss_type == "bnpo":
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    if p.loss_type == "dr_grpo":
+        return (per_token_loss * mask).sum() / (per_token_loss.size(0) * p.max_completion_length)
+    if p.loss_type in ("cispo", "dapo"):
         norm = mask.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
-        loss = (per_token_loss * mask).sum() / norm
-    else:
-        loss = (per_token_loss * mask).sum(-1).mean()
+        return (per_token_loss * mask).sum() / norm
+    return (per_token_loss * mask).sum(-1).mean()
 
+
+def _metrics(entropies, per_token_kl, coef_1, advantages, mask, p):
+    """TRL's logged means (call under no_grad): sequence-level (B, 1) tensors over rows, the rest over tokens."""
+    f = mask.dtype
     count = mask.sum().clamp(min=1.0)
 
     def masked_batch_mean(x):
         return x.mean() if x.shape[1] == 1 else (x * mask).sum() / count
 
-    with torch.no_grad():
-        metrics = {"entropy": masked_batch_mean(entropies)}
-        if per_token_kl is not None:
-            metrics["kl"] = masked_batch_mean(per_token_kl)
-        is_low = (coef_1 < 1 - p.epsilon_low) & (advantages < 0)
-        is_high = (coef_1 > 1 + p.epsilon_high_resolved) & (advantages > 0)
-        metrics["clip_ratio/low_mean"] = masked_batch_mean(is_low.to(f))
-        metrics["clip_ratio/high_mean"] = masked_batch_mean(is_high.to(f))
-        metrics["clip_ratio/region_mean"] = masked_batch_mean((is_low | is_high).to(f))
-        if p.loss_type == "cispo":
-            capped = (coef_1 > p.epsilon_high_resolved) & (advantages > 0)
-            metrics["cispo_clip_ratio"] = masked_batch_mean(capped.to(f))
-    return loss, per_token_logps, entropies, metrics
+    metrics = {"entropy": masked_batch_mean(entropies)}
+    if per_token_kl is not None:
+        metrics["kl"] = masked_batch_mean(per_token_kl)
+    is_low = (coef_1 < 1 - p.epsilon_low) & (advantages < 0)
+    is_high = (coef_1 > 1 + p.epsilon_high_resolved) & (advantages > 0)
+    metrics["clip_ratio/low_mean"] = masked_batch_mean(is_low.to(f))
+    metrics["clip_ratio/high_mean"] = masked_batch_mean(is_high.to(f))
+    metrics["clip_ratio/region_mean"] = masked_batch_mean((is_low | is_high).to(f))
+    if p.loss_type == "cispo":
+        capped = (coef_1 > p.epsilon_high_resolved) & (advantages > 0)
+        metrics["cispo_clip_ratio"] = masked_batch_mean(capped.to(f))
+    return metrics

@@ -255,25 +255,25 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise ValueError(f"{name} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if tp in (int, float):
+        return _convert_number(name, value, tp)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{name} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+def _convert_number(name: str, value: Any, tp: type) -> int | float:
+    """``tp(value)`` for int or float; a bool (YAML's true is an int to Python) or a fraction for an int is refused."""
+    what = "an integer" if tp is int else "a number"
+    fraction = tp is int and isinstance(value, float) and not value.is_integer()
+    if not isinstance(value, bool) and not fraction:
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def flatten(values: dict[str, Any], where: str) -> dict[str, Any]:

@@ -47,6 +47,19 @@ def kv_bytes_per_token(model) -> int:
     return c.num_hidden_layers * _kv_width(c) * next(iter(model.parameters())).element_size()
 
 
+def _activation_bytes(c, cfg, T: int, b: int) -> int:
+    """Bytes the decoder layers keep for the backward of one micro-batch of T tokens, b bytes an element."""
+    H, inter, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    # One layer's tensors kept for its backward: q/o/residuals/norms (~6H), k/v, and the MLP's
+    # gate/up/activation/product (~4I). Checkpointing keeps only each layer's input, and then one
+    # layer's worth (with its gradients) while it is recomputed.
+    per_layer = T * b * (6 * H + _kv_width(c) + 4 * inter)
+    if cfg.gradient_checkpointing:
+        kept = 0 if cfg.offload_activations else L * T * H * b
+        return kept + 2 * per_layer
+    return L * per_layer
+
+
 def memory_plan(model, cfg, info: ModelInfo, ref_model=None) -> dict[str, float]:
     """Estimated GiB of both phases. The update (``total_gb``): weights (policy and reference
     copy), gradients, AdamW state, activations of one micro-batch at the configured lengths, the
@@ -57,21 +70,12 @@ def memory_plan(model, cfg, info: ModelInfo, ref_model=None) -> dict[str, float]
     resident weights and AdamW state plus the backend's cache (``sampling_gb``). ``peak_gb`` is the
     larger phase. ``host_gb``: pinned host memory (offloaded activations; vLLM's weights asleep)."""
     c = _text_config(model)
-    H, inter, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
-    kv = _kv_width(c)
+    H, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
     params = [p for p in model.parameters()]
     trainable = [p for p in params if p.requires_grad]
     b = params[0].element_size()
     T, M = tokens_per_microbatch(cfg)
-    # One layer's tensors kept for its backward: q/o/residuals/norms (~6H), k/v, and the MLP's
-    # gate/up/activation/product (~4I). Checkpointing keeps only each layer's input, and then one
-    # layer's worth (with its gradients) while it is recomputed.
-    per_layer = T * b * (6 * H + kv + 4 * inter)
-    if cfg.gradient_checkpointing:
-        kept = 0 if cfg.offload_activations else L * T * H * b
-        activations = kept + 2 * per_layer
-    else:
-        activations = L * per_layer
+    activations = _activation_bytes(c, cfg, T, b)
     head = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
     head_trainable = head is not None and head.requires_grad
     dtype = params[0].dtype if params[0].is_floating_point() else torch.float32

@@ -386,7 +386,7 @@ class GRPOTrainer:
             "num_tokens": self.num_tokens,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "kahan_summation": self.updater.kahan,
+            "kahan_summation": self.updater.settings.kahan,
             **snapshot,
         }
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
@@ -406,11 +406,11 @@ class GRPOTrainer:
     def _load_state(self, state: dict[str, Any]) -> None:
         self.step, self.num_tokens = int(state["step"]), int(state["num_tokens"])
         saved = bool(state.get("kahan_summation", False))  # checkpoints before the option: plain AdamW
-        if saved != self.updater.kahan:
+        if saved != self.updater.settings.kahan:
             raise ValueError(
                 f"resume_from_checkpoint {str(self.resume_path)!r} holds the state of AdamW "
                 f"{'with' if saved else 'without'} Kahan summation, but this run resolves kahan_summation to "
-                f"{str(self.updater.kahan).lower()}; resume with --kahan_summation {str(saved).lower()}"
+                f"{str(self.updater.settings.kahan).lower()}; resume with --kahan_summation {str(saved).lower()}"
             )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -179,23 +179,11 @@ class Updater:
         # The one source of the loss settings and the implementation for every pass, log-probs included.
         self.loss_fn = FusedGRPOLoss(impl=settings.loss_impl, **dataclasses.asdict(params))
 
-    @property
-    def packed(self) -> bool:
-        return self.settings.packed
-
-    @property
-    def kahan(self) -> bool:
-        return self.settings.kahan
-
-    @property
-    def correction(self) -> CorrectionSettings:
-        return self.settings.correction
-
     def micro_batches(self, batch: Batch) -> list[MicroBatch]:
         ro = batch.rollouts
         groups = plan_micro_batches(
             ro.prompt_mask.sum(1).tolist(), ro.completion_mask.sum(1).tolist(),
-            self.settings.micro_batch_rows, self.settings.max_tokens_per_microbatch, self.packed,
+            self.settings.micro_batch_rows, self.settings.max_tokens_per_microbatch, self.settings.packed,
         )  # fmt: skip
         return [batch.micro_batch(g) for g in groups]
 
@@ -206,7 +194,7 @@ class Updater:
         model.eval()
         try:
             with torch.no_grad():
-                return completion_logprobs(model, mb, self.params.temperature, self.loss_fn.impl, self.packed)
+                return completion_logprobs(model, mb, self.params.temperature, self.loss_fn.impl, self.settings.packed)
         finally:
             model.train(was_training)
 
@@ -217,22 +205,23 @@ class Updater:
             return self.logprobs(self.model, mb)
 
     def check_sampler_logprobs(self, batch: Batch) -> None:
-        if self.correction.enabled and batch.rollouts.sampler_logprobs is None:
-            raise missing_sampler_logprobs(self.correction)
+        if self.settings.correction.enabled and batch.rollouts.sampler_logprobs is None:
+            raise missing_sampler_logprobs(self.settings.correction)
 
     def sampling_correction(self, micro: list[MicroBatch], old: list[torch.Tensor]):
         """(per-micro-batch ratios, metrics) of the sampler/trainer correction, or ([None]..., {})
         when it is off. ``old``: the policy's log-probs before any update, per micro-batch."""
-        if not self.correction.enabled:
+        correction = self.settings.correction
+        if not correction.enabled:
             return [None] * len(micro), {}
-        stats = CorrectionStats(self.correction)
+        stats = CorrectionStats(correction)
         ratios = []
         for m, lp in zip(micro, old, strict=True):
             sampler = m.rollouts.sampler_logprobs
             if sampler is None:
-                raise missing_sampler_logprobs(self.correction)
+                raise missing_sampler_logprobs(correction)
             sampler = sampler.to(lp.device)
-            ratio, outside = importance_sampling_ratio(lp, sampler, m.loss_mask, self.correction)
+            ratio, outside = importance_sampling_ratio(lp, sampler, m.loss_mask, correction)
             stats.add(lp, sampler, m.loss_mask, ratio, outside)
             ratios.append(ratio)
         return ratios, stats.metrics()
@@ -247,7 +236,7 @@ class Updater:
         with times("logprobs"):
             # The sampling policy's log-probs, before it moves; the correction needs them at any num_iterations
             # (as TRL computes old_per_token_logps whenever vllm_importance_sampling_correction is on).
-            if iterations > 1 or self.correction.enabled:
+            if iterations > 1 or self.settings.correction.enabled:
                 old = [self.logprobs(self.model, m.rollouts) for m in micro]
             if self.params.beta > 0:
                 ref = [self.ref_logprobs(m.rollouts) for m in micro]
@@ -289,7 +278,7 @@ class Updater:
         None with the correction on computes it here (and ``old``, if not given). It scales the
         per-token loss only: the normalizers above still count every loss token."""
         micro = self.micro_batches(batch) if micro is None else micro
-        if is_ratio is None and self.correction.enabled:
+        if is_ratio is None and self.settings.correction.enabled:
             self.check_sampler_logprobs(batch)
             if old is None or any(o is None for o in old):
                 old = [self.logprobs(self.model, m.rollouts) for m in micro]
@@ -315,7 +304,7 @@ class Updater:
             # dropout or not), as TRL does at num_iterations 1. The stored pass serves the later iterations.
             old_k = None if iteration == 0 else old[k]
             out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, self.loss_fn, old_logprobs=old_k,
-                              ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.packed,
+                              ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.settings.packed,
                               importance_sampling_ratio=is_ratio[k])  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
