@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgrpo
-from fastgrpo.ops import api, chunked
+from fastgrpo.ops import api, checks, chunked
 from fastgrpo.ops.loss import GRPOLossParams, grpo_loss_from_logprobs, token_terms, token_weights
 from fastgrpo.ops.reference import reference_grpo_loss
 
@@ -290,3 +291,67 @@ def test_grad_accumulation_input_holds_no_fp32_weight_buffer():
     assert fp32 - chunked.extra_bytes(N, H, V, torch.bfloat16, grad_accumulation="input") == 4 * V * H
     with pytest.raises(ValueError, match="grad_accumulation must be one of"):
         fastgrpo.FusedGRPOLoss(grad_accumulation="bf16")
+
+
+class _Syncs(TorchDispatchMode):
+    """Ops that read device data back to the host (a sync on CUDA), seen while active."""
+
+    NAMES = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name == "aten::index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        )
+        if name in self.NAMES or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_chunked_call_reads_back_once(monkeypatch):
+    """Forward and backward of the chunked path: one device-to-host transfer (the value checks and the
+    active-token count together), no other op that waits for the device."""
+    inp = grpo_inputs(B=4, T=9, seed=32, bias=True)
+    args, lp = loss_args(inp)
+    mask = inp["mask"].float()  # a float mask adds the 0/1 check
+    adv = inp["advantages"][:, None].expand(4, 9).contiguous()  # per-token advantages: a masked check
+    ratio = torch.rand(4, 9, device=DEVICE) + 0.5
+    reads = []
+    real = checks.read_back
+    monkeypatch.setattr(checks, "read_back", lambda v: reads.append(v.numel()) or real(v))
+    h, w = leaf(inp["hidden"]), leaf(inp["weight"])
+    num_items = torch.tensor(30.0, device=DEVICE)
+    with _Syncs() as syncs:
+        out = fastgrpo.fused_grpo_loss(
+            h, w, args[2], mask, adv, **lp, beta=0.04, impl="chunked", num_items_in_batch=num_items,
+            importance_sampling_ratio=ratio,
+        )  # fmt: skip
+        out.loss.backward()
+    assert syncs.seen == [] and len(reads) == 1, (syncs.seen, reads)
+    want = fastgrpo.fused_grpo_loss(
+        leaf(inp["hidden"]), inp["weight"], args[2], mask, adv, **lp, beta=0.04, impl="torch",
+        num_items_in_batch=num_items, importance_sampling_ratio=ratio,
+    )  # fmt: skip
+    assert abs(float(out.loss) - float(want.loss)) < 1e-6
+
+
+def test_one_read_back_still_names_each_bad_value():
+    """The checks share one transfer; each bad value still gets its own line, in the old order."""
+    inp = grpo_inputs(B=3, T=5, seed=33)
+    args, lp = loss_args(inp)
+    h, w, y, m, adv = args
+    cases = [
+        (dict(mask=m.float() * 2), "mask must hold only 0 and 1"),
+        (dict(advantages=adv * float("nan")), "advantages must be finite"),
+        (dict(targets=torch.where(m, y + 10_000, y)), r"targets must lie in \[0, 1003\), got values in \[10"),
+        (dict(importance_sampling_ratio=-torch.ones(3, 5)), "importance_sampling_ratio must be finite and >= 0"),
+        (dict(num_items_in_batch=torch.tensor(0.0)), "num_items_in_batch must be > 0"),
+    ]
+    for change, message in cases:
+        call = dict(hidden=h, weight=w, targets=y, mask=m, advantages=adv, **lp) | change
+        with pytest.raises(ValueError, match=message):
+            fastgrpo.fused_grpo_loss(**call, impl="chunked")

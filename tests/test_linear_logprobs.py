@@ -243,3 +243,38 @@ def test_exact_backward_with_no_live_token_keeps_the_dtype(dtype):
     assert (dh.dtype, dw.dtype, db.dtype) == (dtype, dtype, dtype)
     assert dh.shape == (N, H) and dw.shape == (V, H) and db.shape == (V,)
     assert not dh.any() and not dw.any() and not db.any()
+
+
+def test_forward_splits_fill_whole_waves():
+    """The forward's vocabulary splits minimize waves x blocks per program (equal programs finish in waves
+    of one per SM), with no empty split; the interpreter keeps a few splits to exercise the merge."""
+    import triton
+    from fastgrpo.kernels.linear_logprobs import MAX_SPLITS, _num_splits
+
+    def cost(nb, vb, sm, s):
+        return triton.cdiv(nb * s, sm) * triton.cdiv(vb, s)
+
+    assert _num_splits(32, 1188, 132) == 33  # Qwen2.5-7B head, 4K tokens at 128 x 128 tiles: 8 full waves
+    assert cost(32, 1188, 132, 33) == 288 < cost(32, 1188, 132, 9)  # 9: the former two-per-SM target
+    g = torch.Generator().manual_seed(0)
+    for nb, vb, sm in torch.randint(1, 700, (200, 3), generator=g).tolist():
+        s = _num_splits(nb, vb, sm)
+        assert 1 <= s <= min(vb, MAX_SPLITS)
+        assert triton.cdiv(vb, triton.cdiv(vb, s)) == s  # every split holds vocabulary blocks
+        assert all(cost(nb, vb, sm, s) <= cost(nb, vb, sm, k) for k in range(1, min(vb, MAX_SPLITS) + 1))
+    assert _num_splits(2, 8, None) == 4
+
+
+@pytest.mark.skipif(not TRITON_OK or DEVICE.type != "cpu", reason="the interpreter with a pretend GPU target")
+def test_forward_with_a_gpu_split_count_matches_float64():
+    """Many vocabulary splits (a 64-SM target: one 128-wide block per split) merge to the same log-probs."""
+    from fastgrpo.kernels.linear_logprobs import _num_splits, linear_logprobs_triton, target_gpu
+
+    N, H, V = 37, 72, 4003
+    assert _num_splits(2, 32, 64) == 32
+    h, w, b, y, g_lp, g_ent = _inputs(N, H, V, torch.float32, seed=5, bias=True)
+    with target_gpu((9, 0), 64):
+        got = _grads(linear_logprobs_triton, h, w, b, y, g_lp, g_ent)
+    exact = _reference(h, w, b, y, g_lp, g_ent, None, 1.0, torch.float64)
+    for a, e in zip(got, exact, strict=True):
+        assert rel_err(a, e) < 1e-5

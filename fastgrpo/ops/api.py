@@ -358,10 +358,11 @@ def _fused_grpo_loss(
         dtype=hidden.dtype, trainable_head=weight.requires_grad, workspace_bytes=knobs.workspace_bytes,
         grad_accumulation=knobs.grad_accumulation,
     )  # fmt: skip
+    checks.check_sampling_ratio(x.importance_sampling_ratio, x.targets)
     active = x.mask != 0
-    checks.check_loss_values(x.mask, active, x.advantages, num_items_in_batch)
-    checks.check_targets_range(x.targets, V, where=active)
-    checks.check_sampling_ratio(x.importance_sampling_ratio, x.targets, active)
+    n_active = checks.check_loss_values(
+        x.mask, active, x.advantages, num_items_in_batch, x.targets, V, x.importance_sampling_ratio
+    )
     if path == "chunked":
         workspace_bytes = _workspace(knobs.workspace_bytes, hidden.device)
         loss, logp, entropy, metrics = chunked_grpo_loss(
@@ -370,6 +371,7 @@ def _fused_grpo_loss(
             num_items_in_batch,
             workspace_bytes,
             grad_accumulation=knobs.grad_accumulation,
+            n_active=n_active,
         )
         return GRPOLossOutput(loss, logp, entropy, metrics), path
     logp, entropy = _logprobs_impl(

@@ -64,8 +64,7 @@ def check_targets_range(targets, vocab, where=None):
     if where is not None:
         bad &= where
     if bool(bad.any()):
-        t = targets[bad]
-        raise ValueError(f"targets must lie in [0, {vocab}), got values in [{int(t.min())}, {int(t.max())}]")
+        raise ValueError(_targets_message(targets, bad, vocab))
 
 
 def check_temperature(temperature):
@@ -140,21 +139,48 @@ def check_loss_inputs(hidden, weight, targets, mask, advantages, old_logprobs, r
     return num_items
 
 
-def check_loss_values(mask, active, advantages, num_items) -> None:
-    """The values ``check_loss_inputs`` cannot see without reading the data back."""
+def check_loss_values(mask, active, advantages, num_items, targets, vocab, ratio) -> int | None:
+    """The values ``check_loss_inputs`` cannot see without reading the data back, read back in one
+    transfer together with the number of active tokens, which that returns (so the chunked path
+    gathers them without a second sync). None while torch.compile traces: no check, no count.
+
+    ``ratio`` is ``importance_sampling_ratio`` after ``check_sampling_ratio``'s shape checks, or None.
+    """
     if not values_checked():
-        return
-    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("mask must hold only 0 and 1")
-    adv_live = advantages if advantages.dim() == 1 else advantages[active]
-    if not bool(torch.isfinite(adv_live).all()):
-        raise ValueError("advantages must be finite (where mask is set)")
-    if isinstance(num_items, torch.Tensor) and not bool((num_items > 0).all()):
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
+        return None
+    tests = []  # (flag tensor, message or a function making it): the first set flag raises, in this order
+    if mask.dtype != torch.bool:
+        tests.append((((mask != 0) & (mask != 1)).any(), "mask must hold only 0 and 1"))
+    adv = advantages if advantages.dim() == 1 else torch.where(active, advantages, 0.0)
+    tests.append((~torch.isfinite(adv).all(), "advantages must be finite (where mask is set)"))
+    if isinstance(num_items, torch.Tensor):
+        # Formatted only on failure: printing a device tensor reads it back.
+        tests.append((~(num_items > 0).all(), lambda: f"num_items_in_batch must be > 0, got {num_items}"))
+    bad_targets = ((targets < 0) | (targets >= vocab)) & active
+    tests.append((bad_targets.any(), lambda: _targets_message(targets, bad_targets, vocab)))
+    if ratio is not None:
+        live = ratio.expand(targets.shape)
+        ok = (torch.isfinite(live) & (live >= 0)) | ~active
+        tests.append((~ok.all(), "importance_sampling_ratio must be finite and >= 0 where mask is set"))
+    count, *flags = read_back(torch.stack([active.sum()] + [flag.to(torch.int64) for flag, _ in tests]))
+    for flag, (_, message) in zip(flags, tests, strict=True):
+        if flag:
+            raise ValueError(message() if callable(message) else message)
+    return count
 
 
-def check_sampling_ratio(ratio, targets, mask) -> None:
-    """``importance_sampling_ratio``: (B, T) or (B, 1) float, finite and >= 0 where ``mask``."""
+def read_back(values: torch.Tensor) -> list[int]:
+    """The one device-to-host transfer of a loss call's checks (tests count the calls)."""
+    return values.tolist()
+
+
+def _targets_message(targets, bad, vocab) -> str:
+    t = targets[bad]
+    return f"targets must lie in [0, {vocab}), got values in [{int(t.min())}, {int(t.max())}]"
+
+
+def check_sampling_ratio(ratio, targets) -> None:
+    """``importance_sampling_ratio``'s type and shape: (B, T) or (B, 1) float (its values: ``check_loss_values``)."""
     if ratio is None:
         return
     B, T = targets.shape
@@ -164,10 +190,6 @@ def check_sampling_ratio(ratio, targets, mask) -> None:
     if tuple(ratio.shape) not in ((B, T), (B, 1)):
         raise ValueError(f"importance_sampling_ratio must have shape ({B}, {T}) or ({B}, 1), got {tuple(ratio.shape)}")
     check_same("importance_sampling_ratio", ratio, "targets", targets, dtype=False)
-    if values_checked():
-        live = ratio.expand(B, T)[mask]
-        if not bool((torch.isfinite(live) & (live >= 0)).all()):
-            raise ValueError("importance_sampling_ratio must be finite and >= 0 where mask is set")
 
 
 # Model config fields that change the logits after the lm_head (softcapping, scalings). TRL's own

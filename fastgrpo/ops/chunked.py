@@ -155,6 +155,7 @@ def _chunk_loop(
     workspace_bytes,
     rows_impl,
     grad_accumulation,
+    n_active,
 ):
     """logp, entropy (N,) fp32 and the gradients (None where not needed) of sum(w * per_token)."""
     N, H = hidden.shape
@@ -167,7 +168,7 @@ def _chunk_loop(
     dh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
     db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_db else None
     stats, grad_ = _rows(rows_impl)
-    idx_all = active.nonzero().squeeze(1)
+    idx_all = (active.nonzero() if n_active is None else torch.nonzero_static(active, size=n_active)).squeeze(1)
     step = balanced_chunks(idx_all.numel(), chunk_rows(V, hidden.dtype, workspace_bytes, rows_impl))
     chunks = idx_all.split(step) if idx_all.numel() else ()
     dw = _DWeight(weight, grad_accumulation, bool(chunks)) if need_dw else None
@@ -280,6 +281,7 @@ def chunked_grpo_loss(
     workspace_bytes: int = WORKSPACE_BYTES,
     rows_impl: str | None = None,
     grad_accumulation: str = "fp32",
+    n_active: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """GRPO loss with token-level importance sampling in 3 GEMMs; inputs validated by ``fastgrpo.ops``.
 
@@ -295,6 +297,8 @@ def chunked_grpo_loss(
         rows_impl: "triton" or "torch" row kernels; None = Triton on CUDA or under the interpreter.
         grad_accumulation: "fp32" (an fp32 dWeight accumulator) or "input" (dWeight summed in a 16-bit
             weight's own dtype, one rounding per chunk).
+        n_active: the number of tokens ``mask`` sets, when the caller has read it back already (its
+            checks did): the tokens are then gathered without another device-to-host sync.
 
     Returns:
         (loss, logp, entropy, metrics) as ``fused_grpo_loss``; logp and entropy are (B, T) fp32, 0
@@ -305,7 +309,9 @@ def chunked_grpo_loss(
     B, T = x.targets.shape
     rows_impl = _rows_impl(x.hidden.device) if rows_impl is None else rows_impl
     loop = _flat_token_inputs(x, params, num_items_in_batch)
-    how = dict(workspace_bytes=workspace_bytes, rows_impl=rows_impl, grad_accumulation=grad_accumulation)
+    how = dict(
+        workspace_bytes=workspace_bytes, rows_impl=rows_impl, grad_accumulation=grad_accumulation, n_active=n_active
+    )
     loop.update(params=params, **how)
     epilogue = (x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch, x.importance_sampling_ratio)
     job = {"need": _needed_grads(x), "shape": (B, T), "mask": x.mask, "loop": loop, "epilogue": epilogue}
