@@ -204,7 +204,7 @@ def _synthetic(trainer, state, batch, scale):
     return dataclasses.replace(batch, rollouts=dataclasses.replace(ro, sampler_logprobs=sampler)), old
 
 
-def _reference(model, state, batch, params, old, ratio):
+def _reference(model, state, batch, params, old, ratio, **extra):
     """Loss and gradients of the whole batch in one direct fused_grpo_loss call."""
     model = copy.deepcopy(model)
     model.load_state_dict(state)
@@ -213,7 +213,8 @@ def _reference(model, state, batch, params, old, ratio):
     weight, bias = lm_head(model)
     hp = dataclasses.asdict(params)
     out = fused_grpo_loss(completion_hidden(model, ro), weight, ro.completion_ids, batch.loss_mask, batch.advantages,
-                          old_logprobs=old, bias=bias, importance_sampling_ratio=ratio, impl="torch", **hp)  # fmt: skip
+                          old_logprobs=old, bias=bias, importance_sampling_ratio=ratio, impl="torch",
+                          **hp, **extra)  # fmt: skip
     out.loss.backward()
     return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -279,6 +280,28 @@ def test_update_applies_trls_ratio(sampled, mode, num_iterations, loss_type, cli
         assert metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     frac = "masked_frac" if mode.endswith("mask") else "truncated_frac"
     assert 0 < metrics[f"sampling/importance_sampling_ratio/{frac}"] < 1
+
+
+def test_update_applies_the_off_policy_mask_with_the_samplers_logprobs(sampled):
+    """off_policy_mask_threshold in fastgrpo train: the update passes the backend's sampler log-probs to the
+    op, so its loss and gradients are one direct call's with them, and the mask drops some rows' policy term."""
+    trainer, state, batch = sampled
+    batch, old = _synthetic(trainer, state, batch, 0.3)
+    params = dataclasses.replace(trainer.params, off_policy_mask_threshold=0.01)
+    cfg = copy.deepcopy(trainer.cfg)
+    settings = UpdateSettings.from_config(cfg, packed=bool(cfg.model.padding_free), kahan=False)
+    settings = dataclasses.replace(settings, lr_scheduler_type="constant")
+    updater = Updater(trainer.model, None, params, settings)
+    trainer.model.load_state_dict(state)
+    sums = updater.accumulate_gradients(batch)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    sampler = batch.rollouts.sampler_logprobs
+    want_loss, want = _reference(trainer.model, state, batch, params, None, None, sampling_logprobs=sampler)
+    assert sums["loss"] == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
+    for n in want:
+        torch.testing.assert_close(grads[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    plain_loss, _ = _reference(trainer.model, state, batch, trainer.params, None, None)
+    assert abs(plain_loss - want_loss) > 1e-4  # some negative-advantage rows lost their policy term
 
 
 def test_forced_on_without_sampler_logprobs_is_a_clear_error(embedded, tmp_path):

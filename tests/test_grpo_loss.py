@@ -43,6 +43,7 @@ def _run_reference(inp, compute_dtype=torch.float64, **hp):
     m = inp["mask"]
     num_items = hp.pop("num_items_in_batch", None)
     is_ratio = hp.pop("importance_sampling_ratio", None)
+    sampling = _clean(hp.pop("sampling_logprobs", None), m)
     params = GRPOLossParams(**hp)
     h = leaf(inp["hidden"], compute_dtype)
     w = leaf(inp["weight"], compute_dtype)
@@ -61,6 +62,7 @@ def _run_reference(inp, compute_dtype=torch.float64, **hp):
         num_items_in_batch=num_items,
         compute_dtype=compute_dtype,
         importance_sampling_ratio=is_ratio,
+        sampling_logprobs=sampling,
     )
     loss.backward()
     return loss, logp, ent, metrics, h.grad, w.grad, None if b is None else b.grad
@@ -188,3 +190,36 @@ def test_impls_agree_with_each_other():
         assert abs(float(a.loss) - float(b.loss)) < 1e-6, impl
         for x, y in zip(ga, gb, strict=True):
             assert rel_err(x, y) < 1e-5, impl
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["sampler", "old", "per-token-advantages", "sequence-level"])
+def test_off_policy_sequence_mask(impl, case):
+    """TRL's off_policy_mask_threshold: a negative-advantage row whose mean log(pi_sampling / pi) is above the
+    threshold loses its policy term, not its KL; the sampler's log-probs (NaN where masked, as vLLM leaves
+    them), else the old ones, measure it. Rows are both kept and dropped here, on every path."""
+    from fastgrpo.ops.loss import off_policy_mask
+
+    inp = grpo_inputs(B=8, seed=41)
+    m = inp["mask"]
+    g = torch.Generator().manual_seed(42)
+    hp = dict(HP, loss_type="dapo", beta=0.04, off_policy_mask_threshold=0.02)
+    if case == "sampler":
+        noise = (0.3 * torch.randn(m.shape, generator=g) + 0.1 * torch.arange(8)[:, None]).to(DEVICE)
+        hp["sampling_logprobs"] = torch.where(m, inp["old_logprobs"] + noise, float("nan"))
+    if case == "per-token-advantages":
+        adv = torch.randn(m.shape, generator=g).to(DEVICE)
+        inp["advantages"] = torch.where(m, adv, float("nan"))
+    if case == "sequence-level":
+        hp.update(loss_type="grpo", importance_sampling_level="sequence")
+    out, *grads = _run_fused(inp, impl, **hp)
+    ref = _run_reference(inp, **hp)
+    _check_against_reference(out, grads, ref, tol=2e-5)
+    sampling = hp.get("sampling_logprobs", inp["old_logprobs"])
+    adv = inp["advantages"]
+    adv = adv[:, None] if adv.dim() == 1 else torch.where(m, adv, 0.0)
+    keep = off_policy_mask(adv, ref[1].float(), sampling, m, 0.02)
+    live = m.any(1, keepdim=True) if keep.shape[1] == 1 else m
+    kept = keep.expand(m.shape)[live.expand(m.shape)]
+    assert kept.min() == 0 and kept.max() == 1  # the mask both keeps and drops
+    assert fastgrpo.ops.route("chunked", DEVICE, off_policy_mask=True) == "torch"

@@ -119,7 +119,7 @@ def test_loss_settings_read_from_fastgrpo_and_trl_configs_alike(tmp_path):
 
     values = dict(beta=0.02, epsilon=0.1, epsilon_high=0.3, delta=1.5, loss_type="bnpo", temperature=0.7,
                   importance_sampling_level="sequence", max_completion_length=48, use_bias_correction_kl=True,
-                  sapo_temperature_pos=0.9, sapo_temperature_neg=1.2)  # fmt: skip
+                  sapo_temperature_pos=0.9, sapo_temperature_neg=1.2, off_policy_mask_threshold=0.3)  # fmt: skip
     ours = GRPOLossParams.from_config(build_config((values, "test")))
     theirs = GRPOLossParams.from_config(
         trl.GRPOConfig(output_dir=str(tmp_path), report_to=[], bf16=False, use_cpu=True, **values)

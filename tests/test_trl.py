@@ -105,6 +105,8 @@ VARIANTS = {
     "temperature": dict(temperature=0.7, beta=0.04),
     "steps-per-generation": dict(steps_per_generation=4, gradient_accumulation_steps=2, beta=0.04),
     "cast-lm-head-fp32": dict(cast_lm_head_to_fp32=True, beta=0.04),
+    # Negative: a row with a negative advantage is dropped as soon as pi drifts above pi_old on average.
+    "off-policy-mask": dict(off_policy_mask_threshold=-0.001, num_iterations=2, beta=0.04),
 }
 
 
@@ -286,7 +288,6 @@ REFUSED = {
     "entropy-quantile": (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
     "entropy-bonus": (dict(entropy_coef=0.01), "entropy_coef"),
     "adaptive-entropy": (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
-    "off-policy-mask": (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
 }
 
 

@@ -24,11 +24,13 @@ see an ordinary forward. ``trainer.fastgrpo_last_route`` says which path ran the
 Refused at construction, each with a ``ValueError`` naming the field (the fused op computes a
 different quantity, so a silent fallback would train something else): ``loss_type="vespo"``,
 ``top_entropy_quantile < 1``, ``entropy_coef != 0`` / ``use_adaptive_entropy``,
-``off_policy_mask_threshold``, an MoE router aux loss (``router_aux_loss_coef``), logit
+an MoE router aux loss (``router_aux_loss_coef``), logit
 softcapping or scaling in the model config, a PEFT adapter on ``lm_head``
 (``target_modules`` / ``modules_to_save``), vision-language models and processors, and under
-DeepSpeed ZeRO-3 any path but ``fastgrpo_impl="chunked"`` or ``importance_sampling_level=
-"sequence"`` (their backward reads the lm_head again, outside ZeRO-3's gather).
+DeepSpeed ZeRO-3 any path but ``fastgrpo_impl="chunked"``, ``importance_sampling_level=
+"sequence"`` or ``off_policy_mask_threshold`` (their backward reads the lm_head again, outside
+ZeRO-3's gather). ``off_policy_mask_threshold`` (TRL's off-policy sequence masking) runs: it reads
+a row's whole log-probs, so it takes the 4-pass route, as GSPO does.
 """
 
 from __future__ import annotations
@@ -137,8 +139,6 @@ def check_config(args, peft_config=None) -> None:
         raise ValueError("top_entropy_quantile < 1 masks tokens by the current entropy; fastgrpo does not support it")
     if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
         raise ValueError("entropy_coef / use_adaptive_entropy (an entropy bonus) is not supported by fastgrpo's loss")
-    if args.off_policy_mask_threshold is not None:
-        raise ValueError("off_policy_mask_threshold (off-policy sequence masking) is not supported by fastgrpo's loss")
     if peft_config is not None:
         targets = _names(getattr(peft_config, "target_modules", None))
         saved = _names(getattr(peft_config, "modules_to_save", None))
@@ -213,9 +213,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         # Only the chunked path forms its weight gradient in the forward, where the head is gathered.
         if self.fastgrpo_impl == "auto":
             self.fastgrpo_impl = "chunked"
-        if self.fastgrpo_impl != "chunked" or self.importance_sampling_level == "sequence":
+        row_coupled = self.importance_sampling_level == "sequence" or self.args.off_policy_mask_threshold is not None
+        if self.fastgrpo_impl != "chunked" or row_coupled:
             raise ValueError(
-                "under DeepSpeed ZeRO-3 fastgrpo needs fastgrpo_impl='chunked' and importance_sampling_level='token'"
+                "under DeepSpeed ZeRO-3 fastgrpo needs fastgrpo_impl='chunked', importance_sampling_level='token' "
+                "and no off_policy_mask_threshold"
             )
 
     # ------------------------------------------------------------------ log-probs (old, ref)
@@ -282,6 +284,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         ratio = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             ratio = inputs["importance_sampling_ratio"]
+        # TRL's off-policy mask measures drift from the sampler where it has its log-probs (vLLM), else from old.
+        sampling = inputs.get("sampling_per_token_logps") if self.args.off_policy_mask_threshold is not None else None
         mode = "train" if self.model.training else "eval"
         num_items = None
         if _num_items_normalized(self.loss_type):
@@ -292,7 +296,7 @@ class GRPOTrainer(trl.GRPOTrainer):
 
         def fn(hidden, weight, bias):
             return self.fastgrpo_loss(
-                hidden, weight, completion_ids, mask, advantages, old, ref, bias, num_items, ratio
+                hidden, weight, completion_ids, mask, advantages, old, ref, bias, num_items, ratio, sampling
             )
 
         call = HeadCall(completion_ids.size(1), fn)

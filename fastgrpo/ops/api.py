@@ -104,6 +104,7 @@ def route(
     trainable_head: bool = True,
     workspace_bytes: int | None = None,
     grad_accumulation: str = "fp32",
+    off_policy_mask: bool = False,
 ) -> str:
     """The path (one of ``ROUTES``) a call with these arguments runs.
 
@@ -117,12 +118,14 @@ def route(
         trainable_head: whether the lm_head weight needs a gradient.
         workspace_bytes: the chunked path's workspace bound (None: the default).
         grad_accumulation: "fp32" or "input" (module docstring).
+        off_policy_mask: whether ``off_policy_mask_threshold`` is set (a sequence mean, like GSPO's).
     """
     asked, impl = impl, _check_impl(impl)
+    no_3gemm = not loss or importance_sampling_level != "token" or off_policy_mask
     if impl == "auto":
         if device.type != "cuda":
             return "torch"
-        if not loss or importance_sampling_level != "token":
+        if no_3gemm:
             return "fused"  # no 3-GEMM form; logits on chip beat the twin's materialized chunks
         impl = "chunked"
         if shape is not None:
@@ -136,7 +139,7 @@ def route(
             f"impl={asked!r} needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
             f"triton is imported), got device {device}"
         )
-    if impl == "chunked" and (not loss or importance_sampling_level != "token"):
+    if impl == "chunked" and no_3gemm:
         return "torch"
     return impl
 
@@ -283,6 +286,8 @@ def fused_grpo_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     importance_sampling_ratio: torch.Tensor | None = None,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
     impl: str = "auto",
     grad_filter_eps: float | None = 0.0,
     workspace_bytes: int | None = None,
@@ -322,6 +327,11 @@ def fused_grpo_loss(
         importance_sampling_ratio: (B, T) or (B, 1) float, finite and >= 0 where ``mask``, or None: multiplies
             each token's policy term (not its KL), as TRL applies its truncated pi_old / pi_sampler correction
             (``vllm_importance_sampling_correction``). Treated as a constant.
+        off_policy_mask_threshold: float or None: TRL's off-policy sequence masking (DeepSeek-V3.2): a row
+            whose advantage is negative and whose masked mean of log pi_sampling - log pi exceeds it loses its
+            policy term (not its KL). Its sequence mean couples a row's tokens: the 4-pass route.
+        sampling_logprobs: (B, T) float log-probs of the sampler, read by the off-policy mask only; None:
+            ``old_logprobs``, else the current policy's (detached).
         impl: one of ``IMPLS`` (module docstring); ``route`` tells which path runs.
         grad_filter_eps: in [0, 1): skip the backward GEMMs of vocabulary tiles whose d loss / d logits is below
             eps times the token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 or None = off
@@ -347,7 +357,7 @@ def _fused_grpo_loss(
     """Check, route, run: (the output, the path that ran)."""
     num_items_in_batch = checks.check_loss_inputs(
         x.hidden, x.weight, x.targets, x.mask, x.advantages, x.old_logprobs, x.ref_logprobs, x.bias, params.beta,
-        num_items_in_batch,
+        num_items_in_batch, x.sampling_logprobs,
     )  # fmt: skip
     B, T = x.targets.shape
     H, V = x.hidden.shape[-1], x.weight.shape[0]
@@ -356,7 +366,7 @@ def _fused_grpo_loss(
     path = route(
         knobs.impl, hidden.device, importance_sampling_level=params.importance_sampling_level, shape=(B * T, H, V),
         dtype=hidden.dtype, trainable_head=weight.requires_grad, workspace_bytes=knobs.workspace_bytes,
-        grad_accumulation=knobs.grad_accumulation,
+        grad_accumulation=knobs.grad_accumulation, off_policy_mask=params.off_policy_mask_threshold is not None,
     )  # fmt: skip
     checks.check_sampling_ratio(x.importance_sampling_ratio, x.targets)
     active = x.mask != 0
@@ -380,7 +390,7 @@ def _fused_grpo_loss(
     )  # fmt: skip
     loss, metrics = grpo_loss_from_logprobs(
         logp, entropy, active, x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch,
-        x.importance_sampling_ratio,
+        x.importance_sampling_ratio, x.sampling_logprobs,
     )  # fmt: skip
     return GRPOLossOutput(loss, logp.detach(), entropy.detach(), metrics), path
 
@@ -432,10 +442,12 @@ class FusedGRPOLoss(torch.nn.Module):
         bias=None,
         num_items_in_batch=None,
         importance_sampling_ratio=None,
+        sampling_logprobs=None,
     ) -> GRPOLossOutput:
         tensors = LossTensors(
-            hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, importance_sampling_ratio
-        )
+            hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, importance_sampling_ratio,
+            sampling_logprobs,
+        )  # fmt: skip
         out, self.last_route = _fused_grpo_loss(tensors, self.params, num_items_in_batch, self.knobs)
         return out
 

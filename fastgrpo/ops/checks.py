@@ -104,7 +104,9 @@ def check_grad_filter_eps(eps) -> float:
     return float(eps)
 
 
-def check_loss_inputs(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, beta, num_items):
+def check_loss_inputs(
+    hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, beta, num_items, sampling_logprobs=None
+):
     """Types, shapes and devices of ``fused_grpo_loss``'s tensors. Returns ``num_items`` as the
     loss takes it: a tensor moved to fp32 on hidden's device, a number or None as it came."""
     check_tensor("hidden", hidden, dims=(3,))
@@ -118,7 +120,11 @@ def check_loss_inputs(hidden, weight, targets, mask, advantages, old_logprobs, r
     if tuple(advantages.shape) not in ((B,), (B, T)):
         raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
     check_same("advantages", advantages, "hidden", hidden, dtype=False)
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+    for name, x in (
+        ("old_logprobs", old_logprobs),
+        ("ref_logprobs", ref_logprobs),
+        ("sampling_logprobs", sampling_logprobs),
+    ):
         if x is not None:
             check_tensor(name, x)
             if not x.is_floating_point():

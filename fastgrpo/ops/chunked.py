@@ -290,7 +290,7 @@ def chunked_grpo_loss(
             same dtype, or None; targets (B, T) int32/int64 in [0, V) where ``mask``; mask (B, T) bool;
             advantages (B,) or (B, T) float; old_logprobs, ref_logprobs (B, T) float or None;
             importance_sampling_ratio (B, T) or (B, 1) float correction of the policy term, or None.
-        params: loss hyper-parameters; ``importance_sampling_level`` must be "token".
+        params: loss hyper-parameters; none that couple a row's tokens (``GRPOLossParams.couples_rows``).
         num_items_in_batch: dapo/cispo normalizer, number, fp32 tensor or None.
         workspace_bytes: bound on the chunk-sized memory (the logits workspace; with the torch
             row twin, its fp32 temporaries too); at least one token's row.
@@ -304,8 +304,11 @@ def chunked_grpo_loss(
         (loss, logp, entropy, metrics) as ``fused_grpo_loss``; logp and entropy are (B, T) fp32, 0
         where masked; the loss is differentiable w.r.t. hidden, weight and bias.
     """
-    if params.importance_sampling_level != "token":
-        raise ValueError("the 3-GEMM path needs importance_sampling_level='token'; GSPO takes the 4-pass route")
+    if params.couples_rows:
+        raise ValueError(
+            "the 3-GEMM path needs importance_sampling_level='token' and no off_policy_mask_threshold; "
+            "those take the 4-pass route"
+        )
     B, T = x.targets.shape
     rows_impl = _rows_impl(x.hidden.device) if rows_impl is None else rows_impl
     loop = _flat_token_inputs(x, params, num_items_in_batch)

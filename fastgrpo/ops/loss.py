@@ -31,6 +31,9 @@ class GRPOLossParams:
     sapo_temperature_pos: float = 1.0  # SAPO gate temperature where the advantage is > 0
     sapo_temperature_neg: float = 1.05  # SAPO gate temperature elsewhere
     temperature: float = 1.0  # logits are divided by this before the softmax
+    # Off-policy sequence masking (DeepSeek-V3.2, TRL's OPSM): drop the policy term of a sequence whose advantage
+    # is negative and whose mean log(pi_sampling / pi) exceeds this; None = off.
+    off_policy_mask_threshold: float | None = None
 
     def __post_init__(self):
         # Plain Python floats: a numpy or 0-dim fp64 tensor here would promote the loss to fp64.
@@ -42,6 +45,7 @@ class GRPOLossParams:
             "sapo_temperature_pos",
             "sapo_temperature_neg",
             "temperature",
+            "off_policy_mask_threshold",
         ):
             value = getattr(self, name)
             if value is None:
@@ -81,6 +85,12 @@ class GRPOLossParams:
         """The loss settings of any config that uses TRL's field names: ``fastgrpo train``'s ``Config``
         or TRL's ``GRPOConfig`` (each field read by its name), checked as here."""
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def couples_rows(self) -> bool:
+        """Whether a token's gradient needs its whole row's log-probs first (GSPO's sequence ratio, or the
+        off-policy mask's sequence mean): no 3-GEMM form, the 4-pass route."""
+        return self.importance_sampling_level == "sequence" or self.off_policy_mask_threshold is not None
 
     @property
     def epsilon_low(self) -> float:
@@ -271,6 +281,7 @@ def grpo_loss_from_logprobs(
     params: GRPOLossParams,
     num_items_in_batch: float | torch.Tensor | None = None,
     importance_sampling_ratio: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Aggregate GRPO loss and metrics from per-token log-probs.
 
@@ -285,6 +296,8 @@ def grpo_loss_from_logprobs(
         num_items_in_batch: dapo/cispo normalizer (default: number of masked-in tokens).
         importance_sampling_ratio: (B, T) or (B, 1) float or None: a per-token (or per-row)
             correction multiplying the policy term, e.g. the truncated pi_old / pi_sampler ratio.
+        sampling_logprobs: (B, T) float or None: the sampler's log-probs, read only by the off-policy
+            mask (``params.off_policy_mask_threshold``); None: ``old_logprobs``, else this policy's own.
 
     Returns:
         (loss, metrics): 0-dim loss; metrics are detached 0-dim fp32 tensors.
@@ -296,6 +309,10 @@ def grpo_loss_from_logprobs(
     adv = adv[:, None] if adv.dim() == 1 else torch.where(m, adv, 0.0)
     log_ratio = _log_ratio(logp, old_logprobs, m, mf, p.importance_sampling_level)
     isr = sampling_correction(importance_sampling_ratio, m)
+    if p.off_policy_mask_threshold is not None:
+        sampling = next(t for t in (sampling_logprobs, old_logprobs, logp.detach()) if t is not None)
+        keep = off_policy_mask(adv, logp, sampling, m, p.off_policy_mask_threshold)
+        isr = keep if isr is None else isr * keep  # both scale the policy term only
     per_token, ratio, kl = token_terms(logp, log_ratio, ref_logprobs, adv, m, p, isr)
 
     per_token = torch.where(m, per_token.expand_as(logp), 0.0)
@@ -304,6 +321,17 @@ def grpo_loss_from_logprobs(
     with torch.no_grad():
         metrics = _metrics(entropy, kl, ratio, adv, m, mf, p, spec.clip_metric)
     return loss, metrics
+
+
+def off_policy_mask(adv, logp, sampling_logprobs, mask, threshold: float) -> torch.Tensor:
+    """TRL's off-policy sequence mask, (B, 1) fp32 (or (B, T) for per-token advantages): 1 keeps the policy
+    term, 0 drops it. A row is kept when its advantage is >= 0 or when its masked mean of
+    log pi_sampling - log pi (pi detached; NaN counted 0, infinities clamped to finite as TRL does) is <= threshold.
+    """
+    kl = torch.nan_to_num(sampling_logprobs.to(torch.float32) - logp.detach(), nan=0.0)
+    kl = torch.where(mask, kl, 0.0)
+    mean = kl.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return ((adv >= 0) | (mean <= threshold)).to(torch.float32)
 
 
 def _log_ratio(logp, old_logprobs, m, mf, level: str) -> torch.Tensor:

@@ -53,6 +53,7 @@ def reference_grpo_loss(
     num_items_in_batch=None,
     compute_dtype=None,
     importance_sampling_ratio=None,
+    sampling_logprobs=None,
 ):
     """TRL ``_compute_loss`` transcribed (one process, no accumulation), logits materialized.
 
@@ -77,6 +78,9 @@ def reference_grpo_loss(
             per_token_kl = per_token_kl * coef_1
     # The policy term returns the ratio its clip metrics see: PPO's is capped by ``delta``.
     per_token_loss, coef_1 = _policy_term(coef_1, advantages, per_token_logps, p)
+    if p.off_policy_mask_threshold is not None:
+        sampling = old if sampling_logprobs is None else sampling_logprobs.to(f)
+        per_token_loss = per_token_loss * _off_policy_mask(advantages, per_token_logps, sampling, mask, p)
     if importance_sampling_ratio is not None:
         per_token_loss = per_token_loss * importance_sampling_ratio.to(f)
     if p.beta != 0.0:
@@ -85,6 +89,13 @@ def reference_grpo_loss(
     with torch.no_grad():
         metrics = _metrics(entropies, per_token_kl, coef_1, advantages, mask, p)
     return loss, per_token_logps, entropies, metrics
+
+
+def _off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, p):
+    """TRL's ``get_off_policy_mask``: keep a row with advantage >= 0 or mean forward KL <= the threshold."""
+    kl_div = torch.nan_to_num(sampling_per_token_logps - per_token_logps.detach(), nan=0.0)
+    avg_seq_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (avg_seq_kl <= p.off_policy_mask_threshold)).to(mask.dtype)
 
 
 def _importance_weights(log_ratio, mask, level):

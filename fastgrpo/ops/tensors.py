@@ -20,3 +20,4 @@ class LossTensors(NamedTuple):
     ref_logprobs: torch.Tensor | None = None  # (B, T)
     bias: torch.Tensor | None = None  # (V,)
     importance_sampling_ratio: torch.Tensor | None = None  # (B, T) or (B, 1)
+    sampling_logprobs: torch.Tensor | None = None  # (B, T)

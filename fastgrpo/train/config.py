@@ -138,6 +138,11 @@ class GRPOAlgoConfig:
     use_bias_correction_kl: bool = opt(False, "multiply the KL by the importance ratio")
     sapo_temperature_pos: float = opt(1.0, "SAPO gate temperature for positive advantages")
     sapo_temperature_neg: float = opt(1.05, "SAPO gate temperature otherwise")
+    off_policy_mask_threshold: float | None = opt(
+        None,
+        "off-policy sequence masking (TRL's name): drop the policy term of a negative-advantage completion whose "
+        "mean log(pi_sampler / pi) exceeds this; None = off",
+    )
     scale_rewards: str = opt("group", 'advantage scaling: "group" std, "batch" std, or "none" (Dr. GRPO)')
     num_iterations: int = opt(1, "mu: optimizer passes over each generation batch")
     dynamic_sampling: bool = opt(True, "DAPO: drop groups whose rewards are all equal, sample more prompts")

@@ -89,12 +89,14 @@ def policy_loss(
     num_items_in_batch: float | None,
     padding_free: bool = False,
     importance_sampling_ratio: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
 ) -> GRPOLossOutput:
     """The GRPO loss of one micro-batch, from backbone hidden states through the fused op.
 
     ``loss_fn`` holds the loss hyper-parameters and the implementation (built once per run).
     ``importance_sampling_ratio``: (B, C) or (B, 1) sampler/trainer correction multiplying the
-    policy term (``correction.py``), or None."""
+    policy term (``correction.py``), or None. ``sampling_logprobs``: (B, C) the sampler's log-probs, read
+    by the off-policy mask only, or None."""
     hidden = completion_hidden(model, batch, padding_free)
     weight, bias = lm_head(model)
     return loss_fn(
@@ -108,4 +110,5 @@ def policy_loss(
         bias=bias,
         num_items_in_batch=num_items_in_batch,
         importance_sampling_ratio=importance_sampling_ratio,
+        sampling_logprobs=sampling_logprobs,
     )

@@ -303,9 +303,11 @@ class Updater:
             # Iteration 0 is the sampling policy itself: pi_old is this very forward, detached (ratio exactly 1,
             # dropout or not), as TRL does at num_iterations 1. The stored pass serves the later iterations.
             old_k = None if iteration == 0 else old[k]
+            # The off-policy mask measures drift from the sampler where a backend reports its log-probs, as TRL does.
+            sampling = m.rollouts.sampler_logprobs if p.off_policy_mask_threshold is not None else None
             out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, self.loss_fn, old_logprobs=old_k,
                               ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.settings.packed,
-                              importance_sampling_ratio=is_ratio[k])  # fmt: skip
+                              importance_sampling_ratio=is_ratio[k], sampling_logprobs=sampling)  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
                 self._non_finite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
