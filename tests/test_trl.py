@@ -21,6 +21,7 @@ from fastgrpo.integrations.trl import GRPOTrainer  # noqa: E402
 
 METRICS = (
     "loss",
+    "aux_loss",
     "kl",
     "entropy",
     "clip_ratio/low_mean",
@@ -115,6 +116,18 @@ def test_matches_stock_trl_variants(tmp_path, model_path, overrides):
     stock = run(trl.GRPOTrainer, tmp_path / "stock", model_path, **overrides)
     ours = run(GRPOTrainer, tmp_path / "ours", model_path, **overrides)
     assert_same_run(stock, ours)
+
+
+def test_matches_stock_trl_on_an_moe_model_with_its_router_aux_loss(tmp_path):
+    """A Qwen2-MoE model: TRL adds router_aux_loss_coef x the load-balancing loss; the drop-in computes it
+    from the same backbone forward as its fused loss, and logs the same aux_loss at every step."""
+    path = S.save_model(tmp_path / "moe", moe=True)
+    kw = dict(beta=0.04, num_iterations=2, gradient_accumulation_steps=2)
+    stock = run(trl.GRPOTrainer, tmp_path / "stock", path, **kw)
+    ours = run(GRPOTrainer, tmp_path / "ours", path, **kw)
+    assert ours[3].aux_loss_enabled and ours[3].router_aux_loss_coef == 0.05
+    assert_same_run(stock, ours)
+    assert all(row["aux_loss"] > 0 for row in stock[0])
 
 
 def test_matches_stock_trl_with_lora_reference_as_adapters_off(tmp_path, model_path):

@@ -26,11 +26,12 @@ def tokenizer(n_words=60):
     )
 
 
-def model(n_words=60, seed=0, tie=True, hidden_size=32):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def model(n_words=60, seed=0, tie=True, hidden_size=32, moe=False):
+    """A tiny Qwen2, or (``moe``) a tiny Qwen2-MoE: 4 experts, 2 per token, a router aux loss of 0.05."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    common = dict(
         vocab_size=len(SPECIAL) + n_words,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -43,7 +44,14 @@ def model(n_words=60, seed=0, tie=True, hidden_size=32):
         eos_token_id=1,
         bos_token_id=None,
     )
-    m = Qwen2ForCausalLM(config)
+    if moe:
+        config = Qwen2MoeConfig(
+            **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size // 2,
+            shared_expert_intermediate_size=hidden_size, router_aux_loss_coef=0.05,
+        )  # fmt: skip
+        m = Qwen2MoeForCausalLM(config)
+    else:
+        m = Qwen2ForCausalLM(Qwen2Config(**common))
     m.generation_config.pad_token_id, m.generation_config.eos_token_id = 0, 1
     return m
 

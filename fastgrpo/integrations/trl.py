@@ -23,14 +23,16 @@ see an ordinary forward. ``trainer.fastgrpo_last_route`` says which path ran the
 
 Refused at construction, each with a ``ValueError`` naming the field (the fused op computes a
 different quantity, so a silent fallback would train something else): ``loss_type="vespo"``,
-``top_entropy_quantile < 1``, ``entropy_coef != 0`` / ``use_adaptive_entropy``,
-an MoE router aux loss (``router_aux_loss_coef``), logit
+``top_entropy_quantile < 1``, ``entropy_coef != 0`` / ``use_adaptive_entropy``, an MoE family
+without a ``load_balancing_loss_func`` (``router_aux_loss_coef != 0``), logit
 softcapping or scaling in the model config, a PEFT adapter on ``lm_head``
 (``target_modules`` / ``modules_to_save``), vision-language models and processors, and under
 DeepSpeed ZeRO-3 any path but ``fastgrpo_impl="chunked"``, ``importance_sampling_level=
 "sequence"`` or ``off_policy_mask_threshold`` (their backward reads the lm_head again, outside
 ZeRO-3's gather). ``off_policy_mask_threshold`` (TRL's off-policy sequence masking) runs: it reads
-a row's whole log-probs, so it takes the 4-pass route, as GSPO does.
+a row's whole log-probs, so it takes the 4-pass route, as GSPO does. An MoE model's router
+load-balancing loss is computed from the same backbone forward as the fused loss, with the model
+family's own ``load_balancing_loss_func``, and added and logged (``aux_loss``) as TRL does.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -77,11 +80,13 @@ class HeadCall:
 
     ``fn(hidden, weight, bias)`` gets the (B, logits_to_keep, H) hidden states that predict the
     last ``logits_to_keep`` tokens, the (V, H) lm_head weight (gathered under FSDP2 / ZeRO-3) and
-    its (V,) bias or None; the forward returns what ``fn`` returns.
+    its (V,) bias or None; the forward returns what ``fn`` returns. With ``aux_loss`` (an MoE model)
+    it returns ``(what fn returns, the router load-balancing loss)``, as the model's own head computes it.
     """
 
     logits_to_keep: int
     fn: Callable
+    aux_loss: bool = False
 
 
 def add_head_call(model, *, cast_lm_head_to_fp32: bool = False) -> None:
@@ -95,6 +100,8 @@ def add_head_call(model, *, cast_lm_head_to_fp32: bool = False) -> None:
         if fastgrpo is None:
             return inner(*args, **kwargs)
         kwargs["use_cache"] = False
+        if fastgrpo.aux_loss:
+            kwargs["output_router_logits"] = True
         # Looked up on every call: FSDP and PEFT replace modules after the patch.
         backbone = self.base_model(*args, **kwargs)
         k = fastgrpo.logits_to_keep
@@ -109,9 +116,26 @@ def add_head_call(model, *, cast_lm_head_to_fp32: bool = False) -> None:
         if cast_lm_head_to_fp32:
             hidden, context = hidden.float(), torch.autocast(hidden.device.type, enabled=False)
         with context, maybe_gather_lm_head_ctx(weight, bias):
-            return fastgrpo.fn(hidden, weight, bias)
+            out = fastgrpo.fn(hidden, weight, bias)
+        if fastgrpo.aux_loss:
+            return out, router_aux_loss(self, backbone.router_logits, kwargs.get("attention_mask"))
+        return out
 
     model.forward = types.MethodType(forward, model)
+
+
+def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss the model's own causal-LM head adds: its family's
+    ``load_balancing_loss_func`` over the backbone's router logits, with the head's expert counts."""
+    func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if func is None or not hasattr(model, "num_experts") or not hasattr(model, "num_experts_per_tok"):
+        raise ValueError(
+            f"router_aux_loss_coef != 0 on {type(model).__name__}: fastgrpo finds no load_balancing_loss_func "
+            "with num_experts / num_experts_per_tok for it"
+        )
+    if router_logits is None:
+        return None
+    return func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
 def _is_peft_tuned(module) -> bool:
@@ -189,8 +213,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             check_model(bound["model"], bound.get("processing_class"))
         super().__init__(*args, **kwargs)
         check_model(self.model, self.processing_class)
-        if self.aux_loss_enabled:
-            raise ValueError("router_aux_loss_coef != 0 (MoE load-balancing loss) is not supported by fastgrpo's loss")
+        if self.aux_loss_enabled:  # refused now, not at the first step, if the family has no such loss
+            policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            router_aux_loss(policy, None, None)
         self.fastgrpo_impl = fastgrpo_impl
         self.fastgrpo_workspace_bytes = workspace_bytes
         self._zero3_checks()
@@ -236,11 +261,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         given = sorted(name for name, value in multimodal.items() if value is not None)
         if given:
             raise ValueError(f"fastgrpo's TRL adapter supports text only; got multimodal inputs {given}")
-        if compute_aux_loss:
-            raise ValueError("the MoE router aux loss is not supported by fastgrpo's loss")
         k = logits_to_keep
         step = batch_size or input_ids.size(0)
-        logps, entropies = [], []
+        logps, entropies, aux = [], [], []
         for start in range(0, input_ids.size(0), step):
             ids, am = input_ids[start : start + step], attention_mask[start : start + step]
             active = am[:, -k:] != 0
@@ -262,10 +285,13 @@ class GRPOTrainer(trl.GRPOTrainer):
                 return zeros.masked_scatter(active, lp), zeros.masked_scatter(active, ent)
 
             with self.accelerator.autocast():
-                lp, ent = model(input_ids=ids, attention_mask=am, fastgrpo=HeadCall(k, fn))
+                out = model(input_ids=ids, attention_mask=am, fastgrpo=HeadCall(k, fn, compute_aux_loss))
+            (lp, ent), a = out if compute_aux_loss else (out, None)
             logps.append(lp)
             entropies.append(ent)
-        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+            aux.append(a)
+        aux_loss = torch.stack(aux).mean() if compute_aux_loss else None  # TRL: the mean over chunks
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, aux_loss
 
     # ------------------------------------------------------------------ loss
 
@@ -299,14 +325,19 @@ class GRPOTrainer(trl.GRPOTrainer):
                 hidden, weight, completion_ids, mask, advantages, old, ref, bias, num_items, ratio, sampling
             )
 
-        call = HeadCall(completion_ids.size(1), fn)
+        call = HeadCall(completion_ids.size(1), fn, self.aux_loss_enabled)
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, fastgrpo=call)
+        out, aux_loss = out if self.aux_loss_enabled else (out, None)
         self.fastgrpo_last_route = self.fastgrpo_loss.last_route
         loss = out.loss
         if not _num_items_normalized(self.loss_type) and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         self._log_loss_metrics(mode, out.logprobs, out.entropy, old, ref, advantages, mask)
+        if aux_loss is not None:  # TRL: the policy loss is already scaled for accumulation, so scale aux too
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
 
     @torch.no_grad()
