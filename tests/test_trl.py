@@ -108,6 +108,8 @@ VARIANTS = {
     "cast-lm-head-fp32": dict(cast_lm_head_to_fp32=True, beta=0.04),
     # Negative: a row with a negative advantage is dropped as soon as pi drifts above pi_old on average.
     "off-policy-mask": dict(off_policy_mask_threshold=-0.001, num_iterations=2, beta=0.04),
+    # Train on the top 20% of tokens by this forward's entropy (TRL's quantile, across micro-batches' processes).
+    "entropy-quantile": dict(top_entropy_quantile=0.2, num_iterations=2, gradient_accumulation_steps=2, beta=0.04),
 }
 
 
@@ -298,7 +300,6 @@ def test_compute_loss_in_eval_mode_and_with_accumulation(tmp_path, model_path, l
 
 REFUSED = {
     "vespo": (dict(loss_type="vespo"), "loss_type='vespo'"),
-    "entropy-quantile": (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
     "entropy-bonus": (dict(entropy_coef=0.01), "entropy_coef"),
     "adaptive-entropy": (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
 }

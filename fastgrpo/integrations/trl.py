@@ -23,7 +23,7 @@ see an ordinary forward. ``trainer.fastgrpo_last_route`` says which path ran the
 
 Refused at construction, each with a ``ValueError`` naming the field (the fused op computes a
 different quantity, so a silent fallback would train something else): ``loss_type="vespo"``,
-``top_entropy_quantile < 1``, ``entropy_coef != 0`` / ``use_adaptive_entropy``, an MoE family
+``entropy_coef != 0`` / ``use_adaptive_entropy``, an MoE family
 without a ``load_balancing_loss_func`` (``router_aux_loss_coef != 0``), logit
 softcapping or scaling in the model config, a PEFT adapter on ``lm_head``
 (``target_modules`` / ``modules_to_save``), vision-language models and processors, and under
@@ -33,6 +33,8 @@ ZeRO-3's gather). ``off_policy_mask_threshold`` (TRL's off-policy sequence maski
 a row's whole log-probs, so it takes the 4-pass route, as GSPO does. An MoE model's router
 load-balancing loss is computed from the same backbone forward as the fused loss, with the model
 family's own ``load_balancing_loss_func``, and added and logged (``aux_loss``) as TRL does.
+``top_entropy_quantile < 1`` runs: one lm_head pass without gradient gives this forward's entropies,
+TRL's own ``get_high_entropy_mask`` turns them into the mask, and the mask scales the policy term.
 """
 
 from __future__ import annotations
@@ -159,8 +161,6 @@ def check_config(args, peft_config=None) -> None:
         raise ValueError(
             f"loss_type={args.loss_type!r} is not supported by fastgrpo's fused loss; use one of {LOSS_TYPES}"
         )
-    if args.top_entropy_quantile < 1.0:
-        raise ValueError("top_entropy_quantile < 1 masks tokens by the current entropy; fastgrpo does not support it")
     if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
         raise ValueError("entropy_coef / use_adaptive_entropy (an entropy bonus) is not supported by fastgrpo's loss")
     if peft_config is not None:
@@ -321,8 +321,12 @@ class GRPOTrainer(trl.GRPOTrainer):
                 num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
 
         def fn(hidden, weight, bias):
+            r = ratio
+            if self.top_entropy_quantile < 1.0:  # TRL's mask scales the policy term only, as the ratio does
+                keep = self._high_entropy_mask(hidden, weight, bias, completion_ids, mask).to(torch.float32)
+                r = keep if r is None else r * keep
             return self.fastgrpo_loss(
-                hidden, weight, completion_ids, mask, advantages, old, ref, bias, num_items, ratio, sampling
+                hidden, weight, completion_ids, mask, advantages, old, ref, bias, num_items, r, sampling
             )
 
         call = HeadCall(completion_ids.size(1), fn, self.aux_loss_enabled)
@@ -339,6 +343,19 @@ class GRPOTrainer(trl.GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
+
+    @torch.no_grad()
+    def _high_entropy_mask(self, hidden, weight, bias, targets, mask) -> torch.Tensor:
+        """TRL's top_entropy_quantile mask (its own ``get_high_entropy_mask``: the quantile over every process's
+        tokens) from this forward's entropies: one lm_head pass without gradient before the loss, since the
+        mask must be known before any token's gradient."""
+        active = mask != 0
+        _, ent = chunked_logprobs(
+            hidden[active], weight, targets[active], bias=bias, temperature=self.temperature, return_entropy=True,
+            impl=self.fastgrpo_impl, workspace_bytes=self.fastgrpo_workspace_bytes,
+        )  # fmt: skip
+        entropies = torch.zeros(active.shape, dtype=ent.dtype, device=ent.device).masked_scatter(active, ent)
+        return self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
 
     @torch.no_grad()
     def _log_loss_metrics(self, mode, logp, entropy, old, ref, advantages, mask) -> None:
