@@ -229,14 +229,15 @@ def _bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _num_splits(n_blocks: int, v_blocks: int, sm_count: Optional[int]) -> int:
+def _num_splits(n_blocks: int, v_blocks: int, sm_count: Optional[int], max_splits: int = 64) -> int:
     """Vocabulary splits of the forward grid (n_blocks x splits programs, equal work each).
 
     Programs of equal work finish in waves of ``sm_count`` (one resident per SM: the forward's tiles
     take most of the shared memory), so the time goes as waves x blocks per program. The fewest
     splits that minimize that product: at Qwen2.5-7B's head and 4K tokens, 33 splits make 8 full
     waves of 36 vocabulary blocks (288 units) where 9 splits made 3 waves of 132, the last 18%
-    full (396). On CPU (the interpreter) a few splits exercise the merge.
+    full (396). ``max_splits`` bounds the (4, splits, N) fp32 partials. On CPU (the interpreter) a few
+    splits exercise the merge.
     """
     if not sm_count:
         splits = max(1, min(v_blocks, triton.cdiv(8, max(n_blocks, 1))))
@@ -245,11 +246,16 @@ def _num_splits(n_blocks: int, v_blocks: int, sm_count: Optional[int]) -> int:
     def cost(splits):
         return triton.cdiv(max(n_blocks, 1) * splits, sm_count) * triton.cdiv(v_blocks, splits)
 
-    return min(range(1, min(v_blocks, MAX_SPLITS) + 1), key=lambda splits: (cost(splits), splits))
+    return min(range(1, min(v_blocks, max_splits) + 1), key=lambda splits: (cost(splits), splits))
 
 
-# Beyond this the merge's O(N x splits) partials and their launch outweigh any wave gained.
-MAX_SPLITS = 64
+def _max_splits(n_tokens: int) -> int:
+    """At most 64 splits, and partials (16 bytes per token and split) within PARTIALS_BYTES: at 64K tokens
+    the waves gain 3% at most, not worth a 33x larger merge (benchmarks/NOTES.md)."""
+    return max(1, min(64, PARTIALS_BYTES // (16 * max(n_tokens, 1))))
+
+
+PARTIALS_BYTES = 64 << 20
 
 
 # Bound on each chunked fp32 gradient accumulator of the backward (see linear_logprobs_bwd).
@@ -283,7 +289,7 @@ def linear_logprobs_fwd(
     c = _launch_constants(hidden.dtype, capability)
     block_n, block_v, block_h, num_warps, num_stages = c.fwd
     n_blocks, v_blocks = triton.cdiv(N, block_n), triton.cdiv(V, block_v)
-    splits = _num_splits(n_blocks, v_blocks, sm_count)
+    splits = _num_splits(n_blocks, v_blocks, sm_count, _max_splits(N))
     v_per_split = triton.cdiv(v_blocks, splits) * block_v
     part = alloc_output((4, splits, N), hidden.device)
     if N > 0:

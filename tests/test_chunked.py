@@ -239,10 +239,13 @@ def test_balanced_chunks_keep_the_chunk_count_and_drop_the_small_tail():
     assert chunked.balanced_chunks(4096, 3530) == 2048  # not 3530 + 566
     assert chunked.balanced_chunks(16384, 3530) == 3328  # 4 x 3328 + 3072
     assert chunked.balanced_chunks(37, 5) == 5 and chunked.balanced_chunks(0, 7) == 7
+    assert chunked.balanced_chunks(130, 128) == 65  # the 64-row rounding would leave 128 + 2
     g = torch.Generator().manual_seed(0)
     for n, most in torch.randint(1, 5000, (300, 2), generator=g).tolist():
         rows = chunked.balanced_chunks(n, most)
-        assert 0 < rows <= most and -(-n // rows) == -(-n // most), (n, most, rows)
+        chunks = -(-n // most)
+        assert 0 < rows <= most and -(-n // rows) == chunks, (n, most, rows)
+        assert rows == -(-n // chunks) or 2 * (n - rows * (chunks - 1)) >= rows  # even split, or a long tail
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -355,3 +358,19 @@ def test_one_read_back_still_names_each_bad_value():
         call = dict(hidden=h, weight=w, targets=y, mask=m, advantages=adv, **lp) | change
         with pytest.raises(ValueError, match=message):
             fastgrpo.fused_grpo_loss(**call, impl="chunked")
+
+
+def test_active_indices_without_a_second_sync(monkeypatch):
+    """The chunk loop's token positions: nonzero_static with the count the checks read back, nothing for
+    no token (torch < 2.9 crashed on it on CUDA), and nonzero where the device has no nonzero_static."""
+    active = torch.tensor([True, False, True, True, False], device=DEVICE)
+    want = torch.tensor([0, 2, 3], device=DEVICE)
+    assert torch.equal(chunked._active_indices(active, 3), want)
+    assert torch.equal(chunked._active_indices(active, None), want)
+    assert chunked._active_indices(active[:0], 0).shape == (0,)
+
+    def missing(*a, **k):
+        raise NotImplementedError("no nonzero_static kernel")
+
+    monkeypatch.setattr(torch, "nonzero_static", missing)
+    assert torch.equal(chunked._active_indices(active, 3), want)

@@ -249,7 +249,9 @@ def test_forward_splits_fill_whole_waves():
     """The forward's vocabulary splits minimize waves x blocks per program (equal programs finish in waves
     of one per SM), with no empty split; the interpreter keeps a few splits to exercise the merge."""
     import triton
-    from fastgrpo.kernels.linear_logprobs import MAX_SPLITS, _num_splits
+    from fastgrpo.kernels.linear_logprobs import PARTIALS_BYTES, _max_splits, _num_splits
+
+    MAX_SPLITS = 64
 
     def cost(nb, vb, sm, s):
         return triton.cdiv(nb * s, sm) * triton.cdiv(vb, s)
@@ -263,6 +265,10 @@ def test_forward_splits_fill_whole_waves():
         assert triton.cdiv(vb, triton.cdiv(vb, s)) == s  # every split holds vocabulary blocks
         assert all(cost(nb, vb, sm, s) <= cost(nb, vb, sm, k) for k in range(1, min(vb, MAX_SPLITS) + 1))
     assert _num_splits(2, 8, None) == 4
+    # Long batches: the partials stay bounded (the waves gain at most 3% there).
+    assert _max_splits(4096) == 64 and _max_splits(1 << 20) == 4 and _max_splits(0) == 64
+    for n in (65_536, 1 << 20):
+        assert 16 * n * _num_splits(n // 128, 1188, 132, _max_splits(n)) <= PARTIALS_BYTES
 
 
 @pytest.mark.skipif(not TRITON_OK or DEVICE.type != "cpu", reason="the interpreter with a pretend GPU target")

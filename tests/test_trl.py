@@ -132,6 +132,19 @@ def test_matches_stock_trl_on_an_moe_model_with_its_router_aux_loss(tmp_path):
     assert all(row["aux_loss"] > 0 for row in stock[0])
 
 
+def test_router_aux_loss_is_found_through_a_wrapper_class():
+    """FSDP2 re-classes the model in torch's own module: the family's load_balancing_loss_func is found
+    through the MRO; a dense model is refused by name."""
+    from fastgrpo.integrations.trl import router_aux_loss
+
+    moe = S.model(moe=True)
+    fsdp = "torch.distributed.fsdp._fully_shard._fsdp_init"
+    moe.__class__ = type("FSDPQwen2MoeForCausalLM", (type(moe),), {"__module__": fsdp})
+    assert router_aux_loss(moe, None, None) is None  # found; nothing to compute without router logits
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM: fastgrpo finds no load_balancing_loss_func"):
+        router_aux_loss(S.model(), None, None)
+
+
 def test_matches_stock_trl_with_lora_reference_as_adapters_off(tmp_path, model_path):
     from peft import LoraConfig
 

@@ -129,7 +129,9 @@ def add_head_call(model, *, cast_lm_head_to_fp32: bool = False) -> None:
 def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
     """The MoE load-balancing loss the model's own causal-LM head adds: its family's
     ``load_balancing_loss_func`` over the backbone's router logits, with the head's expert counts."""
-    func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    # Through the MRO: FSDP2 (and other wrappers) re-class the model in their own module.
+    modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
+    func = next((m.load_balancing_loss_func for m in modules if hasattr(m, "load_balancing_loss_func")), None)
     if func is None or not hasattr(model, "num_experts") or not hasattr(model, "num_experts_per_tok"):
         raise ValueError(
             f"router_aux_loss_coef != 0 on {type(model).__name__}: fastgrpo finds no load_balancing_loss_func "

@@ -62,14 +62,31 @@ def _sums_in_place(dtype: torch.dtype, grad_accumulation: str) -> bool:
 
 
 def balanced_chunks(n: int, max_rows: int) -> int:
-    """Rows per chunk for ``n`` tokens: the fewest chunks of at most ``max_rows``, split evenly and rounded
-    up to a multiple of 64 where that stays within ``max_rows`` (no small tail chunk: its GEMMs
-    would waste most of their last row tile)."""
+    """Rows per chunk for ``n`` tokens: the fewest chunks of at most ``max_rows``, split evenly (no small
+    tail chunk: its GEMMs would waste most of their last row tile), rounded up to a multiple of 64
+    where that stays within ``max_rows`` and leaves the last chunk at least half as long."""
     if n <= 0:
         return max_rows
-    per = -(-n // -(-n // max_rows))
+    chunks = -(-n // max_rows)
+    per = -(-n // chunks)
     aligned = -(-per // 64) * 64
-    return aligned if aligned <= max_rows else per
+    tail = n - aligned * (chunks - 1)
+    # The rounding must not bring the tiny tail back (n = 130 at 128: 65 + 65, not 128 + 2).
+    return aligned if aligned <= max_rows and 2 * tail >= aligned else per
+
+
+def _active_indices(active: torch.Tensor, n_active: int | None) -> torch.Tensor:
+    """(n,) int64 positions of the True entries of the (N,) ``active``. With the count already read back,
+    ``nonzero_static`` gathers them without a sync (CUDA since torch 2.6; an empty input crashed it before
+    2.9, so 0 is handled here); ``nonzero`` otherwise."""
+    if n_active == 0:
+        return torch.empty(0, dtype=torch.int64, device=active.device)
+    if n_active is not None:
+        try:
+            return torch.nonzero_static(active, size=n_active).squeeze(1)
+        except (NotImplementedError, RuntimeError):  # a torch without the device's kernel
+            pass
+    return active.nonzero().squeeze(1)
 
 
 def chunk_rows(vocab: int, dtype: torch.dtype, workspace_bytes: int, rows_impl: str) -> int:
@@ -168,7 +185,7 @@ def _chunk_loop(
     dh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
     db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_db else None
     stats, grad_ = _rows(rows_impl)
-    idx_all = (active.nonzero() if n_active is None else torch.nonzero_static(active, size=n_active)).squeeze(1)
+    idx_all = _active_indices(active, n_active)
     step = balanced_chunks(idx_all.numel(), chunk_rows(V, hidden.dtype, workspace_bytes, rows_impl))
     chunks = idx_all.split(step) if idx_all.numel() else ()
     dw = _DWeight(weight, grad_accumulation, bool(chunks)) if need_dw else None

@@ -79,7 +79,11 @@ def memory_plan(model, cfg, info: ModelInfo, ref_model=None) -> dict[str, float]
     head = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
     head_trainable = head is not None and head.requires_grad
     dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
-    path = route(cfg.loss_impl, params[0].device, shape=(M, H, V), dtype=dtype, trainable_head=head_trainable)
+    path = route(
+        cfg.loss_impl, params[0].device, shape=(M, H, V), dtype=dtype, trainable_head=head_trainable,
+        importance_sampling_level=cfg.importance_sampling_level,
+        off_policy_mask=cfg.off_policy_mask_threshold is not None,
+    )  # fmt: skip
     # The path's own buffers (workspace, fp32 accumulators) plus the dHidden it returns.
     loss = extra_bytes(path, M, H, V, dtype, trainable_head=head_trainable) + M * H * b
     trainable_gb = sum(p.numel() * p.element_size() for p in trainable) / GB
