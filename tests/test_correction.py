@@ -293,6 +293,7 @@ def test_update_applies_the_off_policy_mask_with_the_samplers_logprobs(sampled):
     settings = dataclasses.replace(settings, lr_scheduler_type="constant")
     updater = Updater(trainer.model, None, params, settings)
     trainer.model.load_state_dict(state)
+    trainer.model.zero_grad(set_to_none=True)  # the module's trainer is shared: no other test's gradients
     sums = updater.accumulate_gradients(batch)
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     sampler = batch.rollouts.sampler_logprobs
@@ -302,6 +303,41 @@ def test_update_applies_the_off_policy_mask_with_the_samplers_logprobs(sampled):
         torch.testing.assert_close(grads[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
     plain_loss, _ = _reference(trainer.model, state, batch, trainer.params, None, None)
     assert abs(plain_loss - want_loss) > 1e-4  # some negative-advantage rows lost their policy term
+
+
+def test_update_trains_on_the_high_entropy_tokens(sampled):
+    """top_entropy_quantile in fastgrpo train: the update's loss and gradients are one direct call's with
+    TRL's mask (this forward's entropies, the micro-batch's quantile) scaling the policy term."""
+    from fastgrpo import chunked_logprobs
+    from fastgrpo.ops.loss import high_entropy_mask
+
+    trainer, state, batch = sampled
+    cfg = copy.deepcopy(trainer.cfg)
+    settings = UpdateSettings.from_config(cfg, packed=bool(cfg.model.padding_free), kahan=False)
+    settings = dataclasses.replace(
+        settings, lr_scheduler_type="constant", top_entropy_quantile=0.3, micro_batch_rows=len(batch.rollouts),
+        max_tokens_per_microbatch=None,
+    )  # fmt: skip
+    updater = Updater(trainer.model, None, trainer.params, settings)
+    assert len(updater.micro_batches(batch)) == 1  # TRL's quantile is per micro-batch
+    trainer.model.load_state_dict(state)
+    trainer.model.zero_grad(set_to_none=True)  # the module's trainer is shared: no other test's gradients
+    sums = updater.accumulate_gradients(batch)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    ro, m = batch.rollouts, batch.loss_mask
+    with torch.no_grad():
+        weight, bias = lm_head(trainer.model)
+        _, ent = chunked_logprobs(completion_hidden(trainer.model, ro), weight, ro.completion_ids.clamp(min=0),
+                                  bias=bias, temperature=trainer.params.temperature, return_entropy=True)  # fmt: skip
+    keep = high_entropy_mask(ent, m, 0.3)
+    assert 0 < int(keep.sum()) < int(m.sum())
+    want_loss, want = _reference(trainer.model, state, batch, trainer.params, None, keep.float())
+    assert sums["loss"] == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
+    for n in want:
+        torch.testing.assert_close(grads[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    plain_loss, _ = _reference(trainer.model, state, batch, trainer.params, None, None)
+    assert abs(plain_loss - want_loss) > 1e-4
 
 
 def test_forced_on_without_sampler_logprobs_is_a_clear_error(embedded, tmp_path):

@@ -98,6 +98,9 @@ def test_every_config_field_has_help_text():
         ({"per_device_train_batch_size": 3, "gradient_accumulation_steps": 1}, "multiple of num_generations"),
         ({"reward_funcs": ["accuracy"], "reward_weights": [1, 2]}, "reward_weights has 2 values for 1"),
         ({"reward_funcs": ["soft_overlong"]}, "overlong_buffer"),
+        ({"top_entropy_quantile": 0.0}, r"top_entropy_quantile must be in \(0, 1\], got 0.0"),
+        ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \(0, 1\]"),
+        ({"off_policy_mask_threshold": float("nan")}, "off_policy_mask_threshold must be a finite number"),
     ],
 )
 def test_bad_config_values(values, match):

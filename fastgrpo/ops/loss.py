@@ -334,6 +334,17 @@ def off_policy_mask(adv, logp, sampling_logprobs, mask, threshold: float) -> tor
     return ((adv >= 0) | (mean <= threshold)).to(torch.float32)
 
 
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """TRL's ``top_entropy_quantile`` mask on one process: (B, T) bool, True on the loss tokens whose entropy
+    is at or above the (1 - ``top_quantile``) quantile of the loss tokens' entropies (all False for none)."""
+    m = mask.bool()
+    live = entropy[m].float()
+    if live.numel() == 0:
+        return torch.zeros_like(m)
+    threshold = torch.quantile(live, 1 - top_quantile)
+    return (entropy * m >= threshold) & m
+
+
 def _log_ratio(logp, old_logprobs, m, mf, level: str) -> torch.Tensor:
     """log(pi / pi_old), 0 where masked: per token, or (B, 1) for GSPO (the row's masked mean)."""
     old = logp.detach() if old_logprobs is None else old_logprobs.to(torch.float32)

@@ -138,6 +138,11 @@ class GRPOAlgoConfig:
     use_bias_correction_kl: bool = opt(False, "multiply the KL by the importance ratio")
     sapo_temperature_pos: float = opt(1.0, "SAPO gate temperature for positive advantages")
     sapo_temperature_neg: float = opt(1.05, "SAPO gate temperature otherwise")
+    top_entropy_quantile: float = opt(
+        1.0,
+        "train on this top fraction of each micro-batch's loss tokens by entropy (TRL's name; one extra lm_head "
+        "pass without gradient); 1 = every token",
+    )
     off_policy_mask_threshold: float | None = opt(
         None,
         "off-policy sequence masking (TRL's name): drop the policy term of a negative-advantage completion whose "
@@ -465,6 +470,8 @@ def _validate_grpo(cfg: Config) -> None:
     _check(a.scale_rewards in SCALE_REWARDS, f"scale_rewards must be one of {SCALE_REWARDS}, got {a.scale_rewards!r}")
     _check(a.num_iterations >= 1, f"num_iterations must be >= 1, got {a.num_iterations}")
     _check(a.max_resample_rounds >= 0, f"max_resample_rounds must be >= 0, got {a.max_resample_rounds}")
+    q = a.top_entropy_quantile
+    _check(0 < q <= 1, f"top_entropy_quantile must be in (0, 1], got {q}")
 
 
 def _validate_train(cfg: Config) -> None:

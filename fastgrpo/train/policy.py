@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import FusedGRPOLoss, GRPOLossOutput, chunked_logprobs
+from ..ops.loss import high_entropy_mask
 from .rollouts import Rollouts, pack_rollouts
 
 
@@ -90,15 +91,22 @@ def policy_loss(
     padding_free: bool = False,
     importance_sampling_ratio: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
 ) -> GRPOLossOutput:
     """The GRPO loss of one micro-batch, from backbone hidden states through the fused op.
 
     ``loss_fn`` holds the loss hyper-parameters and the implementation (built once per run).
     ``importance_sampling_ratio``: (B, C) or (B, 1) sampler/trainer correction multiplying the
     policy term (``correction.py``), or None. ``sampling_logprobs``: (B, C) the sampler's log-probs, read
-    by the off-policy mask only, or None."""
+    by the off-policy mask only, or None. ``top_entropy_quantile`` < 1: only the loss tokens at or above that
+    quantile of this forward's entropies keep their policy term (TRL's mask, from one lm_head pass without
+    gradient, folded into the correction, which also scales the policy term only)."""
     hidden = completion_hidden(model, batch, padding_free)
     weight, bias = lm_head(model)
+    if top_entropy_quantile < 1.0:
+        keep = _high_entropy_keep(hidden, weight, bias, batch.completion_ids, loss_mask, loss_fn, top_entropy_quantile)
+        ratio = importance_sampling_ratio
+        importance_sampling_ratio = keep if ratio is None else ratio.to(torch.float32) * keep
     return loss_fn(
         hidden,
         weight,
@@ -112,3 +120,15 @@ def policy_loss(
         importance_sampling_ratio=importance_sampling_ratio,
         sampling_logprobs=sampling_logprobs,
     )
+
+
+@torch.no_grad()
+def _high_entropy_keep(hidden, weight, bias, targets, loss_mask, loss_fn: FusedGRPOLoss, quantile) -> torch.Tensor:
+    """(B, C) fp32 1/0: the loss tokens at or above the entropy quantile (``high_entropy_mask``)."""
+    active = loss_mask.bool()
+    _, ent = chunked_logprobs(
+        hidden[active], weight, targets[active], bias=bias, temperature=loss_fn.params.temperature,
+        return_entropy=True, impl=loss_fn.impl, workspace_bytes=loss_fn.knobs.workspace_bytes,
+    )  # fmt: skip
+    entropy = torch.zeros(active.shape, dtype=ent.dtype, device=ent.device).masked_scatter(active, ent)
+    return high_entropy_mask(entropy, active, quantile).to(torch.float32)

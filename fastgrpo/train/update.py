@@ -88,6 +88,7 @@ class UpdateSettings:
     warmup_updates: int
     total_updates: int
     correction: CorrectionSettings  # the sampler/trainer mismatch correction, resolved for the backend
+    top_entropy_quantile: float  # train on this top fraction of each micro-batch's loss tokens by entropy
 
     @classmethod
     def from_config(
@@ -104,6 +105,7 @@ class UpdateSettings:
             num_iterations=cfg.num_iterations,
             max_grad_norm=cfg.max_grad_norm,
             loss_impl=cfg.loss_impl,
+            top_entropy_quantile=cfg.top_entropy_quantile,
             kahan=bool(kahan),
             learning_rate=cfg.learning_rate,
             adam_betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -307,7 +309,8 @@ class Updater:
             sampling = m.rollouts.sampler_logprobs if p.off_policy_mask_threshold is not None else None
             out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, self.loss_fn, old_logprobs=old_k,
                               ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.settings.packed,
-                              importance_sampling_ratio=is_ratio[k], sampling_logprobs=sampling)  # fmt: skip
+                              importance_sampling_ratio=is_ratio[k], sampling_logprobs=sampling,
+                              top_entropy_quantile=self.settings.top_entropy_quantile)  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
                 self._non_finite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
