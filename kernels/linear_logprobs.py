@@ -229,7 +229,11 @@ def _bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _num_splits(n_blocks: int, v_blocks: int, sm_count: Optional[int], max_splits: int = 64) -> int:
+# Beyond this the merge's O(N x splits) partials and their launch outweigh any wave gained.
+MAX_SPLITS = 64
+
+
+def _num_splits(n_blocks: int, v_blocks: int, sm_count: Optional[int], max_splits: int = MAX_SPLITS) -> int:
     """Vocabulary splits of the forward grid (n_blocks x splits programs, equal work each).
 
     Programs of equal work finish in waves of ``sm_count`` (one resident per SM: the forward's tiles
@@ -250,9 +254,9 @@ def _num_splits(n_blocks: int, v_blocks: int, sm_count: Optional[int], max_split
 
 
 def _max_splits(n_tokens: int) -> int:
-    """At most 64 splits, and partials (16 bytes per token and split) within PARTIALS_BYTES: at 64K tokens
+    """At most MAX_SPLITS, and partials (16 bytes per token and split) within PARTIALS_BYTES: at 64K tokens
     the waves gain 3% at most, not worth a 33x larger merge (benchmarks/NOTES.md)."""
-    return max(1, min(64, PARTIALS_BYTES // (16 * max(n_tokens, 1))))
+    return max(1, min(MAX_SPLITS, PARTIALS_BYTES // (16 * max(n_tokens, 1))))
 
 
 PARTIALS_BYTES = 64 << 20

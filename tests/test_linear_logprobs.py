@@ -284,3 +284,19 @@ def test_forward_with_a_gpu_split_count_matches_float64():
     exact = _reference(h, w, b, y, g_lp, g_ent, None, 1.0, torch.float64)
     for a, e in zip(got, exact, strict=True):
         assert rel_err(a, e) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_entropy_reads_only_the_masked_positions(impl):
+    """masked_entropy: the float64 entropy where mask is set, 0 elsewhere, even where a target is -100;
+    no gradient; hidden given as a transposed view."""
+    B, T, H, V = 3, 7, 72, 1003
+    h, w, b, y, _, _ = _inputs(B * T, H, V, torch.float32, seed=11, bias=True)
+    hidden = h.view(T, B, H).transpose(0, 1)  # (B, T, H), not contiguous
+    targets = y.view(T, B).t()
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(12)).to(DEVICE) < 0.6
+    targets = torch.where(mask, targets, -100)
+    got = fastgrpo.ops.masked_entropy(leaf(hidden), w, targets, mask, bias=b, temperature=0.7, impl=impl)
+    _, want = reference_logprobs(hidden.double(), w.double(), targets.clamp(min=0), b.double(), 0.7, torch.float64)
+    assert not got.requires_grad and got.shape == (B, T)
+    assert rel_err(got[mask], want[mask]) < 1e-5 and not got[~mask].any()

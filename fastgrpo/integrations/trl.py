@@ -64,7 +64,7 @@ try:
 except ImportError:  # torch built without distributed: nothing is sharded
     DTensor = ()
 
-from fastgrpo.ops import IMPLS, FusedGRPOLoss, chunked_logprobs
+from fastgrpo.ops import IMPLS, FusedGRPOLoss, chunked_logprobs, masked_entropy
 from fastgrpo.ops.checks import check_fusable_model, check_workspace_bytes
 from fastgrpo.ops.loss import LOSS_TYPES, GRPOLossParams, loss_spec
 
@@ -240,8 +240,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         # Only the chunked path forms its weight gradient in the forward, where the head is gathered.
         if self.fastgrpo_impl == "auto":
             self.fastgrpo_impl = "chunked"
-        row_coupled = self.importance_sampling_level == "sequence" or self.args.off_policy_mask_threshold is not None
-        if self.fastgrpo_impl != "chunked" or row_coupled:
+        if self.fastgrpo_impl != "chunked" or GRPOLossParams.from_config(self.args).couples_rows:
             raise ValueError(
                 "under DeepSpeed ZeRO-3 fastgrpo needs fastgrpo_impl='chunked', importance_sampling_level='token' "
                 "and no off_policy_mask_threshold"
@@ -351,12 +350,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         """TRL's top_entropy_quantile mask (its own ``get_high_entropy_mask``: the quantile over every process's
         tokens) from this forward's entropies: one lm_head pass without gradient before the loss, since the
         mask must be known before any token's gradient."""
-        active = mask != 0
-        _, ent = chunked_logprobs(
-            hidden[active], weight, targets[active], bias=bias, temperature=self.temperature, return_entropy=True,
-            impl=self.fastgrpo_impl, workspace_bytes=self.fastgrpo_workspace_bytes,
+        entropies = masked_entropy(
+            hidden, weight, targets, mask, bias=bias, temperature=self.temperature, impl=self.fastgrpo_impl,
+            workspace_bytes=self.fastgrpo_workspace_bytes,
         )  # fmt: skip
-        entropies = torch.zeros(active.shape, dtype=ent.dtype, device=ent.device).masked_scatter(active, ent)
         return self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """What other trainers import: the fused ops, their loss epilogue and hyper-parameters.
 
-- ``api``: ``fused_grpo_loss``, ``chunked_logprobs``, ``FusedGRPOLoss``; checks, then dispatch
+- ``api``: ``fused_grpo_loss``, ``chunked_logprobs``, ``FusedGRPOLoss``, ``masked_entropy``; checks, then dispatch
   (``IMPLS``, ``route``) to the chunked 3-GEMM path, the fused kernels or the torch twin.
 - ``checks``: argument checks, each error naming its argument.
 - ``loss``: ``GRPOLossParams``, the loss family's registry (``LOSS_SPECS``: each type's policy term,
@@ -14,7 +14,7 @@
 Nothing here imports ``fastgrpo.train`` or ``fastgrpo.integrations``.
 """
 
-from .api import IMPLS, ROUTES, FusedGRPOLoss, GRPOLossOutput, chunked_logprobs, fused_grpo_loss, route
+from .api import IMPLS, ROUTES, FusedGRPOLoss, GRPOLossOutput, chunked_logprobs, fused_grpo_loss, masked_entropy, route
 from .loss import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_SPECS,
@@ -39,5 +39,6 @@ __all__ = [
     "fused_grpo_loss",
     "grpo_loss_from_logprobs",
     "loss_spec",
+    "masked_entropy",
     "route",
 ]

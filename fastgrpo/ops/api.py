@@ -239,6 +239,35 @@ def chunked_logprobs(
     return (logp, entropy) if return_entropy else logp
 
 
+@torch.no_grad()
+def masked_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    impl: str = "auto",
+    workspace_bytes: int | None = None,
+) -> torch.Tensor:
+    """(B, T) fp32 softmax entropy at the positions ``mask`` sets, 0 elsewhere, without gradient: one
+    lm_head pass over those positions only (what TRL's ``top_entropy_quantile`` mask reads).
+
+    Args:
+        hidden: (B, T, H) fp32/fp16/bf16; weight: (V, H), same dtype; bias: (V,) or None.
+        targets: (B, T) int32/int64, in [0, V) where ``mask`` is set (elsewhere any id, e.g. -100).
+        mask: (B, T) bool or 0/1.
+        temperature, impl, workspace_bytes: as ``chunked_logprobs``.
+    """
+    active = mask != 0
+    _, ent = chunked_logprobs(
+        hidden[active], weight, targets[active], bias=bias, temperature=temperature, return_entropy=True,
+        impl=impl, workspace_bytes=workspace_bytes,
+    )  # fmt: skip
+    return torch.zeros(active.shape, dtype=ent.dtype, device=ent.device).masked_scatter(active, ent)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Knobs:
     """How the loss is computed (not what): checked once, shared by the function and the module."""

@@ -329,10 +329,10 @@ def chunked_grpo_loss(
     B, T = x.targets.shape
     rows_impl = _rows_impl(x.hidden.device) if rows_impl is None else rows_impl
     loop = _flat_token_inputs(x, params, num_items_in_batch)
-    how = dict(
-        workspace_bytes=workspace_bytes, rows_impl=rows_impl, grad_accumulation=grad_accumulation, n_active=n_active
-    )
-    loop.update(params=params, **how)
+    loop.update(
+        params=params, workspace_bytes=workspace_bytes, rows_impl=rows_impl, grad_accumulation=grad_accumulation,
+        n_active=n_active,
+    )  # fmt: skip
     epilogue = (x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch, x.importance_sampling_ratio)
     job = {"need": _needed_grads(x), "shape": (B, T), "mask": x.mask, "loop": loop, "epilogue": epilogue}
     hidden2d = x.hidden.reshape(B * T, x.hidden.shape[-1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import FusedGRPOLoss, GRPOLossOutput, chunked_logprobs
+from ..ops import FusedGRPOLoss, GRPOLossOutput, chunked_logprobs, masked_entropy
 from ..ops.loss import high_entropy_mask
 from .rollouts import Rollouts, pack_rollouts
 
@@ -125,10 +125,8 @@ def policy_loss(
 @torch.no_grad()
 def _high_entropy_keep(hidden, weight, bias, targets, loss_mask, loss_fn: FusedGRPOLoss, quantile) -> torch.Tensor:
     """(B, C) fp32 1/0: the loss tokens at or above the entropy quantile (``high_entropy_mask``)."""
-    active = loss_mask.bool()
-    _, ent = chunked_logprobs(
-        hidden[active], weight, targets[active], bias=bias, temperature=loss_fn.params.temperature,
-        return_entropy=True, impl=loss_fn.impl, workspace_bytes=loss_fn.knobs.workspace_bytes,
+    entropy = masked_entropy(
+        hidden, weight, targets, loss_mask, bias=bias, temperature=loss_fn.params.temperature,
+        impl=loss_fn.impl, workspace_bytes=loss_fn.knobs.workspace_bytes,
     )  # fmt: skip
-    entropy = torch.zeros(active.shape, dtype=ent.dtype, device=ent.device).masked_scatter(active, ent)
-    return high_entropy_mask(entropy, active, quantile).to(torch.float32)
+    return high_entropy_mask(entropy, loss_mask, quantile).to(torch.float32)
