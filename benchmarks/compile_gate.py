@@ -327,7 +327,7 @@ def _bwd_launches(capture: Capture, head: Head, dtype: torch.dtype, n: int) -> N
 
 def logits_rows_recipe(capture: Capture, head: Head, dtype: torch.dtype) -> None:
     """The chunked path's row kernels on its default workspace: a full chunk and an odd tail,
-    with and without bias."""
+    with and without bias, the gradient with and without the entropy term."""
     from fastgrpo.kernels.logits_rows import row_grad_, row_stats
 
     from fastgrpo.ops.chunked import WORKSPACE_BYTES, chunk_rows
@@ -344,6 +344,8 @@ def logits_rows_recipe(capture: Capture, head: Head, dtype: torch.dtype) -> None
                 row_stats(ws[:n], b, targets, 1.0)
             with capture.variant("rows grad" + (" bias" if use_bias else "")):
                 row_grad_(ws[:n], b, targets, stats[:n], stats[:n], 1.0)
+            with capture.variant("rows grad dent" + (" bias" if use_bias else "")):
+                row_grad_(ws[:n], b, targets, stats[:n], stats[:n], 1.0, stats[:n], stats[:n])
 
 
 # (query heads, KV heads, head dim) of the families the graph sampler runs (slot_model.SUPPORTED).

@@ -5,8 +5,9 @@ bounded HBM workspace with cuBLAS. These kernels then walk each row of it:
 
 - ``row_stats``: log Z (online log-sum-exp, the same tile update as the fused kernels), the
   target's log-prob and the entropy, in one read of the row;
-- ``row_grad_``: d loss / d logits = g * ([v == y] - p_v) / temperature, written over the logits
-  in place (one read, one write), ready for the two gradient GEMMs.
+- ``row_grad_``: d loss / d logits = (g * ([v == y] - p_v) - g_H * p_v (log p_v + H)) / temperature
+  (the second term only with an entropy gradient), written over the logits in place (one read, one
+  write), ready for the two gradient GEMMs.
 
 Bias and temperature are applied on the fly, so the workspace holds the bare GEMM output.
 Offsets are int64 per row; a row is walked in BLOCK_V tiles, so any vocabulary size works.
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from ._args import as_contiguous, nan_where_invalid
 from ._debug import alloc_output
-from ._tiles import _online_lse_update
+from ._tiles import _dlogits_tile, _online_lse_update
 
 # ----------------------------------------------------------------------------- jit kernels
 
@@ -92,6 +93,8 @@ def _row_grad_kernel(
     y_ptr,  # (R,) integer targets
     lse_ptr,  # (R,) fp32 log Z of the scaled logits
     g_ptr,  # (R,) fp32 d loss / d logp
+    ent_ptr,  # (R,) fp32 entropy from row_stats (read only with HAS_DENT)
+    g_ent_ptr,  # (R,) fp32 d loss / d entropy (read only with HAS_DENT)
     # shapes
     R,
     V,
@@ -100,6 +103,7 @@ def _row_grad_kernel(
     # constants
     inv_temp,
     HAS_BIAS: tl.constexpr,
+    HAS_DENT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -107,13 +111,16 @@ def _row_grad_kernel(
     y = tl.load(y_ptr + offs_r, mask=r_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + offs_r, mask=r_mask, other=0.0)
     g = tl.load(g_ptr + offs_r, mask=r_mask, other=0.0) * inv_temp
+    g_ent, ent = g, lse  # read only with HAS_DENT
+    if HAS_DENT:
+        g_ent = tl.load(g_ent_ptr + offs_r, mask=r_mask, other=0.0) * inv_temp
+        ent = tl.load(ent_ptr + offs_r, mask=r_mask, other=0.0)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         u = _scaled_tile(z_rows, b_ptr, offs_v, r_mask, v_mask, inv_temp, HAS_BIAS)
-        # d logp_y / d u_v = [v == y] - p_v; p_v = 0 where u_v = -inf (a banned token).
-        onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
-        dz = g[:, None] * (onehot - tl.exp(u - lse[:, None]))
+        # The fused backward's tile formula, with the 1 / temperature already in g and g_ent.
+        dz = _dlogits_tile(u, offs_v, y, lse, g, g_ent, ent, HAS_DENT)
         tl.store(
             z_rows[:, None] + offs_v[None, :],
             dz.to(z_ptr.dtype.element_ty),
@@ -133,9 +140,10 @@ def _launch_constants() -> dict:
     return dict(BLOCK_R=1, BLOCK_V=2048, num_warps=8)
 
 
-def _launch(kernel, z: torch.Tensor, bias, vectors: tuple, inv_temp: float, dummy: torch.Tensor) -> None:
+def _launch(kernel, z: torch.Tensor, bias, vectors: tuple, inv_temp: float, dummy: torch.Tensor, **flags) -> None:
     """One program per BLOCK_R rows of the (R, V) workspace ``z``; ``vectors`` are the kernel's per-row
-    pointer arguments after the bias; ``dummy`` (an fp32 vector) stands in for a missing bias."""
+    pointer arguments after the bias; ``dummy`` (an fp32 vector) stands in for a missing bias; ``flags`` are
+    the kernel's other HAS_* constexprs."""
     R, V = z.shape
     c = _launch_constants()
     if R:
@@ -148,6 +156,7 @@ def _launch(kernel, z: torch.Tensor, bias, vectors: tuple, inv_temp: float, dumm
             z.stride(0),
             inv_temp,
             HAS_BIAS=bias is not None,
+            **flags,
             BLOCK_R=c["BLOCK_R"],
             BLOCK_V=c["BLOCK_V"],
             num_warps=c["num_warps"],
@@ -192,8 +201,11 @@ def row_grad_(
     lse: torch.Tensor,
     grad_logp: torch.Tensor,
     inv_temp: float,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Overwrite ``z`` with d loss / d z = grad_logp * ([v == y] - p) * inv_temp, in z's dtype.
+    """Overwrite ``z`` with d loss / d z = (grad_logp * ([v == y] - p) - grad_entropy * p * (log p + entropy))
+    * inv_temp, in z's dtype (the entropy term only with ``grad_entropy``).
 
     Args:
         z: (R, V) logits as given to ``row_stats``; overwritten.
@@ -203,13 +215,21 @@ def row_grad_(
         lse: (R,) fp32 from ``row_stats``.
         grad_logp: (R,) fp32 d loss / d logp.
         inv_temp: 1 / temperature.
+        entropy: (R,) fp32 from ``row_stats``, with ``grad_entropy``; else None.
+        grad_entropy: (R,) fp32 d loss / d entropy, or None (no entropy term).
 
     Returns:
         z.
     """
     _check_workspace(z, targets, bias)
     V = z.shape[1]
-    bias, targets, lse, grad_logp = as_contiguous(bias, targets, lse, grad_logp)
+    if (entropy is None) != (grad_entropy is None):
+        raise ValueError("entropy and grad_entropy go together: pass both or neither")
+    bias, targets, lse, grad_logp, entropy, grad_entropy = as_contiguous(
+        bias, targets, lse, grad_logp, entropy, grad_entropy
+    )
     grad_logp = nan_where_invalid(grad_logp, targets, V)
-    _launch(_row_grad_kernel, z, bias, (targets, lse, grad_logp), inv_temp, dummy=lse)
+    dent = (lse, lse) if grad_entropy is None else (entropy, grad_entropy)
+    flags = dict(HAS_DENT=grad_entropy is not None)
+    _launch(_row_grad_kernel, z, bias, (targets, lse, grad_logp, *dent), inv_temp, dummy=lse, **flags)
     return z

@@ -340,6 +340,33 @@ def test_update_trains_on_the_high_entropy_tokens(sampled):
     assert abs(plain_loss - want_loss) > 1e-4
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
+def test_update_entropy_bonus_is_the_batch_token_mean(sampled, loss_type):
+    """entropy_coef in fastgrpo train, over two uneven micro-batches (10 + 6 rows): whatever the loss type's
+    micro-batch weighting, the summed loss, policy loss and gradients are one whole-batch call's."""
+    trainer, state, batch = sampled
+    cfg = copy.deepcopy(trainer.cfg)
+    cfg.train.per_device_train_batch_size = 10
+    params = dataclasses.replace(trainer.params, loss_type=loss_type, entropy_coef=0.3)
+    settings = UpdateSettings.from_config(cfg, packed=bool(cfg.model.padding_free), kahan=False)
+    settings = dataclasses.replace(settings, lr_scheduler_type="constant", max_tokens_per_microbatch=None)
+    updater = Updater(trainer.model, None, params, settings)
+    assert [len(m.rows) for m in updater.micro_batches(batch)] == [10, 6]
+    trainer.model.load_state_dict(state)
+    trainer.model.zero_grad(set_to_none=True)
+    sums = updater.accumulate_gradients(batch)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    want_loss, want = _reference(trainer.model, state, batch, params, None, None)
+    assert sums["loss"] == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
+    for n in want:
+        torch.testing.assert_close(grads[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    plain_params = dataclasses.replace(params, entropy_coef=0.0)
+    plain_loss, plain = _reference(trainer.model, state, batch, plain_params, None, None)
+    assert sums["policy_loss"] == pytest.approx(plain_loss, rel=1e-4, abs=1e-6)
+    assert abs(plain_loss - want_loss) > 1e-3  # the bonus counts
+    assert any(not torch.allclose(plain[n], want[n], rtol=1e-3, atol=1e-6) for n in want)
+
+
 def test_forced_on_without_sampler_logprobs_is_a_clear_error(embedded, tmp_path):
     cfg = train_config(embedded, tmp_path, max_steps=1, vllm_importance_sampling_correction=True)
     trainer = GRPOTrainer(cfg)

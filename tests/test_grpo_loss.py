@@ -44,6 +44,7 @@ def _run_reference(inp, compute_dtype=torch.float64, **hp):
     num_items = hp.pop("num_items_in_batch", None)
     is_ratio = hp.pop("importance_sampling_ratio", None)
     sampling = _clean(hp.pop("sampling_logprobs", None), m)
+    entropy_mask = hp.pop("entropy_mask", None)
     params = GRPOLossParams(**hp)
     h = leaf(inp["hidden"], compute_dtype)
     w = leaf(inp["weight"], compute_dtype)
@@ -63,6 +64,7 @@ def _run_reference(inp, compute_dtype=torch.float64, **hp):
         compute_dtype=compute_dtype,
         importance_sampling_ratio=is_ratio,
         sampling_logprobs=sampling,
+        entropy_mask=entropy_mask,
     )
     loss.backward()
     return loss, logp, ent, metrics, h.grad, w.grad, None if b is None else b.grad
@@ -223,3 +225,69 @@ def test_off_policy_sequence_mask(impl, case):
     kept = keep.expand(m.shape)[live.expand(m.shape)]
     assert kept.min() == 0 and kept.max() == 1  # the mask both keeps and drops
     assert fastgrpo.ops.route("chunked", DEVICE, off_policy_mask=True) == "torch"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(loss_type="dapo", entropy_coef=0.05, beta=0.04),
+        dict(loss_type="grpo", entropy_coef=0.3, entropy_mask=True, temperature=0.7, bias=True),
+        dict(loss_type="bnpo", entropy_coef=-0.2, num_items_in_batch=57),
+        dict(loss_type="cispo", entropy_coef=0.1, entropy_mask=True, epsilon_high=1.1, is_ratio=True),
+        dict(loss_type="grpo", entropy_coef=0.2, entropy_mask=True, importance_sampling_level="sequence"),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_entropy_bonus(impl, case):
+    """TRL's entropy_coef: the loss minus coef x the mean entropy over the loss tokens the top-entropy mask keeps,
+    its gradient through every path's backward (on the chunked path, formed in the row kernels' forward); the
+    mask also gates the policy term. Held to the float64 transcription, and the bonus moves the gradient."""
+    hp = dict(HP, **case)
+    inp = grpo_inputs(B=5, seed=51, bias=hp.pop("bias", False))
+    m = inp["mask"]
+    g = torch.Generator().manual_seed(52)
+    if hp.pop("entropy_mask", False):  # a 0/1 float mask, set on padding too (only the loss mask's tokens count)
+        hp["entropy_mask"] = (torch.rand(m.shape, generator=g) < 0.6).float().to(DEVICE)
+    if hp.pop("is_ratio", False):
+        r = torch.rand(m.shape, generator=g).to(DEVICE) * 2
+        hp["importance_sampling_ratio"] = torch.where(m, r, float("nan"))
+    out, *grads = _run_fused(inp, impl, **hp)
+    ref_hp = dict(hp)
+    if "importance_sampling_ratio" in ref_hp:
+        ref_hp["importance_sampling_ratio"] = _clean(ref_hp["importance_sampling_ratio"], m)
+    ref = _run_reference(inp, **ref_hp)
+    _check_against_reference(out, grads, ref, tol=2e-5)
+    assert float(out.metrics["policy_loss"]) != float(out.loss)
+    without = _run_reference(inp, **dict(ref_hp, entropy_coef=0.0))
+    assert rel_err(ref[4], without[4]) > 1e-3  # the bonus changes d hidden: the comparison above can fail
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_grad_entropy_term_matches_twin(dtype):
+    """The Triton row kernel's entropy term against the torch row twin and a float64 autograd of
+    g * logp + g_H * H, with a -inf bias (a banned token: p = 0 adds nothing) and an odd row count."""
+    from fastgrpo.kernels.logits_rows import row_grad_, row_stats
+
+    from fastgrpo.ops.chunked import _row_grad_torch_
+
+    g = torch.Generator().manual_seed(61)
+    R, V = 37, 1003
+    z = (3 * torch.randn(R, V, generator=g)).to(DEVICE, dtype)
+    bias = torch.randn(V, generator=g).to(DEVICE, dtype)
+    bias[7] = float("-inf")
+    y = torch.randint(0, V, (R,), generator=g).to(DEVICE)
+    g_lp, g_ent = torch.randn(R, generator=g).to(DEVICE), torch.randn(R, generator=g).to(DEVICE)
+    inv_temp = 1 / 0.7
+    logp, lse, ent = row_stats(z, bias, y, inv_temp)
+    got = row_grad_(z.clone(), bias, y, lse, g_lp, inv_temp, ent, g_ent)
+    twin = _row_grad_torch_(z.clone(), bias, y, lse, g_lp, inv_temp, ent, g_ent)
+    u = ((z.double() + bias.double()) * inv_temp).requires_grad_()
+    lp_all = u.log_softmax(-1)
+    h = -(lp_all.exp() * torch.where(torch.isfinite(lp_all), lp_all, 0.0)).sum(-1)
+    (g_lp.double() * lp_all.gather(1, y[:, None]).squeeze(1) + g_ent.double() * h).sum().backward()
+    want = u.grad * inv_temp  # d / d z
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(got.float(), want) < tol and rel_err(twin.float(), want) < tol
+    assert torch.all(got[:, 7] == 0)

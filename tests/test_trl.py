@@ -30,6 +30,8 @@ METRICS = (
     "clip_ratio/low_min",
     "clip_ratio/high_max",
     "cispo_clip_ratio",
+    "policy_loss",
+    "entropy_coef",
     "reward",
     "reward_std",
     "grad_norm",
@@ -110,6 +112,22 @@ VARIANTS = {
     "off-policy-mask": dict(off_policy_mask_threshold=-0.001, num_iterations=2, beta=0.04),
     # Train on the top 20% of tokens by this forward's entropy (TRL's quantile, across micro-batches' processes).
     "entropy-quantile": dict(top_entropy_quantile=0.2, num_iterations=2, gradient_accumulation_steps=2, beta=0.04),
+    # The entropy bonus on a num_items-normalized loss (dapo: the coefficient carries the accumulation division)
+    # and on a row-mean one, with the top-entropy mask gating it.
+    "entropy-bonus-dapo": dict(entropy_coef=0.05, num_iterations=2, gradient_accumulation_steps=2, beta=0.04),
+    "entropy-bonus-grpo-quantile": dict(
+        loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5, gradient_accumulation_steps=2
+    ),
+    # Adaptive control (Skywork-OR1): a target above the tiny model's entropy turns the bonus on after the first
+    # window and raises the coefficient at every optimizer step.
+    "adaptive-entropy": dict(
+        use_adaptive_entropy=True,
+        entropy_target=100.0,
+        entropy_coef=0.01,
+        entropy_coef_delta=0.02,
+        gradient_accumulation_steps=2,
+        beta=0.04,
+    ),  # fmt: skip
 }
 
 
@@ -313,8 +331,6 @@ def test_compute_loss_in_eval_mode_and_with_accumulation(tmp_path, model_path, l
 
 REFUSED = {
     "vespo": (dict(loss_type="vespo"), "loss_type='vespo'"),
-    "entropy-bonus": (dict(entropy_coef=0.01), "entropy_coef"),
-    "adaptive-entropy": (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
 }
 
 

@@ -22,8 +22,7 @@ TRL's ``fused_lm_head=``), so DDP's gradient hooks, FSDP2's gathers and PEFT's a
 see an ordinary forward. ``trainer.fastgrpo_last_route`` says which path ran the last loss.
 
 Refused at construction, each with a ``ValueError`` naming the field (the fused op computes a
-different quantity, so a silent fallback would train something else): ``loss_type="vespo"``,
-``entropy_coef != 0`` / ``use_adaptive_entropy``, an MoE family
+different quantity, so a silent fallback would train something else): ``loss_type="vespo"``, an MoE family
 without a ``load_balancing_loss_func`` (``router_aux_loss_coef != 0``), logit
 softcapping or scaling in the model config, a PEFT adapter on ``lm_head``
 (``target_modules`` / ``modules_to_save``), vision-language models and processors, and under
@@ -34,7 +33,11 @@ a row's whole log-probs, so it takes the 4-pass route, as GSPO does. An MoE mode
 load-balancing loss is computed from the same backbone forward as the fused loss, with the model
 family's own ``load_balancing_loss_func``, and added and logged (``aux_loss``) as TRL does.
 ``top_entropy_quantile < 1`` runs: one lm_head pass without gradient gives this forward's entropies,
-TRL's own ``get_high_entropy_mask`` turns them into the mask, and the mask scales the policy term.
+TRL's own ``get_high_entropy_mask`` turns them into the mask, and the mask gates the policy term (and the
+entropy bonus). ``entropy_coef`` / ``use_adaptive_entropy`` run: the op subtracts the coefficient times the
+mean entropy over the effective mask, its gradient formed with the rest (in the chunked path's row kernels, or
+by the 4-pass backward), and the adaptive controller moves the coefficient as TRL's does (``entropy_coef`` and
+``policy_loss`` logged, its state saved with checkpoints by TRL's own hooks).
 """
 
 from __future__ import annotations
@@ -163,8 +166,6 @@ def check_config(args, peft_config=None) -> None:
         raise ValueError(
             f"loss_type={args.loss_type!r} is not supported by fastgrpo's fused loss; use one of {LOSS_TYPES}"
         )
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        raise ValueError("entropy_coef / use_adaptive_entropy (an entropy bonus) is not supported by fastgrpo's loss")
     if peft_config is not None:
         targets = _names(getattr(peft_config, "target_modules", None))
         saved = _names(getattr(peft_config, "modules_to_save", None))
@@ -321,29 +322,73 @@ class GRPOTrainer(trl.GRPOTrainer):
             if mode == "train":
                 num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
 
+        params = self._loss_params(mode)
+
         def fn(hidden, weight, bias):
-            r = ratio
-            if self.top_entropy_quantile < 1.0:  # TRL's mask scales the policy term only, as the ratio does
-                keep = self._high_entropy_mask(hidden, weight, bias, completion_ids, mask).to(torch.float32)
-                r = keep if r is None else r * keep
-            return self.fastgrpo_loss(
-                hidden, weight, completion_ids, mask, advantages, old, ref, bias, num_items, r, sampling
-            )
+            entropy_mask = None  # TRL's mask gates the policy term and the entropy bonus
+            if self.top_entropy_quantile < 1.0:
+                entropy_mask = self._high_entropy_mask(hidden, weight, bias, completion_ids, mask)
+            out = self.fastgrpo_loss(
+                hidden, weight, completion_ids, mask, advantages, old, ref, bias, num_items, ratio, sampling,
+                entropy_mask, params=params,
+            )  # fmt: skip
+            return out, entropy_mask
 
         call = HeadCall(completion_ids.size(1), fn, self.aux_loss_enabled)
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, fastgrpo=call)
-        out, aux_loss = out if self.aux_loss_enabled else (out, None)
+        (out, entropy_mask), aux_loss = out if self.aux_loss_enabled else (out, None)
         self.fastgrpo_last_route = self.fastgrpo_loss.last_route
         loss = out.loss
         if not _num_items_normalized(self.loss_type) and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
+        if self._entropy_bonus_enabled:
+            self._entropy_bonus_step(mode, out, mask if entropy_mask is None else mask * entropy_mask)
         self._log_loss_metrics(mode, out.logprobs, out.entropy, old, ref, advantages, mask)
         if aux_loss is not None:  # TRL: the policy loss is already scaled for accumulation, so scale aux too
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
+
+    def _loss_params(self, mode: str) -> GRPOLossParams:
+        """The op's hyper-parameters for this micro-batch: the held ones, with TRL's entropy bonus coefficient of
+        the step (adaptive control applies it only while the last window's entropy is at or below the target). TRL
+        divides the bonus by the accumulation steps for every loss type; the ones it does not divide by them
+        (num_items-normalized) get the division here, in the coefficient."""
+        params = self.fastgrpo_loss.params
+        if not self._entropy_bonus_enabled:
+            return params
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            coef = 0.0
+        if _num_items_normalized(self.loss_type) and mode == "train":
+            coef = coef / self.current_gradient_accumulation_steps
+        return dataclasses.replace(params, entropy_coef=coef)
+
+    @torch.no_grad()
+    def _entropy_bonus_step(self, mode: str, out, effective_mask: torch.Tensor) -> None:
+        """TRL's bookkeeping around the entropy bonus: the ``policy_loss`` metric, and under adaptive control the
+        window's entropy over the effective mask, which moves ``entropy_coef`` at each optimizer step."""
+        policy_loss = out.metrics.get("policy_loss", out.loss.detach())  # absent when the coefficient is 0
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            eff = effective_mask.to(out.entropy.dtype)
+            stats = torch.stack([(out.entropy * eff).sum(), eff.sum()])
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                entropy = (total[0] / total[1].clamp(min=1.0)).item()
+                a = self.args
+                if entropy <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     @torch.no_grad()
     def _high_entropy_mask(self, hidden, weight, bias, targets, mask) -> torch.Tensor:

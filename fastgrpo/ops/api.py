@@ -317,6 +317,8 @@ def fused_grpo_loss(
     importance_sampling_ratio: torch.Tensor | None = None,
     off_policy_mask_threshold: float | None = None,
     sampling_logprobs: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    entropy_mask: torch.Tensor | None = None,
     impl: str = "auto",
     grad_filter_eps: float | None = 0.0,
     workspace_bytes: int | None = None,
@@ -361,6 +363,12 @@ def fused_grpo_loss(
             policy term (not its KL). Its sequence mean couples a row's tokens: the 4-pass route.
         sampling_logprobs: (B, T) float log-probs of the sampler, read by the off-policy mask only; None:
             ``old_logprobs``, else the current policy's (detached).
+        entropy_coef: the entropy bonus: the loss minus entropy_coef times the mean entropy over the loss tokens
+            (those ``entropy_mask`` keeps), whatever the loss type's normalizer, as TRL's ``entropy_coef``; its
+            gradient flows on every path. 0 = off.
+        entropy_mask: (B, T) bool or 0/1, or None: TRL's ``top_entropy_quantile`` mask (the loss tokens at or
+            above an entropy quantile, e.g. from ``masked_entropy``): the policy term and the entropy bonus act
+            only where it is set; the KL acts on every loss token.
         impl: one of ``IMPLS`` (module docstring); ``route`` tells which path runs.
         grad_filter_eps: in [0, 1): skip the backward GEMMs of vocabulary tiles whose d loss / d logits is below
             eps times the token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 or None = off
@@ -374,7 +382,8 @@ def fused_grpo_loss(
     Returns:
         GRPOLossOutput(loss, logprobs, entropy, metrics) (loss and logprobs NaN at an out-of-range target, see
         ``targets``); metrics has ``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-        ``clip_ratio/region_mean``, ``kl`` (when ``ref_logprobs`` is given) and ``cispo_clip_ratio`` (cispo).
+        ``clip_ratio/region_mean``, ``kl`` (when ``ref_logprobs`` is given), ``cispo_clip_ratio`` (cispo) and
+        ``policy_loss`` (the loss without the entropy bonus, when ``entropy_coef`` is nonzero).
     """
     tensors, params, knobs = _records(locals())  # the signature's names are the records' fields
     return _fused_grpo_loss(tensors, params, num_items_in_batch, knobs)[0]
@@ -386,7 +395,7 @@ def _fused_grpo_loss(
     """Check, route, run: (the output, the path that ran)."""
     num_items_in_batch = checks.check_loss_inputs(
         x.hidden, x.weight, x.targets, x.mask, x.advantages, x.old_logprobs, x.ref_logprobs, x.bias, params.beta,
-        num_items_in_batch, x.sampling_logprobs,
+        num_items_in_batch, x.sampling_logprobs, x.entropy_mask,
     )  # fmt: skip
     B, T = x.targets.shape
     H, V = x.hidden.shape[-1], x.weight.shape[0]
@@ -400,7 +409,7 @@ def _fused_grpo_loss(
     checks.check_sampling_ratio(x.importance_sampling_ratio, x.targets)
     active = x.mask != 0
     n_active = checks.check_loss_values(
-        x.mask, active, x.advantages, num_items_in_batch, x.targets, V, x.importance_sampling_ratio
+        x.mask, active, x.advantages, num_items_in_batch, x.targets, V, x.importance_sampling_ratio, x.entropy_mask
     )
     if path == "chunked":
         workspace_bytes = _workspace(knobs.workspace_bytes, hidden.device)
@@ -419,7 +428,7 @@ def _fused_grpo_loss(
     )  # fmt: skip
     loss, metrics = grpo_loss_from_logprobs(
         logp, entropy, active, x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch,
-        x.importance_sampling_ratio, x.sampling_logprobs,
+        x.importance_sampling_ratio, x.sampling_logprobs, x.entropy_mask,
     )  # fmt: skip
     return GRPOLossOutput(loss, logp.detach(), entropy.detach(), metrics), path
 
@@ -430,7 +439,9 @@ class FusedGRPOLoss(torch.nn.Module):
     Keyword arguments are those of ``fused_grpo_loss`` after ``advantages`` (less the tensors).
     ``impl``, ``grad_filter_eps``, ``workspace_bytes`` and ``grad_accumulation`` (implementation knobs, not loss
     semantics) are kept on the module; the loss hyper-parameters go into ``self.params``.
-    ``last_route`` is the path (one of ``ROUTES``) the latest call ran, None before any.
+    ``last_route`` is the path (one of ``ROUTES``) the latest call ran, None before any. ``forward``'s
+    ``params`` replaces ``self.params`` for one call (a coefficient that changes during training, such as
+    an adaptive ``entropy_coef``).
     """
 
     def __init__(
@@ -472,12 +483,18 @@ class FusedGRPOLoss(torch.nn.Module):
         num_items_in_batch=None,
         importance_sampling_ratio=None,
         sampling_logprobs=None,
+        entropy_mask=None,
+        *,
+        params: GRPOLossParams | None = None,
     ) -> GRPOLossOutput:
         tensors = LossTensors(
             hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, importance_sampling_ratio,
-            sampling_logprobs,
+            sampling_logprobs, entropy_mask,
         )  # fmt: skip
-        out, self.last_route = _fused_grpo_loss(tensors, self.params, num_items_in_batch, self.knobs)
+        if params is not None and not isinstance(params, GRPOLossParams):
+            raise TypeError(f"params must be a GRPOLossParams or None, got {type(params).__name__}")
+        params = self.params if params is None else params
+        out, self.last_route = _fused_grpo_loss(tensors, params, num_items_in_batch, self.knobs)
         return out
 
     def extra_repr(self) -> str:

@@ -105,7 +105,18 @@ def check_grad_filter_eps(eps) -> float:
 
 
 def check_loss_inputs(
-    hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, beta, num_items, sampling_logprobs=None
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    old_logprobs,
+    ref_logprobs,
+    bias,
+    beta,
+    num_items,
+    sampling_logprobs=None,
+    entropy_mask=None,
 ):
     """Types, shapes and devices of ``fused_grpo_loss``'s tensors. Returns ``num_items`` as the
     loss takes it: a tensor moved to fp32 on hidden's device, a number or None as it came."""
@@ -114,6 +125,9 @@ def check_loss_inputs(
     B, T = targets.shape
     check_tensor("mask", mask)
     check_same("mask", mask, "targets", targets, shape=(B, T), dtype=False)
+    if entropy_mask is not None:
+        check_tensor("entropy_mask", entropy_mask)
+        check_same("entropy_mask", entropy_mask, "targets", targets, shape=(B, T), dtype=False)
     check_tensor("advantages", advantages, dims=(1, 2))
     if not advantages.is_floating_point():
         raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
@@ -145,7 +159,7 @@ def check_loss_inputs(
     return num_items
 
 
-def check_loss_values(mask, active, advantages, num_items, targets, vocab, ratio) -> int | None:
+def check_loss_values(mask, active, advantages, num_items, targets, vocab, ratio, entropy_mask=None) -> int | None:
     """The values ``check_loss_inputs`` cannot see without reading the data back, read back in one
     transfer together with the number of active tokens, which that returns (so the chunked path
     gathers them without a second sync). None while torch.compile traces: no check, no count.
@@ -157,6 +171,8 @@ def check_loss_values(mask, active, advantages, num_items, targets, vocab, ratio
     tests = []  # (flag tensor, message or a function making it): the first set flag raises, in this order
     if mask.dtype != torch.bool:
         tests.append((((mask != 0) & (mask != 1)).any(), "mask must hold only 0 and 1"))
+    if entropy_mask is not None and entropy_mask.dtype != torch.bool:
+        tests.append((((entropy_mask != 0) & (entropy_mask != 1)).any(), "entropy_mask must hold only 0 and 1"))
     adv = advantages if advantages.dim() == 1 else torch.where(active, advantages, 0.0)
     tests.append((~torch.isfinite(adv).all(), "advantages must be finite (where mask is set)"))
     if isinstance(num_items, torch.Tensor):

@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..kernels._gemm import accumulate_mm
-from .loss import GRPOLossParams, grpo_loss_from_logprobs, sampling_correction, token_terms, token_weights
+from .loss import GRPOLossParams, entropy_weights, grpo_loss_from_logprobs, policy_scale, token_terms, token_weights
 from .tensors import LossTensors
 from .twin import clamp_targets, nan_where_invalid
 
@@ -123,13 +123,20 @@ def _row_stats_torch(z, bias, targets, inv_temp):
     return logp, lse, entropy
 
 
-def _row_grad_torch_(z, bias, targets, lse, grad_logp, inv_temp):
+def _row_grad_torch_(z, bias, targets, lse, grad_logp, inv_temp, entropy=None, grad_entropy=None):
     u = z.to(torch.float32, copy=True)  # never an alias: z is read again (fp32 z included)
     if bias is not None:
         u.add_(bias)
-    p = u.mul_(inv_temp).sub_(lse[:, None]).exp_()
+    logp = u.mul_(inv_temp).sub_(lse[:, None])
+    p = logp.exp()
     g = nan_where_invalid(grad_logp, targets, u.shape[1]) * inv_temp
-    dz = p.mul_(-g[:, None]).scatter_add_(1, clamp_targets(targets, u.shape[1])[0][:, None], g[:, None])
+    if grad_entropy is not None:
+        # d entropy / d u_v = -p_v (log p_v + entropy); p_v = 0 at a banned token (log p_v = -inf) adds 0.
+        ent = logp.add_(entropy[:, None]).mul_(p).nan_to_num_(nan=0.0)
+        p.mul_(-g[:, None]).sub_(ent.mul_(grad_entropy[:, None] * inv_temp))
+    else:
+        p.mul_(-g[:, None])
+    dz = p.scatter_add_(1, clamp_targets(targets, u.shape[1])[0][:, None], g[:, None])
     return z.copy_(dz)
 
 
@@ -166,6 +173,7 @@ def _chunk_loop(
     ref,
     isr,
     w,
+    g_ent,
     params,
     need,
     *,
@@ -174,7 +182,8 @@ def _chunk_loop(
     grad_accumulation,
     n_active,
 ):
-    """logp, entropy (N,) fp32 and the gradients (None where not needed) of sum(w * per_token)."""
+    """logp, entropy (N,) fp32 and the gradients (None where not needed) of sum(w * per_token) + sum(g_ent * entropy)
+    (``g_ent`` None: no entropy term)."""
     N, H = hidden.shape
     V = weight.shape[0]
     need_dh, need_dw, need_db = need
@@ -201,7 +210,8 @@ def _chunk_loop(
             continue
         old_c, ref_c, isr_c = (None if x is None else x[idx] for x in (old, ref, isr))
         g = _token_grad(lp, old_c, ref_c, adv[idx], w[idx], isr_c, params)
-        dz = grad_(z, bias, y, lse, g, inv_temp)
+        dent = () if g_ent is None else (ent, g_ent[idx])
+        dz = grad_(z, bias, y, lse, g, inv_temp, *dent)
         if need_dh:
             dh[idx] = dz @ weight
         if need_dw:
@@ -273,7 +283,10 @@ def _flat_token_inputs(x: LossTensors, params: GRPOLossParams, num_items_in_batc
     """The chunk loop's per-token inputs, (B * T,) and fp32: its chunks pick tokens across rows."""
     B, T = x.targets.shape
     adv = x.advantages.to(torch.float32)
-    isr = sampling_correction(x.importance_sampling_ratio, x.mask)
+    isr = policy_scale(x.importance_sampling_ratio, x.entropy_mask, x.mask)
+    g_ent = None
+    if params.entropy_coef != 0.0:  # d loss / d entropy: the bonus's weights, negated
+        g_ent = (-params.entropy_coef * entropy_weights(x.mask, x.entropy_mask)).reshape(-1)
     flat = {
         name: None if t is None else t.reshape(-1).to(torch.float32)
         for name, t in (("old", x.old_logprobs), ("ref", x.ref_logprobs))
@@ -284,6 +297,7 @@ def _flat_token_inputs(x: LossTensors, params: GRPOLossParams, num_items_in_batc
         adv=(adv[:, None].expand(B, T) if adv.dim() == 1 else adv).reshape(-1),
         w=token_weights(x.mask, params, num_items_in_batch).reshape(-1),
         isr=None if isr is None else isr.reshape(-1),
+        g_ent=g_ent,
         **flat,
     )
 
@@ -306,7 +320,8 @@ def chunked_grpo_loss(
         x: the loss tensors: hidden (B, T, H) fp32/fp16/bf16; weight (V, H), same dtype and device; bias (V,)
             same dtype, or None; targets (B, T) int32/int64 in [0, V) where ``mask``; mask (B, T) bool;
             advantages (B,) or (B, T) float; old_logprobs, ref_logprobs (B, T) float or None;
-            importance_sampling_ratio (B, T) or (B, 1) float correction of the policy term, or None.
+            importance_sampling_ratio (B, T) or (B, 1) float correction of the policy term, or None;
+            entropy_mask (B, T) bool or 0/1 (TRL's top-entropy mask) or None.
         params: loss hyper-parameters; none that couple a row's tokens (``GRPOLossParams.couples_rows``).
         num_items_in_batch: dapo/cispo normalizer, number, fp32 tensor or None.
         workspace_bytes: bound on the chunk-sized memory (the logits workspace; with the torch
@@ -333,7 +348,10 @@ def chunked_grpo_loss(
         params=params, workspace_bytes=workspace_bytes, rows_impl=rows_impl, grad_accumulation=grad_accumulation,
         n_active=n_active,
     )  # fmt: skip
-    epilogue = (x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch, x.importance_sampling_ratio)
+    epilogue = (
+        x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch, x.importance_sampling_ratio, None,
+        x.entropy_mask,
+    )  # fmt: skip
     job = {"need": _needed_grads(x), "shape": (B, T), "mask": x.mask, "loop": loop, "epilogue": epilogue}
     hidden2d = x.hidden.reshape(B * T, x.hidden.shape[-1])
     loss, logp, entropy = _ChunkedGRPOLoss.apply(hidden2d, x.weight, x.bias, job)

@@ -34,6 +34,9 @@ class GRPOLossParams:
     # Off-policy sequence masking (DeepSeek-V3.2, TRL's OPSM): drop the policy term of a sequence whose advantage
     # is negative and whose mean log(pi_sampling / pi) exceeds this; None = off.
     off_policy_mask_threshold: float | None = None
+    # Entropy bonus: the loss minus this times the mean entropy over the loss tokens (those ``entropy_mask`` keeps),
+    # whatever the loss type's normalizer (TRL's documented objective); 0 = off, < 0 penalizes entropy.
+    entropy_coef: float = 0.0
 
     def __post_init__(self):
         # Plain Python floats: a numpy or 0-dim fp64 tensor here would promote the loss to fp64.
@@ -46,6 +49,7 @@ class GRPOLossParams:
             "sapo_temperature_neg",
             "temperature",
             "off_policy_mask_threshold",
+            "entropy_coef",
         ):
             value = getattr(self, name)
             if value is None:
@@ -264,6 +268,27 @@ def token_weights(
     return loss_spec(params.loss_type).normalizer.weights(mask.to(torch.float32), params, num_items_in_batch)
 
 
+def entropy_weights(mask: torch.Tensor, entropy_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) fp32 weights with the entropy bonus's mean = sum(weights * entropy): the loss tokens (``mask``)
+    that ``entropy_mask`` keeps, each 1 / their count (TRL's ``effective_mask``). Like ``token_weights`` they
+    depend on masks only, so the chunked path knows d loss / d entropy before any logit exists."""
+    m = mask.bool() if entropy_mask is None else mask.bool() & (entropy_mask != 0)
+    mf = m.to(torch.float32)
+    return mf / mf.sum().clamp(min=1.0)
+
+
+def policy_scale(
+    ratio: torch.Tensor | None, entropy_mask: torch.Tensor | None, mask: torch.Tensor
+) -> torch.Tensor | None:
+    """What multiplies each token's policy term (not its KL): the sampling correction and TRL's top-entropy
+    mask, (B, T) or (B, 1) fp32, 0 where masked; None for neither."""
+    isr = sampling_correction(ratio, mask)
+    if entropy_mask is None:
+        return isr
+    keep = torch.where(mask, (entropy_mask != 0).to(torch.float32), 0.0)
+    return keep if isr is None else isr * keep
+
+
 def sampling_correction(ratio: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
     """(B, T) fp32 correction, 0 where masked (a NaN the sampler left on padding never leaks)."""
     if ratio is None:
@@ -282,12 +307,14 @@ def grpo_loss_from_logprobs(
     num_items_in_batch: float | torch.Tensor | None = None,
     importance_sampling_ratio: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Aggregate GRPO loss and metrics from per-token log-probs.
 
     Args:
         logp: (B, T) fp32 log p(target), differentiable.
-        entropy: (B, T) fp32 per-token entropy (metrics only).
+        entropy: (B, T) fp32 per-token entropy: the metric, and the entropy bonus (differentiable where
+            ``params.entropy_coef`` is nonzero).
         mask: (B, T) bool, True on completion tokens that count.
         advantages: (B,) or (B, T) float.
         old_logprobs: (B, T) float or None (None: ratio 1, gradient still flows).
@@ -298,9 +325,12 @@ def grpo_loss_from_logprobs(
             correction multiplying the policy term, e.g. the truncated pi_old / pi_sampler ratio.
         sampling_logprobs: (B, T) float or None: the sampler's log-probs, read only by the off-policy
             mask (``params.off_policy_mask_threshold``); None: ``old_logprobs``, else this policy's own.
+        entropy_mask: (B, T) bool or 0/1, or None: TRL's ``top_entropy_quantile`` mask; the policy term and the
+            entropy bonus act only on the tokens it keeps (the KL on every loss token).
 
     Returns:
-        (loss, metrics): 0-dim loss; metrics are detached 0-dim fp32 tensors.
+        (loss, metrics): 0-dim loss; metrics are detached 0-dim fp32 tensors (``policy_loss``, the loss without
+        the entropy bonus, too when ``params.entropy_coef`` is nonzero).
     """
     p = params
     m = mask
@@ -308,7 +338,7 @@ def grpo_loss_from_logprobs(
     adv = advantages.to(torch.float32)
     adv = adv[:, None] if adv.dim() == 1 else torch.where(m, adv, 0.0)
     log_ratio = _log_ratio(logp, old_logprobs, m, mf, p.importance_sampling_level)
-    isr = sampling_correction(importance_sampling_ratio, m)
+    isr = policy_scale(importance_sampling_ratio, entropy_mask, m)
     if p.off_policy_mask_threshold is not None:
         sampling = next(t for t in (sampling_logprobs, old_logprobs, logp.detach()) if t is not None)
         keep = off_policy_mask(adv, logp, sampling, m, p.off_policy_mask_threshold)
@@ -320,6 +350,10 @@ def grpo_loss_from_logprobs(
     loss = spec.normalizer.aggregate(per_token, mf, p, num_items_in_batch)
     with torch.no_grad():
         metrics = _metrics(entropy, kl, ratio, adv, m, mf, p, spec.clip_metric)
+    if p.entropy_coef != 0.0:
+        metrics["policy_loss"] = loss.detach().to(torch.float32)
+        bonus = (entropy_weights(m, entropy_mask) * torch.where(m, entropy, 0.0)).sum()
+        loss = loss - p.entropy_coef * bonus
     return loss, metrics
 
 

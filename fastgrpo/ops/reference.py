@@ -54,6 +54,7 @@ def reference_grpo_loss(
     compute_dtype=None,
     importance_sampling_ratio=None,
     sampling_logprobs=None,
+    entropy_mask=None,
 ):
     """TRL ``_compute_loss`` transcribed (one process, no accumulation), logits materialized.
 
@@ -81,6 +82,8 @@ def reference_grpo_loss(
     if p.off_policy_mask_threshold is not None:
         sampling = old if sampling_logprobs is None else sampling_logprobs.to(f)
         per_token_loss = per_token_loss * _off_policy_mask(advantages, per_token_logps, sampling, mask, p)
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask.to(f)
     if importance_sampling_ratio is not None:
         per_token_loss = per_token_loss * importance_sampling_ratio.to(f)
     if p.beta != 0.0:
@@ -88,6 +91,11 @@ def reference_grpo_loss(
     loss = _aggregate(per_token_loss, mask, p, num_items_in_batch)
     with torch.no_grad():
         metrics = _metrics(entropies, per_token_kl, coef_1, advantages, mask, p)
+    if p.entropy_coef != 0.0:  # TRL's entropy bonus: a token mean over the effective mask, for every loss type
+        metrics["policy_loss"] = loss.detach()
+        effective_mask = mask if entropy_mask is None else mask * entropy_mask.to(f)
+        entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
+        loss = loss - p.entropy_coef * entropy_loss
     return loss, per_token_logps, entropies, metrics
 
 

@@ -21,3 +21,4 @@ class LossTensors(NamedTuple):
     bias: torch.Tensor | None = None  # (V,)
     importance_sampling_ratio: torch.Tensor | None = None  # (B, T) or (B, 1)
     sampling_logprobs: torch.Tensor | None = None  # (B, T)
+    entropy_mask: torch.Tensor | None = None  # (B, T)

@@ -148,6 +148,11 @@ class GRPOAlgoConfig:
         "off-policy sequence masking (TRL's name): drop the policy term of a negative-advantage completion whose "
         "mean log(pi_sampler / pi) exceeds this; None = off",
     )
+    entropy_coef: float = opt(
+        0.0,
+        "entropy bonus (TRL's name): the loss minus this times the mean entropy over the batch's loss tokens "
+        "(those top_entropy_quantile keeps), for every loss_type; 0 = off, < 0 penalizes entropy",
+    )
     scale_rewards: str = opt("group", 'advantage scaling: "group" std, "batch" std, or "none" (Dr. GRPO)')
     num_iterations: int = opt(1, "mu: optimizer passes over each generation batch")
     dynamic_sampling: bool = opt(True, "DAPO: drop groups whose rewards are all equal, sample more prompts")

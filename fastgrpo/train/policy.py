@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import FusedGRPOLoss, GRPOLossOutput, chunked_logprobs, masked_entropy
-from ..ops.loss import high_entropy_mask
+from ..ops.loss import GRPOLossParams, high_entropy_mask
 from .rollouts import Rollouts, pack_rollouts
 
 
@@ -92,6 +92,7 @@ def policy_loss(
     importance_sampling_ratio: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
     top_entropy_quantile: float = 1.0,
+    params: GRPOLossParams | None = None,
 ) -> GRPOLossOutput:
     """The GRPO loss of one micro-batch, from backbone hidden states through the fused op.
 
@@ -99,14 +100,15 @@ def policy_loss(
     ``importance_sampling_ratio``: (B, C) or (B, 1) sampler/trainer correction multiplying the
     policy term (``correction.py``), or None. ``sampling_logprobs``: (B, C) the sampler's log-probs, read
     by the off-policy mask only, or None. ``top_entropy_quantile`` < 1: only the loss tokens at or above that
-    quantile of this forward's entropies keep their policy term (TRL's mask, from one lm_head pass without
-    gradient, folded into the correction, which also scales the policy term only)."""
+    quantile of this forward's entropies keep their policy term and entropy bonus (TRL's mask, from one lm_head
+    pass without gradient). ``params``: this call's loss hyper-parameters, if not ``loss_fn``'s."""
     hidden = completion_hidden(model, batch, padding_free)
     weight, bias = lm_head(model)
+    entropy_mask = None
     if top_entropy_quantile < 1.0:
-        keep = _high_entropy_keep(hidden, weight, bias, batch.completion_ids, loss_mask, loss_fn, top_entropy_quantile)
-        ratio = importance_sampling_ratio
-        importance_sampling_ratio = keep if ratio is None else ratio.to(torch.float32) * keep
+        entropy_mask = _high_entropy_mask(
+            hidden, weight, bias, batch.completion_ids, loss_mask, loss_fn, top_entropy_quantile
+        )
     return loss_fn(
         hidden,
         weight,
@@ -119,14 +121,16 @@ def policy_loss(
         num_items_in_batch=num_items_in_batch,
         importance_sampling_ratio=importance_sampling_ratio,
         sampling_logprobs=sampling_logprobs,
+        entropy_mask=entropy_mask,
+        params=params,
     )
 
 
 @torch.no_grad()
-def _high_entropy_keep(hidden, weight, bias, targets, loss_mask, loss_fn: FusedGRPOLoss, quantile) -> torch.Tensor:
-    """(B, C) fp32 1/0: the loss tokens at or above the entropy quantile (``high_entropy_mask``)."""
+def _high_entropy_mask(hidden, weight, bias, targets, loss_mask, loss_fn: FusedGRPOLoss, quantile) -> torch.Tensor:
+    """(B, C) bool: the loss tokens at or above the entropy quantile (``high_entropy_mask``)."""
     entropy = masked_entropy(
         hidden, weight, targets, loss_mask, bias=bias, temperature=loss_fn.params.temperature,
         impl=loss_fn.impl, workspace_bytes=loss_fn.knobs.workspace_bytes,
     )  # fmt: skip
-    return high_entropy_mask(entropy, loss_mask, quantile).to(torch.float32)
+    return high_entropy_mask(entropy, loss_mask, quantile)

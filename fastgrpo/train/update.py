@@ -118,6 +118,16 @@ class UpdateSettings:
         )
 
 
+def _bonus_params(params: GRPOLossParams, token_share: float, scale: float) -> GRPOLossParams | None:
+    """A micro-batch's loss hyper-parameters when the entropy bonus is on: its coefficient weighted so that,
+    once the loss is multiplied by ``scale``, each micro-batch's mean entropy counts by its share of the batch's
+    loss tokens (the bonus is the batch's token mean, whatever the loss type's normalizer). None otherwise."""
+    if params.entropy_coef == 0.0:
+        return None
+    coef = params.entropy_coef * token_share / scale if scale > 0 else 0.0
+    return dataclasses.replace(params, entropy_coef=coef)
+
+
 def build_optimizer(params, s: UpdateSettings) -> torch.optim.Optimizer:
     """AdamW over ``params``; ``s.kahan``: torch-optimi's AdamW with Kahan-summed updates (the same update
     as torch's AdamW, decoupled weight decay ``lr * weight_decay``, tested to agree in fp32), whose
@@ -307,10 +317,12 @@ class Updater:
             old_k = None if iteration == 0 else old[k]
             # The off-policy mask measures drift from the sampler where a backend reports its log-probs, as TRL does.
             sampling = m.rollouts.sampler_logprobs if p.off_policy_mask_threshold is not None else None
+            token_share = float(m.loss_mask.sum()) / tokens
             out = policy_loss(self.model, m.rollouts, m.loss_mask, m.advantages, self.loss_fn, old_logprobs=old_k,
                               ref_logprobs=ref[k], num_items_in_batch=num_items, padding_free=self.settings.packed,
                               importance_sampling_ratio=is_ratio[k], sampling_logprobs=sampling,
-                              top_entropy_quantile=self.settings.top_entropy_quantile)  # fmt: skip
+                              top_entropy_quantile=self.settings.top_entropy_quantile,
+                              params=_bonus_params(p, token_share, scale))  # fmt: skip
             loss = out.loss * scale
             if not torch.isfinite(loss):
                 self._non_finite(f"loss is {loss.item()}", iteration, f", micro-batch {k}")
@@ -318,10 +330,10 @@ class Updater:
             sums["loss"] += loss.item()
             # The op's metrics are means over this micro-batch's loss tokens (or rows, for sequence-level
             # ratios): weighted by its share of them, the sum is the whole batch's mean, however uneven the
-            # token-budget micro-batches are.
-            token_share = float(m.loss_mask.sum()) / tokens
+            # token-budget micro-batches are. The policy loss adds up as the loss does.
             for name, v in out.metrics.items():
                 clip = name.startswith("clip_ratio") or name == spec.clip_metric
                 by_rows = p.importance_sampling_level == "sequence" and clip
-                sums[name] = sums.get(name, 0.0) + v.item() * (len(m.rows) / n if by_rows else token_share)
+                weight = scale if name == "policy_loss" else len(m.rows) / n if by_rows else token_share
+                sums[name] = sums.get(name, 0.0) + v.item() * weight
         return sums
