@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib
+import itertools
 import json
 import os
 import re
@@ -254,19 +255,18 @@ def _head_tensors(head: Head, dtype: torch.dtype, n: int):
 
 
 def linear_logprobs_fwd_recipe(capture: Capture, head: Head, dtype: torch.dtype) -> None:
-    """Every forward launch: with/without the ``active`` mask, with/without bias."""
+    """Every forward launch: with/without the ``active`` mask, with/without bias; and the softcapped head
+    (Gemma 2) with both, its register maximum."""
     from fastgrpo.kernels.linear_logprobs import linear_logprobs_fwd
 
     for n in TOKEN_COUNTS:
         hidden, weight, bias, targets = _head_tensors(head, dtype, n)
         active = torch.ones(n, dtype=torch.bool)
-        for use_bias in (False, True):
-            for use_active in (False, True):
-                label = "fwd" + (" bias" if use_bias else "") + (" active" if use_active else "")
-                with capture.variant(label):
-                    linear_logprobs_fwd(
-                        hidden, weight, bias if use_bias else None, targets, active if use_active else None, 1.0
-                    )
+        for use_bias, use_active, softcap in (*itertools.product((False, True), (False, True), (0.0,)), (1, 1, 0.03)):
+            label = "fwd" + (" bias" if use_bias else "") + (" active" if use_active else "")
+            with capture.variant(label + (" softcap" if softcap else "")):
+                b, a = bias if use_bias else None, active if use_active else None
+                linear_logprobs_fwd(hidden, weight, b, targets, a, 1.0, softcap)
 
 
 # Backward flag combinations: (need_dweight, bias: "" | "frozen-bias" | "bias", entropy grad, filter).
@@ -282,6 +282,9 @@ BWD_PAIRWISE = (
     (False, "bias", True, False),
     (True, "bias", True, True),
 )
+# With a softcapped head (Gemma 2): the all-on row of each backward kernel (the filtered one, the exact
+# d-logits one) and the all-off row.
+BWD_SOFTCAP = ((True, "bias", True, True), (True, "", True, False), (False, "", False, False))
 BWD_ALL = tuple(
     (dw, b, e, f)
     for dw in (True, False)
@@ -306,9 +309,11 @@ def _bwd_launches(capture: Capture, head: Head, dtype: torch.dtype, n: int) -> N
     lse, entropy = (torch.empty(n, dtype=torch.float32) for _ in range(2))
     # Every token live, as in a real batch: the exact backward compacts dead tokens away.
     g_lp, g_ent = (torch.ones(n, dtype=torch.float32) for _ in range(2))
-    for need_dw, bias_mode, use_ent, use_filter in BWD_ALL if capture.full else BWD_PAIRWISE:
+    rows = [(*row, 0.0) for row in (BWD_ALL if capture.full else BWD_PAIRWISE)]
+    for need_dw, bias_mode, use_ent, use_filter, softcap in rows + [(*row, 0.03) for row in BWD_SOFTCAP]:
         words = ("bwd", "trainable" if need_dw else "frozen", bias_mode, "dent" if use_ent else "")
-        with capture.variant(" ".join(w for w in (*words, "filter" if use_filter else "") if w)):
+        words += ("filter" if use_filter else "", "softcap" if softcap else "")
+        with capture.variant(" ".join(w for w in words if w)):
             linear_logprobs_bwd(
                 hidden,
                 weight,
@@ -319,6 +324,7 @@ def _bwd_launches(capture: Capture, head: Head, dtype: torch.dtype, n: int) -> N
                 g_lp,
                 g_ent if use_ent else None,
                 1.0,
+                softcap,
                 need_dw,
                 bias_mode == "bias",
                 2.0**-12 if use_filter else 0.0,
@@ -340,12 +346,14 @@ def logits_rows_recipe(capture: Capture, head: Head, dtype: torch.dtype) -> None
         targets = torch.zeros(n, dtype=torch.int64)
         for use_bias in (False, True):
             b = bias if use_bias else None
-            with capture.variant("rows stats" + (" bias" if use_bias else "")):
-                row_stats(ws[:n], b, targets, 1.0)
-            with capture.variant("rows grad" + (" bias" if use_bias else "")):
-                row_grad_(ws[:n], b, targets, stats[:n], stats[:n], 1.0)
-            with capture.variant("rows grad dent" + (" bias" if use_bias else "")):
-                row_grad_(ws[:n], b, targets, stats[:n], stats[:n], 1.0, stats[:n], stats[:n])
+            for softcap in (0.0, 0.03):
+                cap = " softcap" if softcap else ""
+                with capture.variant("rows stats" + (" bias" if use_bias else "") + cap):
+                    row_stats(ws[:n], b, targets, 1.0, softcap)
+                with capture.variant("rows grad" + (" bias" if use_bias else "") + cap):
+                    row_grad_(ws[:n], b, targets, stats[:n], stats[:n], 1.0, softcap=softcap)
+                with capture.variant("rows grad dent" + (" bias" if use_bias else "") + cap):
+                    row_grad_(ws[:n], b, targets, stats[:n], stats[:n], 1.0, stats[:n], stats[:n], softcap=softcap)
 
 
 # (query heads, KV heads, head dim) of the families the graph sampler runs (slot_model.SUPPORTED).
@@ -622,7 +630,7 @@ def _header(meta: dict) -> str:
         f"triton {meta['triton']}, torch {meta['torch']}, git {meta['git_commit']}, {meta['jobs']} compiles "
         f"({meta['launches']} launches) in {meta['seconds']} s on {meta['workers']} workers; "
         f"{meta['violations']} violation(s).\n"
-        f"Flags = the kernel's HAS_* constexprs that are on (bias, active, dent, dw, db, filter).\n"
+        f"Flags = the kernel's HAS_* constexprs that are on (bias, softcap, active, dent, dw, db, filter).\n"
     )
 
 

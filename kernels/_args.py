@@ -30,3 +30,13 @@ def nan_where_invalid(grad_logp: torch.Tensor, targets: torch.Tensor, vocab: int
     """
     bad = ((targets < 0) | (targets >= vocab)) & (grad_logp != 0)
     return torch.where(bad, float("nan"), grad_logp)
+
+
+def logit_scales(temperature: float, logit_scale: float = 1.0, softcap: float | None = None) -> tuple[float, float]:
+    """The kernels' (inv_temp, softcap) pair for softmax(t(z) / temperature), t(z) = logit_scale * z, or with a
+    softcap (Gemma 2's final_logit_softcapping) softcap * tanh(logit_scale * z / softcap): (logit_scale /
+    temperature, 0), or (softcap / temperature, logit_scale / softcap), which the kernels (and the torch twins)
+    apply as inv_temp * tanh(softcap * z). A nonzero second entry is HAS_SOFTCAP."""
+    if softcap is None:
+        return logit_scale / temperature, 0.0
+    return softcap / temperature, logit_scale / softcap

@@ -43,13 +43,14 @@ def _logits_tile(
     n_mask,
     v_mask,
     H,
-    inv_temp,
+    scales,  # (inv_temp, softcap): see _transform
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Temperature-scaled logits (BLOCK_N, BLOCK_V) in fp32; -inf past the vocabulary end."""
+    """Transformed logits (BLOCK_N, BLOCK_V) in fp32 (``_transform``); -inf past the vocabulary end."""
     h_ptr, w_ptr, b_ptr = head
     stride_hn, stride_hh, stride_wv, stride_wh = strides
     acc = tl.zeros((offs_n.shape[0], offs_v.shape[0]), dtype=tl.float32)
@@ -61,7 +62,41 @@ def _logits_tile(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
+    return tl.where(v_mask[None, :], _transform(acc, scales, HAS_SOFTCAP), float("-inf"))
+
+
+@triton.jit
+def _transform(z, scales, HAS_SOFTCAP: tl.constexpr):
+    """The head's logits z (+ bias) as the softmax sees them: z * inv_temp, or with a softcap (Gemma 2's
+    final_logit_softcapping) inv_temp * tanh(softcap * z). The host folds the model's logit scale, the cap
+    and the temperature into the pair (``_args.logit_scales``)."""
+    inv_temp, softcap = scales
+    if HAS_SOFTCAP:
+        # inv_temp * tanh(x) = inv_temp - 2 inv_temp / (2^(2x log2 e) + 1): exact limits at +-inf, one exp2, and
+        # no temporary beyond the tile (the sm_90 forward tile has no register to spare).
+        return inv_temp - (2.0 * inv_temp) / (tl.exp2(z * (2.8853900817779268 * softcap)) + 1.0)
+    return z * inv_temp
+
+
+@triton.jit
+def _chain(dz, u, scales, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d z from d loss / d u, u = _transform(z): inv_temp, or inv_temp * softcap * (1 - tanh^2) with
+    tanh = u / inv_temp. Callers mask the entries past the vocabulary end."""
+    inv_temp, softcap = scales
+    if HAS_SOFTCAP:
+        t = u * (1.0 / inv_temp)  # one reciprocal per program, not a division per logit
+        t = tl.where(t == float("-inf"), 0.0, t)  # -inf only past the vocabulary end (tanh >= -1)
+        return dz * (inv_temp * softcap) * (1.0 - t * t)
+    return dz * inv_temp
+
+
+@triton.jit
+def _chain_bound(scales, HAS_SOFTCAP: tl.constexpr):
+    """The largest |d u / d z| (``_chain``'s factor at tanh = 0)."""
+    inv_temp, softcap = scales
+    if HAS_SOFTCAP:
+        return inv_temp * softcap
+    return inv_temp
 
 
 @triton.jit
@@ -170,7 +205,11 @@ _GPU_CONFIGS = {
     # count that is not a multiple of 16; 128x64 stays at <= 224 registers.
     # sm90 d-logits: the forward's 128x128 tile sat at 255 registers and, at such a token count
     # with an entropy gradient, spilled 168 B (seen on an H200, then in the gate); 128x64: <= 220.
-    ("sm90", "16bit"): dict(fwd=(128, 128, 64, 8, 4), bwd=(128, 64, 64, 8, 2), dlogits=(128, 64, 64, 8, 4)),
+    # sm90 forward with a softcap: the tanh epilogue spilled 8 B at 128x128 (GPT-2's head, a token count not a
+    # multiple of 16); 128x64 has the registers.
+    ("sm90", "16bit"): dict(
+        fwd=(128, 128, 64, 8, 4), bwd=(128, 64, 64, 8, 2), dlogits=(128, 64, 64, 8, 4), fwd_softcap=(128, 64, 64, 8, 4)
+    ),
     ("sm100", "16bit"): dict(fwd=(128, 64, 64, 8, 3), bwd=(128, 64, 32, 8, 3)),
     # fp32 operands with TF32 allowed (torch.backends.cuda.matmul.allow_tf32)
     ("sm80", "tf32"): dict(fwd=(64, 64, 32, 8, 2), bwd=(64, 32, 32, 8, 2)),  # 64x64 bwd: 12 B spilled (3.6)
@@ -180,7 +219,7 @@ _GPU_CONFIGS = {
     # forward at 64x64x32 with 4 warps spilled 8-36 B at token counts not a multiple of 16 (an
     # H200's JIT: 32 B), 8 warps over BLOCK_H 16 do not.
     ("sm80", "ieee"): dict(fwd=(64, 64, 16, 8, 2), bwd=(64, 32, 16, 8, 2)),
-    ("sm90", "ieee"): dict(fwd=(64, 64, 16, 8, 2), bwd=(64, 64, 16, 8, 2)),
+    ("sm90", "ieee"): dict(fwd=(64, 64, 16, 8, 2), bwd=(64, 64, 16, 8, 2), fwd_softcap=(64, 32, 16, 8, 2)),  # 12 B
     ("sm100", "ieee"): dict(fwd=(32, 64, 32, 4, 2), bwd=(32, 32, 32, 4, 2)),
 }
 
@@ -205,7 +244,8 @@ class LaunchConfig:
     """Tiles and dot precision of the lm_head kernels for one dtype on one target.
 
     ``fwd``: the forward; ``bwd``: the filtered (atomic) backward; ``dlogits``: the exact
-    backward's d-logits kernel (the forward's tile unless the family has its own).
+    backward's d-logits kernel (the forward's tile unless the family has its own); ``fwd_softcap``: the
+    forward with a softcapped head (the forward's tile unless the family has its own).
     """
 
     dot_precision: str  # "tf32" or "ieee"; 16-bit dots ignore it
@@ -213,6 +253,7 @@ class LaunchConfig:
     fwd: Tile
     bwd: Tile
     dlogits: Tile
+    fwd_softcap: Tile
 
 
 def _launch_constants(dtype: torch.dtype, capability: tuple[int, int] | None = None) -> LaunchConfig:
@@ -224,11 +265,12 @@ def _launch_constants(dtype: torch.dtype, capability: tuple[int, int] | None = N
         # Each interpreted program costs tens of ms: tiles as large as test shapes allow while
         # still leaving partial tiles in every dimension (e.g. N=37, V=1003, H=72).
         tile = Tile(32, 128, 32, 1, 1)
-        return LaunchConfig(prec, dtype == torch.bfloat16, tile, tile, tile)
+        return LaunchConfig(prec, dtype == torch.bfloat16, tile, tile, tile, tile)
     kind = "16bit" if dtype != torch.float32 else prec
     cfg = _GPU_CONFIGS[(_family(capability), kind)]
     fwd = Tile(*cfg["fwd"])
-    return LaunchConfig(prec, False, fwd, Tile(*cfg["bwd"]), Tile(*cfg["dlogits"]) if "dlogits" in cfg else fwd)
+    own = {name: Tile(*cfg[name]) if name in cfg else fwd for name in ("dlogits", "fwd_softcap")}
+    return LaunchConfig(prec, False, fwd, Tile(*cfg["bwd"]), **own)
 
 
 def _head_args(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dummy: torch.Tensor):

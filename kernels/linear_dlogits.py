@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import _gemm
 from ._args import as_contiguous, nan_where_invalid
-from ._tiles import _dlogits_tile, _grouped_tile, _head_args, _launch_constants, _logits_tile, _target
+from ._tiles import _chain, _dlogits_tile, _grouped_tile, _head_args, _launch_constants, _logits_tile, _target
 
 # Bound on one chunk's d loss / d logits workspace (input dtype); ~1,700 tokens at V = 152K, bf16.
 WORKSPACE_BYTES = 512 << 20
@@ -49,8 +49,9 @@ def _dlogits_kernel(
     strides,  # head's (stride_hn, stride_hh, stride_wv, stride_wh)
     stride_zn,
     # constants
-    inv_temp,
+    scales,  # (inv_temp, softcap): the logit transform (_tiles._transform)
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -67,7 +68,7 @@ def _dlogits_kernel(
     n_mask = offs_n < N
     v_mask = offs_v < V
     u = _logits_tile(
-        head, strides, offs_n, offs_v, n_mask, v_mask, H, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_H
+        head, strides, offs_n, offs_v, n_mask, v_mask, H, scales, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_H
     )
     y = tl.load(y_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
@@ -78,7 +79,8 @@ def _dlogits_kernel(
         ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
     dz = _dlogits_tile(u, offs_v, y, lse, g_lp, g_ent, ent, HAS_DENT)
     tile = n_mask[:, None] & v_mask[None, :]
-    tl.store(dz_ptr + offs_n[:, None] * stride_zn + offs_v[None, :], (dz * inv_temp).to(dz_ptr.dtype.element_ty), tile)
+    dz = _chain(dz, u, scales, HAS_SOFTCAP)
+    tl.store(dz_ptr + offs_n[:, None] * stride_zn + offs_v[None, :], dz.to(dz_ptr.dtype.element_ty), tile)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -96,7 +98,7 @@ def _aligned(step: int) -> int:
     return step - step % 64 if step >= 64 else max(1, step)
 
 
-def _launch(c, h, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, z, inv_temp):
+def _launch(c, h, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, z, scales):
     """d loss / d logits of tokens ``h`` (n, H) against the vocabulary slice ``weight`` into ``z``."""
     n, V = z.shape
     H = h.shape[1]
@@ -113,8 +115,9 @@ def _launch(c, h, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, 
         H,
         strides,
         z.stride(0),
-        inv_temp,
+        scales,
         HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=scales[1] != 0,
         HAS_DENT=grad_entropy is not None,
         DOT_PRECISION=c.dot_precision,
         UPCAST=c.upcast,
@@ -137,7 +140,7 @@ def dlogits_backward(
     entropy: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor | None,
-    inv_temp: float,
+    scales: tuple[float, float],
     need_dweight: bool,
     need_dbias: bool,
     workspace_bytes: int | None = None,
@@ -155,7 +158,7 @@ def dlogits_backward(
         targets: (N,) int32/int64; lse, entropy: (N,) fp32 from the forward. A target outside
             [0, V) with a nonzero ``grad_logp`` makes the gradients NaN (its logp is NaN).
         grad_logp: (N,) fp32 d loss / d logp; grad_entropy: (N,) fp32 or None.
-        inv_temp: 1 / temperature.
+        scales: (inv_temp, softcap), the logit transform (``_tiles.logit_scales``; softcap 0 = none).
         need_dweight, need_dbias: which parameter gradients to form.
         workspace_bytes: bound on the d loss / d logits chunk (at least one row or column is used);
             None: ``WORKSPACE_BYTES``.
@@ -200,7 +203,7 @@ def dlogits_backward(
             b = None if bias is None else bias[v0:v1]
             y = targets - v0  # ids local to the slice; the others never match a column
             z = ws[:, : v1 - v0]
-            _launch(c, hidden, w, b, y, *per_token, z, inv_temp)
+            _launch(c, hidden, w, b, y, *per_token, z, scales)
             _gemm.accumulate_mm(dh, z, w)
             _gemm.mm(z.T, hidden, out=dw[v0:v1])
             if need_dbias:
@@ -215,7 +218,7 @@ def dlogits_backward(
         for s0 in range(0, n, step):
             rows = slice(s0, min(n, s0 + step))
             h = hidden[rows]
-            z = _launch(c, h, weight, bias, targets[rows], *sliced(rows), ws[: h.shape[0]], inv_temp)
+            z = _launch(c, h, weight, bias, targets[rows], *sliced(rows), ws[: h.shape[0]], scales)
             _gemm.mm(z, weight, out=dh[rows])
             if need_dweight:
                 _gemm.accumulate_mm(dw_acc, z.T, h)

@@ -26,9 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._args import as_contiguous, nan_where_invalid
+from ._args import as_contiguous, logit_scales, nan_where_invalid
 from ._debug import alloc_output
 from ._tiles import (
+    _chain,
+    _chain_bound,
     _dlogits_tile,
     _grouped_tile,
     _head_args,
@@ -61,8 +63,9 @@ def _fwd_kernel(
     # strides
     strides,  # head's (stride_hn, stride_hh, stride_wv, stride_wh)
     # constants
-    inv_temp,
+    scales,  # (inv_temp, softcap): the logit transform (_tiles._transform)
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -98,8 +101,9 @@ def _fwd_kernel(
             offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             v_mask = offs_v < V
             u = _logits_tile(
-                head, strides, offs_n, offs_v, n_mask, v_mask, H, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_H
-            )
+                head, strides, offs_n, offs_v, n_mask, v_mask, H, scales, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+                UPCAST, BLOCK_H,
+            )  # fmt: skip
             m_i, s0, s1 = _online_lse_update(m_i, s0, s1, u)
             u_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], u, 0.0), axis=1)
         tl.store(part, m_i, mask=n_mask)
@@ -131,9 +135,10 @@ def _bwd_kernel(
     # strides
     strides,  # head's (stride_hn, stride_hh, stride_wv, stride_wh)
     # constants
-    inv_temp,
+    scales,  # (inv_temp, softcap): the logit transform (_tiles._transform)
     filter_eps,  # fp32 >= 0, read only with HAS_FILTER
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
     HAS_DW: tl.constexpr,
     HAS_DB: tl.constexpr,
@@ -162,27 +167,29 @@ def _bwd_kernel(
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         v_mask = offs_v < V
         u = _logits_tile(
-            head, strides, offs_n, offs_v, n_mask, v_mask, H, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_H
-        )
+            head, strides, offs_n, offs_v, n_mask, v_mask, H, scales, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST,
+            BLOCK_H,
+        )  # fmt: skip
         y = tl.load(y_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
         lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
         ent = lse  # read only with HAS_DENT
         if HAS_DENT:
             ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
         dz = _dlogits_tile(u, offs_v, y, lse, g_lp, g_ent, ent, HAS_DENT)
-        dz = tl.where(n_mask[:, None] & v_mask[None, :], dz * inv_temp, 0.0)
+        dz = tl.where(n_mask[:, None] & v_mask[None, :], _chain(dz, u, scales, HAS_SOFTCAP), 0.0)
         keep = True
         if HAS_FILTER:
             # Gradient filtering: skip the tile's dHidden / dWeight / dBias work when every entry
             # is negligible for its own token,
-            #     |dz_nv| <= eps * (|g_lp_n| + |g_ent_n|) * inv_temp     for all (n, v) in the tile.
+            #     |dz_nv| <= eps * (|g_lp_n| + |g_ent_n|) * c     for all (n, v) in the tile,
+            # c the largest |d u / d z| of the logit transform (1 / temperature without a softcap).
             # The test is on dz itself, not on p as Cut Cross-Entropy's p < eps is, because
             # - the target's one-hot term makes dz_ny = g_lp_n * (1 - p_y) + ...: a tile holding
             #   a token's target stays live for that token (unless p_y > 1 - eps, when the
             #   token's whole gradient is itself below the cut), with no special case;
             # - the entropy term -g_ent * p * (log p + H) is not bounded by p: p * |log p| is
             #   8.3 p at p = 2^-12 and H adds up to log V more, so p < eps would drop live work.
-            # |g_lp_n| + |g_ent_n| is the token's coefficient scale (|dz| / inv_temp <= g_lp
+            # |g_lp_n| + |g_ent_n| is the token's coefficient scale (|dz| / c <= g_lp
             # + g_ent * p |log p + H|), so eps is a relative cut per token: a dropped entry is at
             # most eps times its own token's scale whatever its block neighbours carry (a
             # token with a small advantage is not filtered against one with a large one), and
@@ -191,7 +198,7 @@ def _bwd_kernel(
             # are used whole, negligible entries included: only whole tiles are dropped, which
             # is where the time goes; zeroing entries inside live tiles would add error and
             # save nothing.
-            thr = filter_eps * inv_temp * live
+            thr = filter_eps * _chain_bound(scales, HAS_SOFTCAP) * live
             # A non-finite scale (inf or NaN upstream gradient) would make every |dz| <= thr
             # hold; -1 keeps such a token's tiles so the error reaches the gradients.
             thr = tl.where(thr < float("inf"), thr, -1.0)
@@ -283,15 +290,17 @@ def linear_logprobs_fwd(
     targets: torch.Tensor,
     active: Optional[torch.Tensor],
     inv_temp: float,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (logp, lse, entropy), each (N,) fp32; zeros where ``active`` is False, logp NaN
-    where an active target lies outside [0, V). Hidden and weight go in with their strides."""
+    where an active target lies outside [0, V). Hidden and weight go in with their strides.
+    (inv_temp, softcap): the logit transform (``_tiles.logit_scales``; softcap 0 = none)."""
     bias, targets, active = as_contiguous(bias, targets, active)
     N, H = hidden.shape
     V = weight.shape[0]
     capability, sm_count = _target(hidden.device)
     c = _launch_constants(hidden.dtype, capability)
-    block_n, block_v, block_h, num_warps, num_stages = c.fwd
+    block_n, block_v, block_h, num_warps, num_stages = c.fwd_softcap if softcap else c.fwd
     n_blocks, v_blocks = triton.cdiv(N, block_n), triton.cdiv(V, block_v)
     splits = _num_splits(n_blocks, v_blocks, sm_count, _max_splits(N))
     v_per_split = triton.cdiv(v_blocks, splits) * block_v
@@ -308,8 +317,9 @@ def linear_logprobs_fwd(
             H,
             v_per_split,
             strides,
-            inv_temp,
+            (inv_temp, softcap),
             HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap != 0,
             HAS_ACTIVE=active is not None,
             DOT_PRECISION=c.dot_precision,
             UPCAST=c.upcast,
@@ -334,7 +344,7 @@ def linear_logprobs_fwd(
 
 
 @linear_logprobs_fwd.register_fake
-def _(hidden, weight, bias, targets, active, inv_temp):
+def _(hidden, weight, bias, targets, active, inv_temp, softcap):
     n = hidden.shape[0]
     return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
@@ -350,6 +360,7 @@ def linear_logprobs_bwd(
     grad_logp: torch.Tensor,
     grad_entropy: Optional[torch.Tensor],
     inv_temp: float,
+    softcap: float,
     need_dweight: bool,
     need_dbias: bool,
     grad_filter_eps: float,
@@ -364,8 +375,9 @@ def linear_logprobs_bwd(
     """
     if grad_filter_eps == 0:
         return dlogits_backward(
-            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, need_dweight, need_dbias
-        )
+            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, (inv_temp, softcap), need_dweight,
+            need_dbias,
+        )  # fmt: skip
     N, H = hidden.shape
     V = weight.shape[0]
     bias, targets, lse, entropy, grad_logp, grad_entropy = as_contiguous(
@@ -399,9 +411,10 @@ def linear_logprobs_bwd(
             v1 - v0,
             H,
             strides,
-            inv_temp,
+            (inv_temp, softcap),
             grad_filter_eps,
             HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap != 0,
             HAS_DENT=grad_entropy is not None,
             HAS_DW=need_dweight,
             HAS_DB=need_dbias,
@@ -465,6 +478,7 @@ def _(
     grad_logp,
     grad_entropy,
     inv_temp,
+    softcap,
     need_dweight,
     need_dbias,
     grad_filter_eps,
@@ -479,10 +493,10 @@ def _(
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, active, inv_temp, grad_filter_eps):
-        logp, lse, entropy = linear_logprobs_fwd(hidden, weight, bias, targets, active, inv_temp)
+    def forward(ctx, hidden, weight, bias, targets, active, scales, grad_filter_eps):
+        logp, lse, entropy = linear_logprobs_fwd(hidden, weight, bias, targets, active, *scales)
         ctx.save_for_backward(hidden, weight, bias, targets, active, lse, entropy)
-        ctx.inv_temp, ctx.grad_filter_eps = inv_temp, grad_filter_eps
+        ctx.scales, ctx.grad_filter_eps = scales, grad_filter_eps
         ctx.mark_non_differentiable(lse)
         return logp, entropy, lse
 
@@ -508,7 +522,7 @@ class _LinearLogprobs(torch.autograd.Function):
             entropy,
             grad_logp.contiguous(),
             None if grad_entropy is None else grad_entropy.contiguous(),
-            ctx.inv_temp,
+            *ctx.scales,
             need_dw,
             need_db,
             ctx.grad_filter_eps,
@@ -527,6 +541,8 @@ def linear_logprobs_triton(
     active: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     grad_filter_eps: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused lm_head log-probs and entropies; inputs are validated by ``fastgrpo.ops``.
 
@@ -543,16 +559,17 @@ def linear_logprobs_triton(
             token may hold any id (e.g. -100).
         active: (N,) bool or None; inactive tokens cost no FLOPs and get logp = entropy = 0.
         temperature: logits are divided by it before the softmax.
+        logit_scale, softcap: the head's logit transform before the temperature: z * logit_scale, or with a
+            softcap (Gemma 2's final_logit_softcapping) softcap * tanh(z * logit_scale / softcap).
         grad_filter_eps: in [0, 1). The backward skips the dHidden / dWeight / dBias GEMMs of a
             (token block x vocabulary tile) whose every d loss / d logit is at most eps times
-            its token's gradient scale (|d loss / d logp| + |d loss / d entropy|) / temperature:
+            its token's gradient scale (|d loss / d logp| + |d loss / d entropy|) x the transform's largest slope:
             Cut Cross-Entropy's gradient filtering. 0 = exact; 2**-12 suits bf16. The forward
             is unaffected.
 
     Returns:
         (logp, entropy), each (N,) fp32, differentiable w.r.t. hidden, weight and bias.
     """
-    logp, entropy, _ = _LinearLogprobs.apply(
-        hidden, weight, bias, targets, active, 1.0 / float(temperature), float(grad_filter_eps)
-    )
+    scales = logit_scales(float(temperature), float(logit_scale), None if softcap is None else float(softcap))
+    logp, entropy, _ = _LinearLogprobs.apply(hidden, weight, bias, targets, active, scales, float(grad_filter_eps))
     return logp, entropy

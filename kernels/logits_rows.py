@@ -9,7 +9,8 @@ bounded HBM workspace with cuBLAS. These kernels then walk each row of it:
   (the second term only with an entropy gradient), written over the logits in place (one read, one
   write), ready for the two gradient GEMMs.
 
-Bias and temperature are applied on the fly, so the workspace holds the bare GEMM output.
+Bias, the head's logit transform (scale, softcap) and the temperature are applied on the fly, so the
+workspace holds the bare GEMM output.
 Offsets are int64 per row; a row is walked in BLOCK_V tiles, so any vocabulary size works.
 """
 
@@ -21,19 +22,19 @@ import triton.language as tl
 
 from ._args import as_contiguous, nan_where_invalid
 from ._debug import alloc_output
-from ._tiles import _dlogits_tile, _online_lse_update
+from ._tiles import _chain, _dlogits_tile, _online_lse_update, _transform
 
 # ----------------------------------------------------------------------------- jit kernels
 
 
 @triton.jit
-def _scaled_tile(z_rows, b_ptr, offs_v, r_mask, v_mask, inv_temp, HAS_BIAS: tl.constexpr):
-    """(BLOCK_R, BLOCK_V) fp32 temperature-scaled logits; -inf past the vocabulary end."""
+def _scaled_tile(z_rows, b_ptr, offs_v, r_mask, v_mask, scales, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(BLOCK_R, BLOCK_V) fp32 transformed logits (``_tiles._transform``); -inf past the vocabulary end."""
     u = tl.load(z_rows[:, None] + offs_v[None, :], mask=r_mask[:, None] & v_mask[None, :], other=0.0)
     u = u.to(tl.float32)
     if HAS_BIAS:
         u += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(v_mask[None, :], u * inv_temp, float("-inf"))
+    return tl.where(v_mask[None, :], _transform(u, scales, HAS_SOFTCAP), float("-inf"))
 
 
 @triton.jit
@@ -57,8 +58,9 @@ def _row_stats_kernel(
     # strides
     stride_zr,
     # constants
-    inv_temp,
+    scales,  # (inv_temp, softcap): the logit transform
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -68,7 +70,7 @@ def _row_stats_kernel(
     s1 = tl.zeros((BLOCK_R,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        u = _scaled_tile(z_rows, b_ptr, offs_v, r_mask, offs_v < V, inv_temp, HAS_BIAS)
+        u = _scaled_tile(z_rows, b_ptr, offs_v, r_mask, offs_v < V, scales, HAS_BIAS, HAS_SOFTCAP)
         m_i, s0, s1 = _online_lse_update(m_i, s0, s1, u)
     y = tl.load(y_ptr + offs_r, mask=r_mask, other=0).to(tl.int64)
     # The host check on targets is skipped under torch.compile: an id outside [0, V) reads
@@ -80,7 +82,8 @@ def _row_stats_kernel(
         u_y += tl.load(b_ptr + y_in, mask=r_mask & y_ok, other=0.0).to(tl.float32)
     log_s0 = tl.log(s0)
     lse = m_i + log_s0
-    tl.store(out_ptr + offs_r, tl.where(y_ok, u_y * inv_temp - lse, float("nan")), mask=r_mask)
+    u_y = _transform(u_y, scales, HAS_SOFTCAP)
+    tl.store(out_ptr + offs_r, tl.where(y_ok, u_y - lse, float("nan")), mask=r_mask)
     tl.store(out_ptr + R + offs_r, lse, mask=r_mask)
     tl.store(out_ptr + 2 * R + offs_r, log_s0 - s1 / s0, mask=r_mask)
 
@@ -101,8 +104,9 @@ def _row_grad_kernel(
     # strides
     stride_zr,
     # constants
-    inv_temp,
+    scales,  # (inv_temp, softcap): the logit transform
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_DENT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -110,17 +114,17 @@ def _row_grad_kernel(
     offs_r, r_mask, z_rows = _row_block(z_ptr, R, stride_zr, BLOCK_R)
     y = tl.load(y_ptr + offs_r, mask=r_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + offs_r, mask=r_mask, other=0.0)
-    g = tl.load(g_ptr + offs_r, mask=r_mask, other=0.0) * inv_temp
+    g = tl.load(g_ptr + offs_r, mask=r_mask, other=0.0)
     g_ent, ent = g, lse  # read only with HAS_DENT
     if HAS_DENT:
-        g_ent = tl.load(g_ent_ptr + offs_r, mask=r_mask, other=0.0) * inv_temp
+        g_ent = tl.load(g_ent_ptr + offs_r, mask=r_mask, other=0.0)
         ent = tl.load(ent_ptr + offs_r, mask=r_mask, other=0.0)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
-        u = _scaled_tile(z_rows, b_ptr, offs_v, r_mask, v_mask, inv_temp, HAS_BIAS)
-        # The fused backward's tile formula, with the 1 / temperature already in g and g_ent.
-        dz = _dlogits_tile(u, offs_v, y, lse, g, g_ent, ent, HAS_DENT)
+        u = _scaled_tile(z_rows, b_ptr, offs_v, r_mask, v_mask, scales, HAS_BIAS, HAS_SOFTCAP)
+        # The fused backward's tile formula and chain rule.
+        dz = _chain(_dlogits_tile(u, offs_v, y, lse, g, g_ent, ent, HAS_DENT), u, scales, HAS_SOFTCAP)
         tl.store(
             z_rows[:, None] + offs_v[None, :],
             dz.to(z_ptr.dtype.element_ty),
@@ -140,7 +144,7 @@ def _launch_constants() -> dict:
     return dict(BLOCK_R=1, BLOCK_V=2048, num_warps=8)
 
 
-def _launch(kernel, z: torch.Tensor, bias, vectors: tuple, inv_temp: float, dummy: torch.Tensor, **flags) -> None:
+def _launch(kernel, z: torch.Tensor, bias, vectors: tuple, scales: tuple, dummy: torch.Tensor, **flags) -> None:
     """One program per BLOCK_R rows of the (R, V) workspace ``z``; ``vectors`` are the kernel's per-row
     pointer arguments after the bias; ``dummy`` (an fp32 vector) stands in for a missing bias; ``flags`` are
     the kernel's other HAS_* constexprs."""
@@ -154,8 +158,9 @@ def _launch(kernel, z: torch.Tensor, bias, vectors: tuple, inv_temp: float, dumm
             R,
             V,
             z.stride(0),
-            inv_temp,
+            scales,
             HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=scales[1] != 0,
             **flags,
             BLOCK_R=c["BLOCK_R"],
             BLOCK_V=c["BLOCK_V"],
@@ -173,16 +178,17 @@ def _check_workspace(z: torch.Tensor, targets: torch.Tensor, bias) -> None:
 
 
 def row_stats(
-    z: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, inv_temp: float
+    z: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, inv_temp: float, softcap: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (logp, lse, entropy) of softmax((z + bias) * inv_temp).
+    """Per-row (logp, lse, entropy) of softmax(inv_temp * (z + bias)), or with a softcap
+    softmax(inv_temp * tanh(softcap * (z + bias))) (``_tiles.logit_scales``).
 
     Args:
         z: (R, V) fp32/fp16/bf16 logits, unit stride in V.
         bias: (V,) or None, any stride.
         targets: (R,) int32/int64 in [0, V), any stride; outside it, logp is NaN (nothing is
             read out of bounds).
-        inv_temp: 1 / temperature.
+        inv_temp, softcap: the logit transform (softcap 0 = none).
 
     Returns:
         logp, lse, entropy: each (R,) fp32.
@@ -190,7 +196,7 @@ def row_stats(
     _check_workspace(z, targets, bias)
     bias, targets = as_contiguous(bias, targets)
     out = alloc_output((3, z.shape[0]), z.device)
-    _launch(_row_stats_kernel, z, bias, (targets, out), inv_temp, dummy=out)
+    _launch(_row_stats_kernel, z, bias, (targets, out), (inv_temp, softcap), dummy=out)
     return out[0], out[1], out[2]
 
 
@@ -203,9 +209,11 @@ def row_grad_(
     inv_temp: float,
     entropy: torch.Tensor | None = None,
     grad_entropy: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Overwrite ``z`` with d loss / d z = (grad_logp * ([v == y] - p) - grad_entropy * p * (log p + entropy))
-    * inv_temp, in z's dtype (the entropy term only with ``grad_entropy``).
+    * d u / d z, in z's dtype (the entropy term only with ``grad_entropy``); d u / d z = inv_temp, or with a
+    softcap inv_temp * softcap * (1 - tanh^2).
 
     Args:
         z: (R, V) logits as given to ``row_stats``; overwritten.
@@ -214,7 +222,7 @@ def row_grad_(
             ``grad_logp`` is nonzero gets NaN (its logp is NaN).
         lse: (R,) fp32 from ``row_stats``.
         grad_logp: (R,) fp32 d loss / d logp.
-        inv_temp: 1 / temperature.
+        inv_temp, softcap: the logit transform, as given to ``row_stats``.
         entropy: (R,) fp32 from ``row_stats``, with ``grad_entropy``; else None.
         grad_entropy: (R,) fp32 d loss / d entropy, or None (no entropy term).
 
@@ -231,5 +239,5 @@ def row_grad_(
     grad_logp = nan_where_invalid(grad_logp, targets, V)
     dent = (lse, lse) if grad_entropy is None else (entropy, grad_entropy)
     flags = dict(HAS_DENT=grad_entropy is not None)
-    _launch(_row_grad_kernel, z, bias, (targets, lse, grad_logp, *dent), inv_temp, dummy=lse, **flags)
+    _launch(_row_grad_kernel, z, bias, (targets, lse, grad_logp, *dent), (inv_temp, softcap), dummy=lse, **flags)
     return z

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgrpo
 from fastgrpo.ops import api, checks, chunked
-from fastgrpo.ops.loss import GRPOLossParams, grpo_loss_from_logprobs, token_terms, token_weights
+from fastgrpo.ops.loss import GRPOLossParams, grpo_loss_from_logprobs, loss_spec, token_terms, token_weights
 from fastgrpo.ops.reference import reference_grpo_loss
 
 from helpers import DEVICE, DTYPES, TRITON_OK, grpo_inputs, leaf, loss_args, rel_err
@@ -115,11 +115,15 @@ def test_token_weights_give_the_epilogue_loss(loss_type):
     logp = torch.where(m, -torch.rand(m.shape, generator=g, dtype=torch.float64).to(DEVICE) * 4, 0.0)
     old, ref = (torch.where(m, inp[k], 0.0).double() for k in ("old_logprobs", "ref_logprobs"))
     adv = inp["advantages"].double()
+    spec = loss_spec(loss_type)
+    log_ratio = torch.where(m, logp - old, 0.0)
+    # A row weight (VESPO's) is known only from the whole row: given it, the per-token decomposition holds too.
+    row_weight = None if spec.row_weight is None else spec.row_weight(log_ratio, m, None, adv[:, None], p)
     for num_items in (None, 57):
-        if num_items is not None and loss_type not in ("dapo", "cispo"):
+        if num_items is not None and spec.normalizer.micro_batch != "num_items":
             continue
         loss, _ = grpo_loss_from_logprobs(logp, logp, m, adv, old, ref, p, num_items)
-        per_token, _, _ = token_terms(logp, torch.where(m, logp - old, 0.0), ref, adv[:, None], m, p)
+        per_token, _, _ = token_terms(logp, log_ratio, ref, adv[:, None], m, p, None, row_weight)
         w = token_weights(m, p, num_items).double()
         assert torch.allclose((w * torch.where(m, per_token, 0.0)).sum(), loss.double(), rtol=1e-6, atol=0)
 

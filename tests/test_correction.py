@@ -226,6 +226,7 @@ def _reference(model, state, batch, params, old, ratio, **extra):
         ("token_truncate", 2, "dapo", 0.7),
         ("token_mask", 1, "grpo", 0.7),
         ("sequence_truncate", 2, "grpo", None),
+        ("token_truncate", 2, "vespo", 0.7),  # VESPO folds the ratio into its gamma weight
     ],
 )
 def test_update_applies_trls_ratio(sampled, mode, num_iterations, loss_type, clip_min):

@@ -370,7 +370,7 @@ def test_module_keeps_eps_outside_the_loss_params(monkeypatch):
     assert mod.grad_filter_eps == 2**-12 and "grad_filter_eps" not in repr(mod.params)
     seen = []
     launcher = kernels.linear_logprobs_triton
-    monkeypatch.setattr(kernels, "linear_logprobs_triton", lambda *a: seen.append(a[-1]) or launcher(*a))
+    monkeypatch.setattr(kernels, "linear_logprobs_triton", lambda *a, **k: seen.append(a[-1]) or launcher(*a, **k))
     inp = _peaked_grpo_inputs(torch.float32, seed=5)
     args = (inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"])
     h = leaf(inp["hidden"])

@@ -116,6 +116,9 @@ def test_loss_matrix_fp32(impl, loss_type, level, beta, delta, temperature):
         dict(loss_type="dapo", is_ratio="token", beta=0.04),
         dict(loss_type="grpo", is_ratio="row", importance_sampling_level="sequence"),
         dict(loss_type="cispo", is_ratio="token"),
+        dict(loss_type="vespo", per_token_adv=True, beta=0.04),
+        dict(loss_type="vespo", is_ratio="token", vespo_k_pos=1.0, vespo_lambda_neg=0.5),
+        dict(loss_type="vespo", is_ratio="row", use_bias_correction_kl=True, beta=0.04, no_old=True),
     ],
     ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
 )
@@ -138,8 +141,9 @@ def test_loss_variants(impl, extra):
         hp["importance_sampling_ratio"] = torch.where(inp["mask"], r, float("nan")) if r.shape[1] == T else r
     out, *grads = _run_fused(inp, impl, **hp)
     ref_hp = dict(hp)
-    if "importance_sampling_ratio" in ref_hp:
-        ref_hp["importance_sampling_ratio"] = _clean(ref_hp["importance_sampling_ratio"], inp["mask"])
+    ratio = ref_hp.get("importance_sampling_ratio")
+    if ratio is not None and ratio.shape == inp["mask"].shape:  # a (B, 1) row ratio has no padding to clean
+        ref_hp["importance_sampling_ratio"] = _clean(ratio, inp["mask"])
     _check_against_reference(out, grads, _run_reference(inp, **ref_hp), tol=2e-5)
 
 
@@ -224,7 +228,7 @@ def test_off_policy_sequence_mask(impl, case):
     live = m.any(1, keepdim=True) if keep.shape[1] == 1 else m
     kept = keep.expand(m.shape)[live.expand(m.shape)]
     assert kept.min() == 0 and kept.max() == 1  # the mask both keeps and drops
-    assert fastgrpo.ops.route("chunked", DEVICE, off_policy_mask=True) == "torch"
+    assert fastgrpo.ops.route("chunked", DEVICE, couples_rows=True) == "torch"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -265,12 +269,15 @@ def test_entropy_bonus(impl, case):
 
 @pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_row_grad_entropy_term_matches_twin(dtype):
-    """The Triton row kernel's entropy term against the torch row twin and a float64 autograd of
-    g * logp + g_H * H, with a -inf bias (a banned token: p = 0 adds nothing) and an odd row count."""
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["plain", "softcap"])
+def test_row_kernels_match_twin_and_float64(dtype, softcap):
+    """The Triton row kernels (statistics; gradient with the entropy term) against their torch twins and a float64
+    autograd of g * logp + g_H * H, with a -inf bias (without a cap a banned token: p = 0 adds nothing; with one,
+    tanh makes it -cap, as transformers does) and an odd row count; a cap of 4 saturates these logits."""
+    from fastgrpo.kernels._args import logit_scales
     from fastgrpo.kernels.logits_rows import row_grad_, row_stats
 
-    from fastgrpo.ops.chunked import _row_grad_torch_
+    from fastgrpo.ops.chunked import _row_grad_torch_, _row_stats_torch
 
     g = torch.Generator().manual_seed(61)
     R, V = 37, 1003
@@ -279,15 +286,61 @@ def test_row_grad_entropy_term_matches_twin(dtype):
     bias[7] = float("-inf")
     y = torch.randint(0, V, (R,), generator=g).to(DEVICE)
     g_lp, g_ent = torch.randn(R, generator=g).to(DEVICE), torch.randn(R, generator=g).to(DEVICE)
-    inv_temp = 1 / 0.7
-    logp, lse, ent = row_stats(z, bias, y, inv_temp)
-    got = row_grad_(z.clone(), bias, y, lse, g_lp, inv_temp, ent, g_ent)
-    twin = _row_grad_torch_(z.clone(), bias, y, lse, g_lp, inv_temp, ent, g_ent)
-    u = ((z.double() + bias.double()) * inv_temp).requires_grad_()
+    inv_temp, cap = logit_scales(0.7, 1.3, softcap)
+    stats = row_stats(z, bias, y, inv_temp, cap)
+    logp, lse, ent = stats
+    got = row_grad_(z.clone(), bias, y, lse, g_lp, inv_temp, ent, g_ent, softcap=cap)
+    twin = _row_grad_torch_(z.clone(), bias, y, lse, g_lp, inv_temp, ent, g_ent, softcap=cap)
+    zz = (z.double() + bias.double()).requires_grad_()
+    t = zz * 1.3
+    u = (t if softcap is None else softcap * torch.tanh(t / softcap)) / 0.7
     lp_all = u.log_softmax(-1)
     h = -(lp_all.exp() * torch.where(torch.isfinite(lp_all), lp_all, 0.0)).sum(-1)
-    (g_lp.double() * lp_all.gather(1, y[:, None]).squeeze(1) + g_ent.double() * h).sum().backward()
-    want = u.grad * inv_temp  # d / d z
+    want_logp = lp_all.gather(1, y[:, None]).squeeze(1)
+    (g_lp.double() * want_logp + g_ent.double() * h).sum().backward()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a, b, want in zip(("logp", "lse", "entropy"), stats, _row_stats_torch(z, bias, y, inv_temp, cap),
+                                (want_logp, u.logsumexp(-1), h), strict=True):  # fmt: skip
+        assert rel_err(a, want) < tol and rel_err(b, want) < tol, name
+    want = torch.nan_to_num(zz.grad, nan=0.0)  # d / d z
     assert rel_err(got.float(), want) < tol and rel_err(twin.float(), want) < tol
-    assert torch.all(got[:, 7] == 0)
+    assert torch.all(got[:, 7] == 0)  # the derivative of a -inf logit (tanh'(-inf) = 0 with a cap)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(loss_type="dapo", final_logit_softcapping=2.0, beta=0.04),
+        dict(loss_type="grpo", final_logit_softcapping=3.0, logit_scale=0.6, temperature=0.7, bias=True),
+        dict(loss_type="cispo", logit_scale=1.15, epsilon_high=1.1),
+        dict(loss_type="dapo", final_logit_softcapping=2.5, entropy_coef=0.2, entropy_mask=True),
+        dict(loss_type="grpo", final_logit_softcapping=2.5, importance_sampling_level="sequence", beta=0.04),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_logit_transform(impl, case):
+    """A softcapped (Gemma 2) or scaled (Cohere) head on every path, with the temperature, bias, KL, entropy
+    bonus and GSPO, held to the float64 transcription; the transform moves the loss (the check can fail)."""
+    hp = dict(HP, **case)
+    inp = grpo_inputs(B=4, seed=71, bias=hp.pop("bias", False))
+    if hp.pop("entropy_mask", False):
+        g = torch.Generator().manual_seed(72)
+        hp["entropy_mask"] = (torch.rand(inp["mask"].shape, generator=g) < 0.5).to(DEVICE)
+    out, *grads = _run_fused(inp, impl, **hp)
+    _check_against_reference(out, grads, _run_reference(inp, **hp), tol=2e-5)
+    plain = _run_reference(inp, **dict(hp, logit_scale=1.0, final_logit_softcapping=None))
+    assert abs(float(out.loss) - float(plain[0])) > 1e-3
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
+def test_logit_transform_with_gradient_filtering_stays_within_eps():
+    """The fused backward's filter bounds dropped entries by eps x the token's scale x the transform's largest
+    slope (inv_temp x cap's tanh' at 0): with a softcap the filtered gradient stays within that of the exact one."""
+    inp = grpo_inputs(B=4, seed=73)
+    hp = dict(HP, loss_type="dapo", final_logit_softcapping=2.0, logit_scale=0.8, temperature=0.9)
+    exact, *g_exact = _run_fused(inp, "fused", **hp)
+    filtered, *g_filt = _run_fused(inp, "fused", grad_filter_eps=2.0**-12, **hp)
+    assert float(filtered.loss) == float(exact.loss)
+    for a, b in zip(g_filt[:2], g_exact[:2], strict=True):
+        assert rel_err(a, b) < 1e-3

@@ -38,10 +38,12 @@ def _grads(fn, h, w, b, y, g_lp, g_ent, active=None, **kw):
     return logp.detach(), ent.detach(), h.grad, w.grad, None if b is None else b.grad
 
 
-def _reference(h, w, b, y, g_lp, g_ent, active, temperature, dtype):
-    """Same quantities through materialized logits, computed in ``dtype``."""
+def _reference(h, w, b, y, g_lp, g_ent, active, temperature, dtype, head=(1.0, None)):
+    """Same quantities through materialized logits, computed in ``dtype``; ``head``: (logit_scale, softcap)."""
     h, w, b = leaf(h), leaf(w), leaf(b)
-    logp, ent = reference_logprobs(h, w, y, b, temperature, compute_dtype=dtype)
+    logp, ent = reference_logprobs(
+        h, w, y, b, temperature, compute_dtype=dtype, logit_scale=head[0], final_logit_softcapping=head[1]
+    )
     if active is not None:
         logp, ent = torch.where(active, logp, 0.0), torch.where(active, ent, 0.0)
     (logp * g_lp.to(logp.dtype) + ent * g_ent.to(ent.dtype)).sum().backward()
@@ -50,13 +52,19 @@ def _reference(h, w, b, y, g_lp, g_ent, active, temperature, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias,temperature,with_active", [(False, 1.0, False), (True, 0.7, True)])
-def test_logprobs_entropy_and_grads(impl, dtype, bias, temperature, with_active):
+@pytest.mark.parametrize(
+    "bias,temperature,with_active,head",
+    # head: (logit_scale, softcap); a cap of 2.5 saturates tanh on these logits (|z| up to ~6).
+    [(False, 1.0, False, (1.0, None)), (True, 0.7, True, (1.0, None)), (True, 0.8, True, (0.6, 2.5))],
+    ids=["plain", "bias-temperature-active", "scale-softcap"],
+)
+def test_logprobs_entropy_and_grads(impl, dtype, bias, temperature, with_active, head):
     N, H, V = 37, 72, 1003  # nothing a multiple of a tile
     h, w, b, y, g_lp, g_ent = _inputs(N, H, V, dtype, seed=1, bias=bias)
     active = (torch.arange(N, device=DEVICE) % 5 != 2) if with_active else None
-    got = _grads(_impl_fn(impl), h, w, b, y, g_lp, g_ent, active, temperature=temperature)
-    exact = _reference(h, w, b, y, g_lp, g_ent, active, temperature, torch.float64)
+    kw = dict(temperature=temperature, logit_scale=head[0], softcap=head[1])
+    got = _grads(_impl_fn(impl), h, w, b, y, g_lp, g_ent, active, **kw)
+    exact = _reference(h, w, b, y, g_lp, g_ent, active, temperature, torch.float64, head)
     names = ("logp", "entropy", "dhidden", "dweight", "dbias")
     if dtype == torch.float32:
         for name, x, r in zip(names, got, exact, strict=True):
@@ -64,7 +72,7 @@ def test_logprobs_entropy_and_grads(impl, dtype, bias, temperature, with_active)
                 assert rel_err(x, r) < 2e-5, name
         return
     # 16-bit: no worse than the same-dtype materialized reference's own error, plus a small slack.
-    same = _reference(h, w, b, y, g_lp, g_ent, active, temperature, dtype)
+    same = _reference(h, w, b, y, g_lp, g_ent, active, temperature, dtype, head)
     for name, x, s, r in zip(names, got, same, exact, strict=True):
         if r is None:
             continue
@@ -239,7 +247,7 @@ def test_exact_backward_with_no_live_token_keeps_the_dtype(dtype):
     N, H, V = 7, 24, 50
     h, w, b, y, _, _ = _inputs(N, H, V, dtype, seed=6, bias=True)
     zeros = torch.zeros(N, device=DEVICE)
-    dh, dw, db = dlogits_backward(h, w, b, y, zeros, zeros, zeros, None, 1.0, True, True)
+    dh, dw, db = dlogits_backward(h, w, b, y, zeros, zeros, zeros, None, (1.0, 0.0), True, True)
     assert (dh.dtype, dw.dtype, db.dtype) == (dtype, dtype, dtype)
     assert dh.shape == (N, H) and dw.shape == (V, H) and db.shape == (V,)
     assert not dh.any() and not dw.any() and not db.any()

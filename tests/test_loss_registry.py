@@ -64,12 +64,15 @@ def test_every_type_has_one_entry_and_unknown_names_get_one_line():
     # TRL 1.16: the PPO-clipped ratio (and its clip metrics) for all but cispo and sapo; num_items_in_batch
     # for dapo and cispo; a constant normalizer (max_completion_length) for dr_grpo alone.
     assert {n for n in LOSS_TYPES if loss_spec(n).clipped} == {"grpo", "bnpo", "dr_grpo", "dapo", "luspo"}
-    assert {n for n in LOSS_TYPES if loss_spec(n).normalizer.micro_batch == "num_items"} == {"dapo", "cispo"}
+    assert {n for n in LOSS_TYPES if loss_spec(n).normalizer.micro_batch == "num_items"} == {"dapo", "cispo", "vespo"}
     assert {n for n in LOSS_TYPES if loss_spec(n).normalizer.needs_max_completion_length} == {"dr_grpo"}
-    with pytest.raises(ValueError, match=r"loss_type must be one of \('grpo'.*got 'vespo'"):
-        loss_spec("vespo")
+    # A row weight (VESPO's gamma of the sequence ratio) couples a row's tokens: the 4-pass route.
+    assert {n for n in LOSS_TYPES if loss_spec(n).row_weight is not None} == {"vespo"}
+    assert GRPOLossParams(loss_type="vespo").couples_rows and not GRPOLossParams(loss_type="dapo").couples_rows
+    with pytest.raises(ValueError, match=r"loss_type must be one of \('grpo'.*got 'gpg'"):
+        loss_spec("gpg")
     with pytest.raises(ValueError, match="loss_type must be one of"):
-        GRPOLossParams(loss_type="vespo")
+        GRPOLossParams(loss_type="gpg")
 
 
 def test_the_trainer_accumulates_a_new_entry_as_its_twin(dapo_twin, embedded, tmp_path):
@@ -119,7 +122,9 @@ def test_loss_settings_read_from_fastgrpo_and_trl_configs_alike(tmp_path):
 
     values = dict(beta=0.02, epsilon=0.1, epsilon_high=0.3, delta=1.5, loss_type="bnpo", temperature=0.7,
                   importance_sampling_level="sequence", max_completion_length=48, use_bias_correction_kl=True,
-                  sapo_temperature_pos=0.9, sapo_temperature_neg=1.2, off_policy_mask_threshold=0.3)  # fmt: skip
+                  sapo_temperature_pos=0.9, sapo_temperature_neg=1.2, off_policy_mask_threshold=0.3,
+                  entropy_coef=0.01, vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5,
+                  vespo_lambda_neg=1.5)  # fmt: skip
     ours = GRPOLossParams.from_config(build_config((values, "test")))
     theirs = GRPOLossParams.from_config(
         trl.GRPOConfig(output_dir=str(tmp_path), report_to=[], bf16=False, use_cpu=True, **values)

@@ -30,6 +30,7 @@ METRICS = (
     "clip_ratio/low_min",
     "clip_ratio/high_max",
     "cispo_clip_ratio",
+    "vespo/phi_seq_mean",
     "policy_loss",
     "entropy_coef",
     "reward",
@@ -112,6 +113,16 @@ VARIANTS = {
     "off-policy-mask": dict(off_policy_mask_threshold=-0.001, num_iterations=2, beta=0.04),
     # Train on the top 20% of tokens by this forward's entropy (TRL's quantile, across micro-batches' processes).
     "entropy-quantile": dict(top_entropy_quantile=0.2, num_iterations=2, gradient_accumulation_steps=2, beta=0.04),
+    # VESPO: the gamma weight of each row's sequence ratio (4-pass route); off-policy from the second iteration.
+    "vespo": dict(loss_type="vespo", num_iterations=2, gradient_accumulation_steps=2, beta=0.04),
+    "vespo-per-sign": dict(
+        loss_type="vespo",
+        num_iterations=2,
+        vespo_k_pos=1.0,
+        vespo_lambda_pos=1.5,
+        vespo_k_neg=4.0,
+        vespo_lambda_neg=0.5,
+    ),  # fmt: skip
     # The entropy bonus on a num_items-normalized loss (dapo: the coefficient carries the accumulation division)
     # and on a row-mean one, with the top-entropy mask gating it.
     "entropy-bonus-dapo": dict(entropy_coef=0.05, num_iterations=2, gradient_accumulation_steps=2, beta=0.04),
@@ -148,6 +159,20 @@ def test_matches_stock_trl_on_an_moe_model_with_its_router_aux_loss(tmp_path):
     assert ours[3].aux_loss_enabled and ours[3].router_aux_loss_coef == 0.05
     assert_same_run(stock, ours)
     assert all(row["aux_loss"] > 0 for row in stock[0])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_matches_stock_trl_on_a_transformed_head(tmp_path, family):
+    """Gemma 2's softcapped head (final_logit_softcapping, small enough here to bend the logits) and Cohere's scaled
+    one (logit_scale): the drop-in applies the transform in its fused paths and logs what stock TRL logs."""
+    path = S.save_model(tmp_path / family, family=family)
+    kw = dict(beta=0.04, num_iterations=2, gradient_accumulation_steps=2, entropy_coef=0.02)
+    stock = run(trl.GRPOTrainer, tmp_path / "stock", path, **kw)
+    ours = run(GRPOTrainer, tmp_path / "ours", path, **kw)
+    assert_same_run(stock, ours)
+    head = ours[3].fastgrpo_head
+    assert head == ({"logit_scale": 1.0, "final_logit_softcapping": 0.1} if family == "gemma2" else
+                    {"logit_scale": 3.0, "final_logit_softcapping": None})  # fmt: skip
 
 
 def test_router_aux_loss_is_found_through_a_wrapper_class():
@@ -326,19 +351,36 @@ def test_compute_loss_in_eval_mode_and_with_accumulation(tmp_path, model_path, l
     assert_same_loss(both_losses(tr, inputs))
 
 
+@pytest.mark.parametrize("ratio", list(RATIOS))
+def test_compute_loss_vespo_folds_the_sampler_correction_into_its_weight(tmp_path, model_path, ratio):
+    """VESPO with TRL's vLLM correction: the ratio enters the gamma weight's sequence ratio instead of multiplying
+    the loss (TRL's ratio is 1 off the loss tokens, where its log-prob difference is masked to 0)."""
+    tr = S.trainer(GRPOTrainer, tmp_path, model_path, beta=0.04, loss_type="vespo")
+    tr.model.train()
+    tr.use_vllm = tr.vllm_importance_sampling_correction = True
+    tr.current_gradient_accumulation_steps = 1
+    inputs = synthetic_inputs(tr, ratio_shape=RATIOS[ratio], tool_mask=True)
+    if ratio == "token":
+        live = inputs["completion_mask"] * inputs["tool_mask"]
+        inputs["importance_sampling_ratio"] = torch.where(live.bool(), inputs["importance_sampling_ratio"], 1.0)
+    (stock_loss, _, stock_metrics), _ = got = both_losses(tr, inputs)
+    assert_same_loss(got)
+    assert 0 < stock_metrics["vespo/phi_seq_mean"][0] < 1
+    del inputs["importance_sampling_ratio"]
+    tr.use_vllm = False
+    uncorrected, _ = both_losses(tr, inputs)
+    assert abs(float(uncorrected[0]) - float(stock_loss)) > 1e-4  # the correction moves the weight
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
-REFUSED = {
-    "vespo": (dict(loss_type="vespo"), "loss_type='vespo'"),
-}
-
-
-@pytest.mark.parametrize("overrides, field", list(REFUSED.values()), ids=list(REFUSED))
-def test_unsupported_config_is_refused_before_loading(tmp_path, overrides, field, monkeypatch):
+def test_an_unknown_loss_type_is_refused_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(trl.GRPOTrainer, "__init__", lambda *a, **k: pytest.fail("loaded before checking"))
-    with pytest.raises(ValueError, match=field):
-        GRPOTrainer(model="unused-model-id", reward_funcs=S.reward_length, args=S.config(tmp_path, **overrides))
+    args = S.config(tmp_path)
+    args.loss_type = "gpg"  # a loss type a later TRL might add: refused by name, not trained as something else
+    with pytest.raises(ValueError, match="loss_type='gpg'"):
+        GRPOTrainer(model="unused-model-id", reward_funcs=S.reward_length, args=args)
 
 
 def test_lm_head_adapters_are_refused(tmp_path, model_path):
@@ -352,11 +394,11 @@ def test_lm_head_adapters_are_refused(tmp_path, model_path):
             S.trainer(GRPOTrainer, tmp_path, model_path, trainer_kwargs={"peft_config": cfg})
 
 
-def test_logit_softcapping_and_bad_knobs_are_refused(tmp_path, model_path):
+def test_unknown_logit_transforms_and_bad_knobs_are_refused(tmp_path, model_path):
     model = S.model()
-    model.config.final_logit_softcapping = 30.0
+    model.config.lm_head_multiplier = 2.0  # a multiplier whose meaning differs by family: refused, not guessed
     args = S.config(tmp_path)
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+    with pytest.raises(ValueError, match="lm_head_multiplier=2.0"):
         GRPOTrainer(model=model, reward_funcs=S.reward_length, args=args, train_dataset=S.dataset())
     with pytest.raises(ValueError, match="fastgrpo_impl"):
         S.trainer(GRPOTrainer, tmp_path, model_path, trainer_kwargs={"fastgrpo_impl": "cuda"})

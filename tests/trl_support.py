@@ -26,8 +26,10 @@ def tokenizer(n_words=60):
     )
 
 
-def model(n_words=60, seed=0, tie=True, hidden_size=32, moe=False):
-    """A tiny Qwen2, or (``moe``) a tiny Qwen2-MoE: 4 experts, 2 per token, a router aux loss of 0.05."""
+def model(n_words=60, seed=0, tie=True, hidden_size=32, moe=False, family=None):
+    """A tiny Qwen2, or (``moe``) a tiny Qwen2-MoE: 4 experts, 2 per token, a router aux loss of 0.05; or a family
+    whose head transforms its logits: "gemma2" (final_logit_softcapping 0.1: tanh bends these logits, |z| ~ 0.1),
+    "cohere" (logit_scale 3)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(seed)
@@ -44,6 +46,8 @@ def model(n_words=60, seed=0, tie=True, hidden_size=32, moe=False):
         eos_token_id=1,
         bos_token_id=None,
     )
+    if family is not None:
+        return _transformed_head_model(family, common)
     if moe:
         config = Qwen2MoeConfig(
             **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size // 2,
@@ -99,6 +103,20 @@ def config(output_dir, **overrides):
     )
     base.update(overrides)
     return GRPOConfig(**base)
+
+
+def _transformed_head_model(family, common):
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    if family == "gemma2":
+        config = Gemma2Config(**common, head_dim=8, final_logit_softcapping=0.1, sliding_window=16)
+        m = Gemma2ForCausalLM(config)
+    elif family == "cohere":
+        m = CohereForCausalLM(CohereConfig(**common, logit_scale=3.0))
+    else:
+        raise ValueError(f"family must be 'gemma2' or 'cohere', got {family!r}")
+    m.generation_config.pad_token_id, m.generation_config.eos_token_id = 0, 1
+    return m
 
 
 def save_model(path, **model_kwargs):

@@ -22,13 +22,15 @@ TRL's ``fused_lm_head=``), so DDP's gradient hooks, FSDP2's gathers and PEFT's a
 see an ordinary forward. ``trainer.fastgrpo_last_route`` says which path ran the last loss.
 
 Refused at construction, each with a ``ValueError`` naming the field (the fused op computes a
-different quantity, so a silent fallback would train something else): ``loss_type="vespo"``, an MoE family
-without a ``load_balancing_loss_func`` (``router_aux_loss_coef != 0``), logit
-softcapping or scaling in the model config, a PEFT adapter on ``lm_head``
+different quantity, so a silent fallback would train something else): a ``loss_type`` outside
+``fastgrpo.ops.LOSS_TYPES`` (every TRL 1.16 type is in it), an MoE family
+without a ``load_balancing_loss_func`` (``router_aux_loss_coef != 0``), a logit transform in the model config
+whose meaning is not known here (``lm_head_multiplier``, ``output_multiplier*``, ``logits_scaling`` outside the
+Granite and HyperCLOVA X families), a PEFT adapter on ``lm_head``
 (``target_modules`` / ``modules_to_save``), vision-language models and processors, and under
 DeepSpeed ZeRO-3 any path but ``fastgrpo_impl="chunked"``, ``importance_sampling_level=
-"sequence"`` or ``off_policy_mask_threshold`` (their backward reads the lm_head again, outside
-ZeRO-3's gather). ``off_policy_mask_threshold`` (TRL's off-policy sequence masking) runs: it reads
+"sequence"``, ``off_policy_mask_threshold`` or ``loss_type="vespo"`` (their backward reads the lm_head again,
+outside ZeRO-3's gather). ``off_policy_mask_threshold`` (TRL's off-policy sequence masking) runs: it reads
 a row's whole log-probs, so it takes the 4-pass route, as GSPO does. An MoE model's router
 load-balancing loss is computed from the same backbone forward as the fused loss, with the model
 family's own ``load_balancing_loss_func``, and added and logged (``aux_loss``) as TRL does.
@@ -37,7 +39,11 @@ TRL's own ``get_high_entropy_mask`` turns them into the mask, and the mask gates
 entropy bonus). ``entropy_coef`` / ``use_adaptive_entropy`` run: the op subtracts the coefficient times the
 mean entropy over the effective mask, its gradient formed with the rest (in the chunked path's row kernels, or
 by the 4-pass backward), and the adaptive controller moves the coefficient as TRL's does (``entropy_coef`` and
-``policy_loss`` logged, its state saved with checkpoints by TRL's own hooks).
+``policy_loss`` logged, its state saved with checkpoints by TRL's own hooks). ``loss_type="vespo"`` runs: its
+gamma weight of each row's sequence ratio (with the vLLM correction folded in, not multiplied) takes the
+4-pass route, and ``vespo/phi_seq_mean`` is logged. Softcapped and scaled heads run
+(``final_logit_softcapping``: Gemma 2 and 3; ``logit_scale``: Cohere; ``logits_scaling``: Granite): the
+transform is applied in every path's logit tiles and rows, and its derivative in their backward.
 """
 
 from __future__ import annotations
@@ -63,12 +69,13 @@ except ModuleNotFoundError as e:  # TRL is an extra: one line saying which, not 
     raise ImportError(f"fastgrpo.integrations.trl needs TRL >= 1.16: trl not installed ({TRL_INSTALL})") from None
 
 try:
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed: nothing is sharded
-    DTensor = ()
+    DTensor = FSDPModule = ()
 
 from fastgrpo.ops import IMPLS, FusedGRPOLoss, chunked_logprobs, masked_entropy
-from fastgrpo.ops.checks import check_fusable_model, check_workspace_bytes
+from fastgrpo.ops.checks import check_fusable_model, check_workspace_bytes, head_transform
 from fastgrpo.ops.loss import LOSS_TYPES, GRPOLossParams, loss_spec
 
 _TRL_INIT = inspect.signature(trl.GRPOTrainer.__init__)
@@ -112,21 +119,37 @@ def add_head_call(model, *, cast_lm_head_to_fp32: bool = False) -> None:
         k = fastgrpo.logits_to_keep
         hidden = backbone.last_hidden_state[:, -k - 1 : -1]
         head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
+        weight, bias, release = _whole_head(head)
         hidden = hidden.to(weight.device)  # a model split over devices can end elsewhere
-        if isinstance(weight, DTensor):  # FSDP2 shards
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
         context = nullcontext()
         if cast_lm_head_to_fp32:
             hidden, context = hidden.float(), torch.autocast(hidden.device.type, enabled=False)
         with context, maybe_gather_lm_head_ctx(weight, bias):
             out = fastgrpo.fn(hidden, weight, bias)
+        release()
         if fastgrpo.aux_loss:
             return out, router_aux_loss(self, backbone.router_logits, kwargs.get("attention_mask"))
         return out
 
     model.forward = types.MethodType(forward, model)
+
+
+def _whole_head(head) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[], None]]:
+    """The lm_head's weight and bias, whole, and what to call after the head pass.
+
+    Under FSDP2 the root unit's forward has gathered a head that lives in it. A head in its own unit is never
+    called (only its weight is read), so FSDP2 would neither gather it nor reduce its gradient: its own
+    ``unshard`` gathers it here, and the backward then reduce-scatters (averages) its gradient across ranks as
+    for every unit. ``full_tensor()`` would not: its backward keeps each rank's rows of that rank's own gradient.
+    Without gradient (reference, old log-probs, eval) the unit is resharded right after the pass."""
+    weight, bias = head.weight, head.bias
+    if not isinstance(weight, DTensor):
+        return weight, bias, lambda: None
+    if isinstance(head, FSDPModule):
+        head.unshard()
+        needs_grad = torch.is_grad_enabled() and head.weight.requires_grad
+        return head.weight, head.bias, (lambda: None) if needs_grad else head.reshard
+    return weight.full_tensor(), None if bias is None else bias.full_tensor(), lambda: None
 
 
 def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
@@ -223,12 +246,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         self.fastgrpo_workspace_bytes = workspace_bytes
         self._zero3_checks()
         a = self.args
-        params = GRPOLossParams.from_config(a)  # GRPOConfig uses the same names
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.fastgrpo_head = head_transform(policy)  # the model's logit scale and softcap, for every head pass
+        params = dataclasses.replace(GRPOLossParams.from_config(a), **self.fastgrpo_head)  # GRPOConfig's names
         self.fastgrpo_loss = FusedGRPOLoss(
             impl=self.fastgrpo_impl, workspace_bytes=workspace_bytes, **dataclasses.asdict(params)
         )
         self.fastgrpo_last_route: str | None = None
-        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_head_call(policy, cast_lm_head_to_fp32=a.cast_lm_head_to_fp32)
         if self.ref_model is not None:
             add_head_call(self.accelerator.unwrap_model(self.ref_model), cast_lm_head_to_fp32=a.cast_lm_head_to_fp32)
@@ -243,8 +267,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             self.fastgrpo_impl = "chunked"
         if self.fastgrpo_impl != "chunked" or GRPOLossParams.from_config(self.args).couples_rows:
             raise ValueError(
-                "under DeepSpeed ZeRO-3 fastgrpo needs fastgrpo_impl='chunked', importance_sampling_level='token' "
-                "and no off_policy_mask_threshold"
+                "under DeepSpeed ZeRO-3 fastgrpo needs fastgrpo_impl='chunked', importance_sampling_level='token', "
+                "no off_policy_mask_threshold and a loss_type other than 'vespo'"
             )
 
     # ------------------------------------------------------------------ log-probs (old, ref)
@@ -282,6 +306,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                     return_entropy=True,
                     impl=self.fastgrpo_impl,
                     workspace_bytes=self.fastgrpo_workspace_bytes,
+                    **self.fastgrpo_head,
                 )
                 zeros = torch.zeros(active.shape, dtype=lp.dtype, device=lp.device)
                 return zeros.masked_scatter(active, lp), zeros.masked_scatter(active, ent)
@@ -344,7 +369,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             loss = loss / self.current_gradient_accumulation_steps
         if self._entropy_bonus_enabled:
             self._entropy_bonus_step(mode, out, mask if entropy_mask is None else mask * entropy_mask)
-        self._log_loss_metrics(mode, out.logprobs, out.entropy, old, ref, advantages, mask)
+        self._log_loss_metrics(mode, out.logprobs, out.entropy, old, ref, advantages, mask, ratio)
         if aux_loss is not None:  # TRL: the policy loss is already scaled for accumulation, so scale aux too
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
@@ -397,17 +422,24 @@ class GRPOTrainer(trl.GRPOTrainer):
         mask must be known before any token's gradient."""
         entropies = masked_entropy(
             hidden, weight, targets, mask, bias=bias, temperature=self.temperature, impl=self.fastgrpo_impl,
-            workspace_bytes=self.fastgrpo_workspace_bytes,
+            workspace_bytes=self.fastgrpo_workspace_bytes, **self.fastgrpo_head,
         )  # fmt: skip
         return self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
 
     @torch.no_grad()
-    def _log_loss_metrics(self, mode, logp, entropy, old, ref, advantages, mask) -> None:
+    def _log_loss_metrics(self, mode, logp, entropy, old, ref, advantages, mask, ratio=None) -> None:
         """TRL 1.16's loss metrics, from the detached log-probs the fused op returned."""
         mask = mask.to(logp.dtype)
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
         log_ratio = logp - (logp if old is None else old)
+        spec = loss_spec(self.loss_type)
+        row_weight = None
+        if spec.row_weight is not None:  # VESPO's phi, from the token-level log ratio and the sampling correction
+            live = mask.bool()
+            adv = advantages.float() if advantages.shape[1] == 1 else torch.where(live, advantages.float(), 0.0)
+            ratio = None if ratio is None else ratio.float()
+            row_weight = spec.row_weight(log_ratio.float(), live, ratio, adv, self.fastgrpo_loss.params)
         if self.importance_sampling_level == "sequence":
             log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
         coef = torch.exp(log_ratio)
@@ -430,7 +462,8 @@ class GRPOTrainer(trl.GRPOTrainer):
                 kl = kl * coef
             metrics["kl"].append(global_masked_mean(kl))
         metrics["entropy"].append(global_masked_mean(entropy))
-        spec = loss_spec(self.loss_type)
+        if row_weight is not None:
+            metrics[spec.row_weight_metric].append(global_masked_mean(row_weight))
         if spec.clipped:
             if self.args.delta is not None:  # TRL counts clipping on the delta-capped ratio
                 coef = coef.clamp(max=self.args.delta)

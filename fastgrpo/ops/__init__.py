@@ -2,7 +2,8 @@
 
 - ``api``: ``fused_grpo_loss``, ``chunked_logprobs``, ``FusedGRPOLoss``, ``masked_entropy``; checks, then dispatch
   (``IMPLS``, ``route``) to the chunked 3-GEMM path, the fused kernels or the torch twin.
-- ``checks``: argument checks, each error naming its argument.
+- ``checks``: argument checks, each error naming its argument; ``head_transform`` (a model's logit scale and
+  softcap, as the loss's head fields).
 - ``loss``: ``GRPOLossParams``, the loss family's registry (``LOSS_SPECS``: each type's policy term,
   normalizer and micro-batch scaling) and the O(N) epilogue on per-token log-probs.
 - ``chunked``: the 3-GEMM path (``impl="chunked"``): cuBLAS GEMMs through a bounded workspace,
@@ -15,6 +16,7 @@ Nothing here imports ``fastgrpo.train`` or ``fastgrpo.integrations``.
 """
 
 from .api import IMPLS, ROUTES, FusedGRPOLoss, GRPOLossOutput, chunked_logprobs, fused_grpo_loss, masked_entropy, route
+from .checks import head_transform
 from .loss import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_SPECS,
@@ -38,6 +40,7 @@ __all__ = [
     "chunked_logprobs",
     "fused_grpo_loss",
     "grpo_loss_from_logprobs",
+    "head_transform",
     "loss_spec",
     "masked_entropy",
     "route",

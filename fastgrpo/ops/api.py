@@ -104,7 +104,7 @@ def route(
     trainable_head: bool = True,
     workspace_bytes: int | None = None,
     grad_accumulation: str = "fp32",
-    off_policy_mask: bool = False,
+    couples_rows: bool = False,
 ) -> str:
     """The path (one of ``ROUTES``) a call with these arguments runs.
 
@@ -118,10 +118,12 @@ def route(
         trainable_head: whether the lm_head weight needs a gradient.
         workspace_bytes: the chunked path's workspace bound (None: the default).
         grad_accumulation: "fp32" or "input" (module docstring).
-        off_policy_mask: whether ``off_policy_mask_threshold`` is set (a sequence mean, like GSPO's).
+        couples_rows: whether a token's gradient needs its row's log-probs first (``GRPOLossParams.couples_rows``:
+            the off-policy mask's sequence mean, VESPO's sequence weight; GSPO's too, which
+            ``importance_sampling_level`` also says).
     """
     asked, impl = impl, _check_impl(impl)
-    no_3gemm = not loss or importance_sampling_level != "token" or off_policy_mask
+    no_3gemm = not loss or importance_sampling_level != "token" or couples_rows
     if impl == "auto":
         if device.type != "cuda":
             return "torch"
@@ -163,21 +165,32 @@ def _cast_for_autocast(hidden, weight, bias):
 
 
 def _logprobs_impl(
-    hidden2d, weight, bias, targets, active, temperature, impl, grad_filter_eps=0.0, workspace_bytes=None
+    hidden2d, weight, bias, targets, active, head: tuple, impl, grad_filter_eps=0.0, workspace_bytes=None
 ):
-    """(logp, entropy) of ``targets``'s shape from (N, H) hidden states; the kernels see targets flat."""
+    """(logp, entropy) of ``targets``'s shape from (N, H) hidden states; the kernels see targets flat.
+    ``head``: (temperature, logit_scale, final_logit_softcapping)."""
     targets1d = targets.reshape(-1)
     active1d = None if active is None else active.reshape(-1)
+    temperature, logit_scale, softcap = head
     if impl == "fused":
         from ..kernels import linear_logprobs_triton
 
         logp, entropy = linear_logprobs_triton(
-            hidden2d, weight, bias, targets1d, active1d, temperature, grad_filter_eps
-        )
+            hidden2d, weight, bias, targets1d, active1d, temperature, grad_filter_eps, logit_scale=logit_scale,
+            softcap=softcap,
+        )  # fmt: skip
     else:
         # The torch twin ignores grad_filter_eps: exact gradients (see the module docstring).
-        logp, entropy = linear_logprobs_torch(hidden2d, weight, bias, targets1d, active1d, temperature, workspace_bytes)
+        logp, entropy = linear_logprobs_torch(
+            hidden2d, weight, bias, targets1d, active1d, temperature, workspace_bytes, logit_scale, softcap
+        )
     return logp.view(targets.shape), entropy.view(targets.shape)
+
+
+def _check_head_transform(logit_scale, final_logit_softcapping) -> tuple[float, float | None]:
+    """The logit transform's two numbers, checked as ``GRPOLossParams`` checks its head fields."""
+    p = GRPOLossParams(logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping)
+    return p.logit_scale, p.final_logit_softcapping
 
 
 # ----------------------------------------------------------------------------- public
@@ -194,6 +207,8 @@ def chunked_logprobs(
     impl: str = "auto",
     grad_filter_eps: float | None = 0.0,
     workspace_bytes: int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
 ):
     """Per-token log p(target) from hidden states and the lm_head, without full logits.
 
@@ -219,6 +234,9 @@ def chunked_logprobs(
             ignore it and return exact gradients.
         workspace_bytes: int > 0 or None: bound on one chunk's fp32 logits on the 4-pass route
             (None: 64 MiB); the fused path keeps its logits on chip and ignores it.
+        logit_scale, final_logit_softcapping: the model's head transform before the temperature:
+            logits * logit_scale (> 0), then softcapped to c * tanh(logits / c) with c = final_logit_softcapping
+            (> 0, or None: no cap). ``fastgrpo.ops.head_transform(model)`` reads them from a transformers model.
 
     Returns:
         logp (``targets.shape``, fp32; NaN at an out-of-range target, see ``targets``), or
@@ -227,15 +245,15 @@ def chunked_logprobs(
     """
     checks.check_temperature(temperature)
     grad_filter_eps = checks.check_grad_filter_eps(grad_filter_eps)
+    scale, softcap = _check_head_transform(logit_scale, final_logit_softcapping)
     checks.check_head(hidden, weight, targets, bias)
     impl = route(impl, hidden.device, loss=False)
     checks.check_targets_range(targets, weight.shape[0])
     checks.check_workspace_bytes(workspace_bytes)
     hidden, weight, bias = _cast_for_autocast(hidden, weight, bias)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    logp, entropy = _logprobs_impl(
-        hidden2d, weight, bias, targets, None, float(temperature), impl, grad_filter_eps, workspace_bytes
-    )
+    head = (float(temperature), scale, softcap)
+    logp, entropy = _logprobs_impl(hidden2d, weight, bias, targets, None, head, impl, grad_filter_eps, workspace_bytes)
     return (logp, entropy) if return_entropy else logp
 
 
@@ -250,6 +268,8 @@ def masked_entropy(
     temperature: float = 1.0,
     impl: str = "auto",
     workspace_bytes: int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
 ) -> torch.Tensor:
     """(B, T) fp32 softmax entropy at the positions ``mask`` sets, 0 elsewhere, without gradient: one
     lm_head pass over those positions only (what TRL's ``top_entropy_quantile`` mask reads).
@@ -258,12 +278,13 @@ def masked_entropy(
         hidden: (B, T, H) fp32/fp16/bf16; weight: (V, H), same dtype; bias: (V,) or None.
         targets: (B, T) int32/int64, in [0, V) where ``mask`` is set (elsewhere any id, e.g. -100).
         mask: (B, T) bool or 0/1.
-        temperature, impl, workspace_bytes: as ``chunked_logprobs``.
+        temperature, impl, workspace_bytes, logit_scale, final_logit_softcapping: as ``chunked_logprobs``.
     """
     active = mask != 0
     _, ent = chunked_logprobs(
         hidden[active], weight, targets[active], bias=bias, temperature=temperature, return_entropy=True,
-        impl=impl, workspace_bytes=workspace_bytes,
+        impl=impl, workspace_bytes=workspace_bytes, logit_scale=logit_scale,
+        final_logit_softcapping=final_logit_softcapping,
     )  # fmt: skip
     return torch.zeros(active.shape, dtype=ent.dtype, device=ent.device).masked_scatter(active, ent)
 
@@ -319,6 +340,12 @@ def fused_grpo_loss(
     sampling_logprobs: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     entropy_mask: torch.Tensor | None = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
     impl: str = "auto",
     grad_filter_eps: float | None = 0.0,
     workspace_bytes: int | None = None,
@@ -348,7 +375,8 @@ def fused_grpo_loss(
         beta: weight of the k3 KL term (>= 0).
         epsilon, epsilon_high: clip range [1 - epsilon, 1 + epsilon_high]; epsilon_high None = epsilon.
         delta: cap on the unclipped ratio (two-sided clipping) or None.
-        loss_type: "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo" or "luspo".
+        loss_type: "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo" or "vespo" (a detached gamma weight
+            of each row's sequence ratio on the log-prob's gradient; it couples a row's tokens: the 4-pass route).
         importance_sampling_level: "token", or "sequence" (GSPO: masked mean log-ratio per row).
         max_completion_length: dr_grpo's normalizer (required for dr_grpo).
         num_items_in_batch: dapo/cispo normalizer, e.g. completion tokens of the whole generation batch when it
@@ -369,6 +397,10 @@ def fused_grpo_loss(
         entropy_mask: (B, T) bool or 0/1, or None: TRL's ``top_entropy_quantile`` mask (the loss tokens at or
             above an entropy quantile, e.g. from ``masked_entropy``): the policy term and the entropy bonus act
             only where it is set; the KL acts on every loss token.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weight
+            phi(w) = e^lambda w^k e^(-lambda w) for advantages >= 0 and < 0. Under "vespo" the
+            ``importance_sampling_ratio`` enters w (the masked sum of its logs) instead of multiplying the loss.
+        logit_scale, final_logit_softcapping: the model's head transform, as ``chunked_logprobs`` takes it.
         impl: one of ``IMPLS`` (module docstring); ``route`` tells which path runs.
         grad_filter_eps: in [0, 1): skip the backward GEMMs of vocabulary tiles whose d loss / d logits is below
             eps times the token's gradient scale (Cut Cross-Entropy's gradient filtering). 0 or None = off
@@ -382,7 +414,8 @@ def fused_grpo_loss(
     Returns:
         GRPOLossOutput(loss, logprobs, entropy, metrics) (loss and logprobs NaN at an out-of-range target, see
         ``targets``); metrics has ``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-        ``clip_ratio/region_mean``, ``kl`` (when ``ref_logprobs`` is given), ``cispo_clip_ratio`` (cispo) and
+        ``clip_ratio/region_mean``, ``kl`` (when ``ref_logprobs`` is given), ``cispo_clip_ratio`` (cispo),
+        ``vespo/phi_seq_mean`` (vespo) and
         ``policy_loss`` (the loss without the entropy bonus, when ``entropy_coef`` is nonzero).
     """
     tensors, params, knobs = _records(locals())  # the signature's names are the records' fields
@@ -404,7 +437,7 @@ def _fused_grpo_loss(
     path = route(
         knobs.impl, hidden.device, importance_sampling_level=params.importance_sampling_level, shape=(B * T, H, V),
         dtype=hidden.dtype, trainable_head=weight.requires_grad, workspace_bytes=knobs.workspace_bytes,
-        grad_accumulation=knobs.grad_accumulation, off_policy_mask=params.off_policy_mask_threshold is not None,
+        grad_accumulation=knobs.grad_accumulation, couples_rows=params.couples_rows,
     )  # fmt: skip
     checks.check_sampling_ratio(x.importance_sampling_ratio, x.targets)
     active = x.mask != 0
@@ -422,9 +455,10 @@ def _fused_grpo_loss(
             n_active=n_active,
         )
         return GRPOLossOutput(loss, logp, entropy, metrics), path
+    head = (params.temperature, params.logit_scale, params.final_logit_softcapping)
     logp, entropy = _logprobs_impl(
-        hidden.reshape(B * T, H), weight, bias, x.targets, active, params.temperature,
-        path, knobs.grad_filter_eps, knobs.workspace_bytes,
+        hidden.reshape(B * T, H), weight, bias, x.targets, active, head, path, knobs.grad_filter_eps,
+        knobs.workspace_bytes,
     )  # fmt: skip
     loss, metrics = grpo_loss_from_logprobs(
         logp, entropy, active, x.advantages, x.old_logprobs, x.ref_logprobs, params, num_items_in_batch,

@@ -214,8 +214,9 @@ def check_sampling_ratio(ratio, targets) -> None:
     check_same("importance_sampling_ratio", ratio, "targets", targets, dtype=False)
 
 
-# Model config fields that change the logits after the lm_head (softcapping, scalings). TRL's own
-# fused head reads the same families (Gemma, Cohere, Granite, MiniCPM, Falcon-H1, HyperCLOVA X).
+# Model config fields that change the logits after the lm_head. TRL's own fused head reads the same
+# families (Gemma, Cohere, Granite, MiniCPM, Falcon-H1, HyperCLOVA X). ``head_transform`` maps the ones
+# whose meaning is known to the loss's head fields; the rest are refused by name.
 LOGIT_TRANSFORMS = (
     "final_logit_softcapping",
     "logit_scale",
@@ -224,18 +225,54 @@ LOGIT_TRANSFORMS = (
     "output_multiplier",
     "output_multiplier_scale",
 )
+# ``logits_scaling`` divides in the Granite families and multiplies in HyperCLOVA X.
+_LOGITS_SCALING_DIVIDES = ("granite",)
+_LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)
 
 
-def check_fusable_model(model) -> None:
-    """The fused ops compute softmax((h @ W.T + b) / temperature); a model whose head changes the
-    logits otherwise would be trained on the wrong distribution, so it is refused by name."""
+def _text_configs(model) -> list:
     configs = [model.config]
     if hasattr(model.config, "get_text_config"):  # multimodal configs keep text settings nested
         configs.append(model.config.get_text_config())
-    for cfg in configs:
+    return configs
+
+
+def _scale_of(attr: str, value, model_type: str) -> float | None:
+    """The logit multiplier a config field means, or None where its meaning is not known here."""
+    if attr == "logit_scale":  # Cohere: logits * logit_scale
+        return float(value)
+    if attr == "logits_scaling" and model_type.startswith(_LOGITS_SCALING_DIVIDES):
+        return 1.0 / float(value)
+    if attr == "logits_scaling" and model_type.startswith(_LOGITS_SCALING_MULTIPLIES):
+        return float(value)
+    return None
+
+
+def head_transform(model) -> dict:
+    """The logit transform of a transformers causal LM's head, as ``GRPOLossParams``' head fields
+    (``logit_scale``, ``final_logit_softcapping``): the fused ops compute softmax(t(h @ W.T + b) / temperature)
+    with t(z) = logit_scale * z, softcapped by final_logit_softcapping * tanh(. / final_logit_softcapping). A
+    model whose head changes the logits otherwise would be trained on the wrong distribution: refused by name."""
+    out = {"logit_scale": 1.0, "final_logit_softcapping": None}
+    for cfg in _text_configs(model):
+        model_type = str(getattr(cfg, "model_type", "") or "")
         for attr in LOGIT_TRANSFORMS:
             value = getattr(cfg, attr, None)
-            if value not in (None, 1, 1.0):
+            if attr == "final_logit_softcapping":
+                if value is not None:
+                    out[attr] = float(value)
+                continue
+            if value in (None, 1, 1.0):
+                continue
+            scale = _scale_of(attr, value, model_type)
+            if scale is None:
                 raise ValueError(f"model config sets {attr}={value}; the fused loss does not support it yet")
+            out["logit_scale"] = scale
+    return out
+
+
+def check_fusable_model(model) -> None:
+    """Refuse a model whose head the fused ops cannot compute (``head_transform``), or that has no lm_head."""
+    head_transform(model)
     if model.get_output_embeddings() is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head)")

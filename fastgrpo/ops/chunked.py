@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels._gemm import accumulate_mm
 from .loss import GRPOLossParams, entropy_weights, grpo_loss_from_logprobs, policy_scale, token_terms, token_weights
 from .tensors import LossTensors
-from .twin import clamp_targets, nan_where_invalid
+from .twin import chain_factor, clamp_targets, logit_scales, nan_where_invalid, transform_
 
 # Default bound on the logits workspace of one chunk.
 WORKSPACE_BYTES = 1 << 30
@@ -40,9 +40,10 @@ def _rows_impl(device: torch.device) -> str:
 
 
 def row_cost(vocab: int, dtype: torch.dtype, rows_impl: str) -> int:
-    """Bytes of chunk-sized memory per token: the workspace row, plus the twin's fp32 temporaries."""
+    """Bytes of chunk-sized memory per token: the workspace row, plus the twin's fp32 temporaries (u and p, and a
+    softcap's d u / d z)."""
     elem = torch.finfo(dtype).bits // 8
-    return vocab * (elem if rows_impl == "triton" else elem + 8)
+    return vocab * (elem if rows_impl == "triton" else elem + 12)
 
 
 def extra_bytes(
@@ -108,11 +109,11 @@ def _alloc_workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.de
 # ----------------------------------------------------------------------------- row twins
 
 
-def _row_stats_torch(z, bias, targets, inv_temp):
+def _row_stats_torch(z, bias, targets, inv_temp, softcap=0.0):
     u = z.to(torch.float32, copy=True)  # never an alias: z is read again (fp32 z included)
     if bias is not None:
         u.add_(bias)
-    u.mul_(inv_temp)
+    transform_(u, (inv_temp, softcap))
     lse = torch.logsumexp(u, dim=-1)
     u.sub_(lse[:, None])
     # As the row kernel does: an id outside [0, V) reads in bounds and reports NaN.
@@ -123,20 +124,22 @@ def _row_stats_torch(z, bias, targets, inv_temp):
     return logp, lse, entropy
 
 
-def _row_grad_torch_(z, bias, targets, lse, grad_logp, inv_temp, entropy=None, grad_entropy=None):
+def _row_grad_torch_(z, bias, targets, lse, grad_logp, inv_temp, entropy=None, grad_entropy=None, softcap=0.0):
     u = z.to(torch.float32, copy=True)  # never an alias: z is read again (fp32 z included)
     if bias is not None:
         u.add_(bias)
-    logp = u.mul_(inv_temp).sub_(lse[:, None])
+    scales = (inv_temp, softcap)
+    du = chain_factor(transform_(u, scales), scales)
+    logp = u.sub_(lse[:, None])
     p = logp.exp()
-    g = nan_where_invalid(grad_logp, targets, u.shape[1]) * inv_temp
+    g = nan_where_invalid(grad_logp, targets, u.shape[1])
     if grad_entropy is not None:
         # d entropy / d u_v = -p_v (log p_v + entropy); p_v = 0 at a banned token (log p_v = -inf) adds 0.
         ent = logp.add_(entropy[:, None]).mul_(p).nan_to_num_(nan=0.0)
-        p.mul_(-g[:, None]).sub_(ent.mul_(grad_entropy[:, None] * inv_temp))
+        p.mul_(-g[:, None]).sub_(ent.mul_(grad_entropy[:, None]))
     else:
         p.mul_(-g[:, None])
-    dz = p.scatter_add_(1, clamp_targets(targets, u.shape[1])[0][:, None], g[:, None])
+    dz = p.scatter_add_(1, clamp_targets(targets, u.shape[1])[0][:, None], g[:, None]).mul_(du)
     return z.copy_(dz)
 
 
@@ -188,7 +191,7 @@ def _chunk_loop(
     V = weight.shape[0]
     need_dh, need_dw, need_db = need
     any_grad = need_dh or need_dw or need_db
-    inv_temp = 1.0 / params.temperature
+    inv_temp, softcap = logit_scales(params.temperature, params.logit_scale, params.final_logit_softcapping)
     logp = hidden.new_zeros(N, dtype=torch.float32)
     entropy = torch.zeros_like(logp)
     dh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
@@ -204,14 +207,14 @@ def _chunk_loop(
         h = hidden[idx]
         y = targets[idx]
         z = torch.matmul(h, weight.T, out=ws[:n])
-        lp, lse, ent = stats(z, bias, y, inv_temp)
+        lp, lse, ent = stats(z, bias, y, inv_temp, softcap)
         logp[idx], entropy[idx] = lp, ent
         if not any_grad:
             continue
         old_c, ref_c, isr_c = (None if x is None else x[idx] for x in (old, ref, isr))
         g = _token_grad(lp, old_c, ref_c, adv[idx], w[idx], isr_c, params)
         dent = () if g_ent is None else (ent, g_ent[idx])
-        dz = grad_(z, bias, y, lse, g, inv_temp, *dent)
+        dz = grad_(z, bias, y, lse, g, inv_temp, *dent, softcap=softcap)
         if need_dh:
             dh[idx] = dz @ weight
         if need_dw:

@@ -37,6 +37,17 @@ class GRPOLossParams:
     # Entropy bonus: the loss minus this times the mean entropy over the loss tokens (those ``entropy_mask`` keeps),
     # whatever the loss type's normalizer (TRL's documented objective); 0 = off, < 0 penalizes entropy.
     entropy_coef: float = 0.0
+    # VESPO's gamma weight phi(w) = e^lambda w^k e^(-lambda w) of the sequence ratio w, (k, lambda) by the
+    # advantage's sign (TRL's names and defaults).
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    # The model's head, not the trainer's config (``from_config`` leaves them at their defaults; ``head_transform``
+    # reads them from a model): logits = logit_scale * (h @ W^T + b) (Cohere's logit_scale, 1 / Granite's
+    # logits_scaling), then final_logit_softcapping * tanh(logits / final_logit_softcapping) (Gemma 2 and 3).
+    logit_scale: float = dataclasses.field(default=1.0, metadata={"from_model": True})
+    final_logit_softcapping: float | None = dataclasses.field(default=None, metadata={"from_model": True})
 
     def __post_init__(self):
         # Plain Python floats: a numpy or 0-dim fp64 tensor here would promote the loss to fp64.
@@ -50,6 +61,12 @@ class GRPOLossParams:
             "temperature",
             "off_policy_mask_threshold",
             "entropy_coef",
+            "vespo_k_pos",
+            "vespo_lambda_pos",
+            "vespo_k_neg",
+            "vespo_lambda_neg",
+            "logit_scale",
+            "final_logit_softcapping",
         ):
             value = getattr(self, name)
             if value is None:
@@ -73,9 +90,11 @@ class GRPOLossParams:
         for name in ("beta", "epsilon", "epsilon_high"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
+        for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg", "logit_scale"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
+            raise ValueError(f"final_logit_softcapping must be > 0 or None, got {self.final_logit_softcapping}")
         # A cap at or below 1 would clip every ratio above 1, even inside the clip region.
         if self.delta is not None and self.delta <= 1:
             raise ValueError(f"delta must be > 1 or None, got {self.delta}")
@@ -87,14 +106,21 @@ class GRPOLossParams:
     @classmethod
     def from_config(cls, config) -> GRPOLossParams:
         """The loss settings of any config that uses TRL's field names: ``fastgrpo train``'s ``Config``
-        or TRL's ``GRPOConfig`` (each field read by its name), checked as here."""
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        or TRL's ``GRPOConfig`` (each field read by its name, the model's head fields left at their defaults),
+        checked as here."""
+        fields = (f for f in dataclasses.fields(cls) if not f.metadata.get("from_model"))
+        return cls(**{f.name: getattr(config, f.name) for f in fields})
 
     @property
     def couples_rows(self) -> bool:
-        """Whether a token's gradient needs its whole row's log-probs first (GSPO's sequence ratio, or the
-        off-policy mask's sequence mean): no 3-GEMM form, the 4-pass route."""
-        return self.importance_sampling_level == "sequence" or self.off_policy_mask_threshold is not None
+        """Whether a token's gradient needs its whole row's log-probs first (GSPO's sequence ratio, the
+        off-policy mask's sequence mean, a loss type's row weight such as VESPO's): no 3-GEMM form, the 4-pass
+        route."""
+        return (
+            self.importance_sampling_level == "sequence"
+            or self.off_policy_mask_threshold is not None
+            or loss_spec(self.loss_type).row_weight is not None
+        )
 
     @property
     def epsilon_low(self) -> float:
@@ -131,6 +157,34 @@ def _sapo_term(ratio, adv, logp, p):
     """SAPO: a soft sigmoid gate on the ratio, its temperature by the advantage's sign."""
     tau = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
     return -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv, ratio
+
+
+def _weighted_logp_term(weight, adv, logp, p):
+    """A detached row weight on the log-prob's gradient (VESPO's phi): -weight * adv * logp."""
+    return -weight.detach() * adv * logp, weight
+
+
+# log(1e-8), TRL's lower clamp of VESPO's log ratios (the original implementation's).
+_VESPO_LOG_FLOOR = math.log(1e-8)
+
+
+def vespo_gamma_weight(log_ratio, mask, is_ratio, adv, p) -> torch.Tensor:
+    """VESPO's (B, 1) fp32 row weight, detached: phi(w) = exp(lambda + k log w - lambda w), w the row's sequence
+    ratio exp(sum of its masked log(pi / pi_old), each clamped to [-20, 20]) times its sampling correction (the
+    masked sum of log ``is_ratio``, clamped to [log 1e-8, 20]), log w clamped likewise; (k, lambda) by the sign
+    of the advantage (>= 0: the _pos pair), lambda >= 1e-4; NaN and infinities count 0. Per-token advantages
+    (B, T), 0 where masked, give a (B, T) weight, as in TRL."""
+    with torch.no_grad():
+        seq = torch.where(mask, log_ratio.clamp(-20.0, 20.0), 0.0).sum(-1, keepdim=True)
+        if is_ratio is not None:
+            log_is = torch.log(is_ratio).clamp(_VESPO_LOG_FLOOR, 20.0)
+            seq = seq + (log_is if log_is.shape[1] == 1 else torch.where(mask, log_is, 0.0).sum(-1, keepdim=True))
+        log_w = seq.clamp(_VESPO_LOG_FLOOR, 20.0)
+        nonneg = adv >= 0
+        k = torch.where(nonneg, p.vespo_k_pos, p.vespo_k_neg)
+        lam = torch.where(nonneg, p.vespo_lambda_pos, p.vespo_lambda_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,12 +238,16 @@ class LossSpec:
     """One loss type: its per-token policy term ``term(ratio, adv, logp, params) -> (per_token, ratio)``,
     its normalizer, whether it is PPO-clipped (TRL logs clip ratios for those), and the name of its own
     clip metric, if any (``cispo_clip_ratio``: ratio above ``epsilon_high_resolved`` with a positive
-    advantage)."""
+    advantage). A type with a ``row_weight(log_ratio, mask, is_ratio, adv, params)`` (VESPO) hands its term
+    that weight in place of the ratio; the weight takes the sampling correction in (it no longer multiplies
+    the policy term) and is logged as ``row_weight_metric``."""
 
     term: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     normalizer: Normalizer
     clipped: bool
     clip_metric: str | None = None
+    row_weight: Callable[..., torch.Tensor] | None = None
+    row_weight_metric: str | None = None
 
 
 LOSS_SPECS: dict[str, LossSpec] = {
@@ -200,6 +258,13 @@ LOSS_SPECS: dict[str, LossSpec] = {
     "cispo": LossSpec(_cispo_term, BATCH_TOKEN_MEAN, clipped=False, clip_metric="cispo_clip_ratio"),
     "sapo": LossSpec(_sapo_term, SEQUENCE_MEAN, clipped=False),
     "luspo": LossSpec(_clipped_term, SEQUENCE_SUM, clipped=True),
+    "vespo": LossSpec(
+        _weighted_logp_term,
+        BATCH_TOKEN_MEAN,
+        clipped=False,
+        row_weight=vespo_gamma_weight,
+        row_weight_metric="vespo/phi_seq_mean",
+    ),
 }
 LOSS_TYPES = tuple(LOSS_SPECS)
 
@@ -220,6 +285,7 @@ def token_terms(
     mask: torch.Tensor,
     params: GRPOLossParams,
     is_ratio: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token loss before masking and aggregation: the formulas every path shares.
 
@@ -235,13 +301,19 @@ def token_terms(
         params: the loss hyper-parameters.
         is_ratio: importance-sampling correction broadcastable to logp (fp32, 0 where masked) or
             None; it scales the policy term, not the KL (TRL's vLLM correction).
+        row_weight: the loss type's row weight (``LossSpec.row_weight``), handed to its term in place of
+            the ratio, or None.
 
     Returns:
         (per_token, ratio, kl): the loss terms; the ratio TRL's clip metrics see (after ``delta``);
         the k3 KL (None without ``ref_logprobs``).
     """
     p = params
-    per_token, ratio = loss_spec(p.loss_type).term(torch.exp(log_ratio), adv, logp, p)
+    ratio = torch.exp(log_ratio)
+    if row_weight is None:
+        per_token, ratio = loss_spec(p.loss_type).term(ratio, adv, logp, p)
+    else:  # the clip metrics still see the ratio
+        per_token, _ = loss_spec(p.loss_type).term(row_weight, adv, logp, p)
     if is_ratio is not None:
         per_token = per_token * is_ratio
 
@@ -337,19 +409,26 @@ def grpo_loss_from_logprobs(
     mf = m.to(torch.float32)
     adv = advantages.to(torch.float32)
     adv = adv[:, None] if adv.dim() == 1 else torch.where(m, adv, 0.0)
+    spec = loss_spec(p.loss_type)
     log_ratio = _log_ratio(logp, old_logprobs, m, mf, p.importance_sampling_level)
+    row_weight = None
+    if spec.row_weight is not None:  # it takes the sampling correction in, from the token-level log ratio
+        token_log_ratio = _log_ratio(logp, old_logprobs, m, mf, "token")
+        row_weight = spec.row_weight(token_log_ratio, m, _as_float(importance_sampling_ratio), adv, p)
+        importance_sampling_ratio = None
     isr = policy_scale(importance_sampling_ratio, entropy_mask, m)
     if p.off_policy_mask_threshold is not None:
         sampling = next(t for t in (sampling_logprobs, old_logprobs, logp.detach()) if t is not None)
         keep = off_policy_mask(adv, logp, sampling, m, p.off_policy_mask_threshold)
         isr = keep if isr is None else isr * keep  # both scale the policy term only
-    per_token, ratio, kl = token_terms(logp, log_ratio, ref_logprobs, adv, m, p, isr)
+    per_token, ratio, kl = token_terms(logp, log_ratio, ref_logprobs, adv, m, p, isr, row_weight)
 
     per_token = torch.where(m, per_token.expand_as(logp), 0.0)
-    spec = loss_spec(p.loss_type)
     loss = spec.normalizer.aggregate(per_token, mf, p, num_items_in_batch)
     with torch.no_grad():
         metrics = _metrics(entropy, kl, ratio, adv, m, mf, p, spec.clip_metric)
+        if row_weight is not None:
+            metrics[spec.row_weight_metric] = _batch_mean(row_weight, m, mf)
     if p.entropy_coef != 0.0:
         metrics["policy_loss"] = loss.detach().to(torch.float32)
         bonus = (entropy_weights(m, entropy_mask) * torch.where(m, entropy, 0.0)).sum()
@@ -388,14 +467,21 @@ def _log_ratio(logp, old_logprobs, m, mf, level: str) -> torch.Tensor:
     return log_ratio
 
 
+def _as_float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32)
+
+
+def _batch_mean(x: torch.Tensor, m: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
+    """TRL's logged mean: sequence-level tensors (B, 1) average over rows, token-level over masked tokens."""
+    x = x.to(torch.float32)
+    return x.mean() if x.shape[1] == 1 else torch.where(m, x, 0.0).sum() / mf.sum().clamp(min=1.0)
+
+
 def _metrics(entropy, kl, ratio, adv, m, mf, p: GRPOLossParams, clip_metric: str | None) -> dict[str, torch.Tensor]:
     """The metrics TRL logs, each a mean over the batch; call under no_grad."""
-    count = mf.sum().clamp(min=1.0)
 
     def batch_mean(x: torch.Tensor) -> torch.Tensor:
-        # TRL: sequence-level tensors (B, 1) average over rows, token-level over masked tokens.
-        x = x.to(torch.float32)
-        return x.mean() if x.shape[1] == 1 else torch.where(m, x, 0.0).sum() / count
+        return _batch_mean(x, m, mf)
 
     metrics = {"entropy": batch_mean(entropy)}
     if kl is not None:

@@ -7,19 +7,26 @@ the other. It builds the whole (B, T, V) logits tensor, so keep it to small shap
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .loss import GRPOLossParams
 
 
-def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, compute_dtype=None, with_entropy=True):
-    """log p(target) and entropy through materialized logits.
+def reference_logprobs(
+    hidden, weight, targets, bias=None, temperature=1.0, compute_dtype=None, with_entropy=True, logit_scale=1.0,
+    final_logit_softcapping=None,
+):  # fmt: skip
+    """log p(target) and entropy through materialized logits, with the model's head transform as transformers
+    writes it (Cohere's scale, Gemma 2's softcap), then the temperature as TRL applies it.
 
     Args:
         hidden: (..., H); weight: (V, H); targets: (...) integer; bias: (V,) or None.
         compute_dtype: dtype of the matmul and softmax (default: hidden's dtype; logits are
             upcast to fp32 for the softmax unless this is float64).
         with_entropy: False skips the entropy (one less (..., V) temporary), returned as None.
+        logit_scale, final_logit_softcapping: logits * logit_scale; then cap * tanh(logits / cap) (None: none).
 
     Returns:
         (logp, entropy) with ``targets.shape``, float32 (float64 if ``compute_dtype`` is).
@@ -28,7 +35,10 @@ def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, comp
     logits = hidden.to(dt) @ weight.to(dt).T
     if bias is not None:
         logits = logits + bias.to(dt)
-    logits = logits.to(torch.float64 if dt == torch.float64 else torch.float32) / temperature
+    logits = logits.to(torch.float64 if dt == torch.float64 else torch.float32) * logit_scale
+    if final_logit_softcapping is not None:
+        logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+    logits = logits / temperature
     logprobs = logits.log_softmax(-1)
     logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
@@ -63,7 +73,9 @@ def reference_grpo_loss(
     per-token loss by the row length, which counted padding once the KL term was on).
     """
     p = GRPOLossParams() if params is None else params
-    per_token_logps, entropies = reference_logprobs(hidden, weight, targets, bias, p.temperature, compute_dtype)
+    per_token_logps, entropies = reference_logprobs(
+        hidden, weight, targets, bias, p.temperature, compute_dtype, True, p.logit_scale, p.final_logit_softcapping
+    )
     f = per_token_logps.dtype
     mask = mask.to(f)
     advantages = advantages.to(f)
@@ -78,7 +90,13 @@ def reference_grpo_loss(
         if p.use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
     # The policy term returns the ratio its clip metrics see: PPO's is capped by ``delta``.
-    per_token_loss, coef_1 = _policy_term(coef_1, advantages, per_token_logps, p)
+    phi_seq = None
+    if p.loss_type == "vespo":
+        phi_seq = _gamma_weights(advantages, per_token_logps - old, mask, importance_sampling_ratio, p)
+        importance_sampling_ratio = None  # TRL: VESPO's weight takes the correction in; it does not multiply
+        per_token_loss = -phi_seq * advantages * per_token_logps
+    else:
+        per_token_loss, coef_1 = _policy_term(coef_1, advantages, per_token_logps, p)
     if p.off_policy_mask_threshold is not None:
         sampling = old if sampling_logprobs is None else sampling_logprobs.to(f)
         per_token_loss = per_token_loss * _off_policy_mask(advantages, per_token_logps, sampling, mask, p)
@@ -91,6 +109,10 @@ def reference_grpo_loss(
     loss = _aggregate(per_token_loss, mask, p, num_items_in_batch)
     with torch.no_grad():
         metrics = _metrics(entropies, per_token_kl, coef_1, advantages, mask, p)
+        if phi_seq is not None:
+            metrics["vespo/phi_seq_mean"] = (
+                phi_seq.mean() if phi_seq.shape[1] == 1 else (phi_seq * mask).sum() / (mask.sum().clamp(min=1.0))
+            )
     if p.entropy_coef != 0.0:  # TRL's entropy bonus: a token mean over the effective mask, for every loss type
         metrics["policy_loss"] = loss.detach()
         effective_mask = mask if entropy_mask is None else mask * entropy_mask.to(f)
@@ -104,6 +126,26 @@ def _off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask
     kl_div = torch.nan_to_num(sampling_per_token_logps - per_token_logps.detach(), nan=0.0)
     avg_seq_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     return ((advantages >= 0) | (avg_seq_kl <= p.off_policy_mask_threshold)).to(mask.dtype)
+
+
+@torch.no_grad()
+def _gamma_weights(advantages, log_ratio_per_token, mask, importance_sampling_ratio, p):
+    """TRL's ``get_gamma_weights`` (VESPO): phi(w) = exp(lambda + k log w - lambda w) of the sequence ratio, in log
+    space. The sampling correction's logs are summed over the loss tokens (TRL sums every position; its ratio is 1
+    on padding) or taken as they are for a (B, 1) correction."""
+    floor = math.log(1e-8)
+    seq_log_ratio = torch.sum(torch.clamp(log_ratio_per_token, -20.0, 20.0) * mask, dim=-1, keepdim=True)
+    if importance_sampling_ratio is not None:
+        log_is_ratio = torch.clamp(torch.log(importance_sampling_ratio), floor, 20.0)
+        if log_is_ratio.shape[1] != 1:
+            log_is_ratio = torch.sum(log_is_ratio * mask, dim=-1, keepdim=True)
+        seq_log_ratio = seq_log_ratio + log_is_ratio
+    log_w_seq = torch.clamp(seq_log_ratio, floor, 20.0)
+    is_nonneg_adv = advantages >= 0
+    k_seq = torch.where(is_nonneg_adv, p.vespo_k_pos, p.vespo_k_neg)
+    lambda_seq = torch.where(is_nonneg_adv, p.vespo_lambda_pos, p.vespo_lambda_neg).clamp(min=1e-4)
+    log_phi = lambda_seq + k_seq * log_w_seq - lambda_seq * torch.exp(log_w_seq)
+    return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _importance_weights(log_ratio, mask, level):
@@ -138,7 +180,7 @@ def _aggregate(per_token_loss, mask, p, num_items_in_batch):
         return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     if p.loss_type == "dr_grpo":
         return (per_token_loss * mask).sum() / (per_token_loss.size(0) * p.max_completion_length)
-    if p.loss_type in ("cispo", "dapo"):
+    if p.loss_type in ("cispo", "dapo", "vespo"):
         norm = mask.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
         return (per_token_loss * mask).sum() / norm
     return (per_token_loss * mask).sum(-1).mean()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._args import logit_scales
+
 # Upper bound on the fp32 logits of one chunk; a few temporaries of this size are live at once.
 CHUNK_BYTES = 64 << 20
 
@@ -38,17 +40,36 @@ def _chunk_tokens(vocab: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * vocab))
 
 
-def _scaled_logits(hidden, weight, bias, inv_temp):
-    """fp32 (chunk, V) scaled logits; in-place steps keep one chunk-sized buffer alive."""
+def _scaled_logits(hidden, weight, bias, scales):
+    """fp32 (chunk, V) transformed logits; in-place steps keep one chunk-sized buffer alive."""
     z = (hidden @ weight.T).float()
     if bias is not None:
         z.add_(bias)
+    return transform_(z, scales)
+
+
+# The kernels' logit transform (``fastgrpo.kernels._tiles``: ``_transform``, ``_chain``) restated in torch,
+# so the torch paths stay inside ``fastgrpo.ops``; its parameters come from ``logit_scales``.
+def transform_(z: torch.Tensor, scales: tuple[float, float]) -> torch.Tensor:
+    """fp32 z (+ bias) as the softmax sees it, in place: z * inv_temp, or inv_temp * tanh(softcap * z)."""
+    inv_temp, softcap = scales
+    if softcap:
+        z.mul_(softcap).tanh_()
     return z.mul_(inv_temp)
+
+
+def chain_factor(u: torch.Tensor, scales: tuple[float, float]) -> float | torch.Tensor:
+    """d u / d z of ``transform_``'s output u: inv_temp, or (a new tensor) inv_temp * softcap * (1 - tanh^2)."""
+    inv_temp, softcap = scales
+    if not softcap:
+        return inv_temp
+    t = u / inv_temp
+    return t.mul_(t).neg_().add_(1.0).mul_(inv_temp * softcap)
 
 
 class _TwinLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, active, inv_temp, chunk_bytes):
+    def forward(ctx, hidden, weight, bias, targets, active, scales, chunk_bytes):
         N = hidden.shape[0]
         logp = hidden.new_zeros(N, dtype=torch.float32)
         lse = torch.zeros_like(logp)
@@ -56,7 +77,7 @@ class _TwinLinearLogprobs(torch.autograd.Function):
         rows = torch.arange(N, device=hidden.device) if active is None else active.nonzero().squeeze(1)
         step = _chunk_tokens(weight.shape[0], chunk_bytes)
         for idx in rows.split(step):
-            logp_all = _scaled_logits(hidden[idx], weight, bias, inv_temp)
+            logp_all = _scaled_logits(hidden[idx], weight, bias, scales)
             lz = torch.logsumexp(logp_all, dim=-1)
             logp_all.sub_(lz[:, None])
             # As the kernels do: an id outside [0, V) reads in bounds and reports NaN (the host
@@ -69,7 +90,7 @@ class _TwinLinearLogprobs(torch.autograd.Function):
             entropy[idx] = -plogp.sum(-1)
             del logp_all, plogp
         ctx.save_for_backward(hidden, weight, bias, targets, active, lse, entropy)
-        ctx.inv_temp, ctx.chunk_bytes = inv_temp, chunk_bytes
+        ctx.scales, ctx.chunk_bytes = scales, chunk_bytes
         return logp, entropy
 
     @staticmethod
@@ -89,15 +110,18 @@ class _TwinLinearLogprobs(torch.autograd.Function):
         db = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_db else None
         for idx in rows.split(_chunk_tokens(weight.shape[0], ctx.chunk_bytes)):
             h = hidden[idx]
-            # dz = inv_temp * (g_lp * (onehot - p) - g_ent * p * (log p + entropy)), built in place
-            # in two chunk-sized buffers.
-            dz = _scaled_logits(h, weight, bias, ctx.inv_temp).sub_(lse[idx, None])
+            # dz = du/dz * (g_lp * (onehot - p) - g_ent * p * (log p + entropy)), built in place
+            # in two chunk-sized buffers (three with a softcap: du/dz varies).
+            dz = _scaled_logits(h, weight, bias, ctx.scales)
+            du = chain_factor(dz, ctx.scales)
+            dz.sub_(lse[idx, None])
             p = dz.exp()
             dz.add_(entropy[idx, None]).mul_(p).nan_to_num_(nan=0.0).mul_(-g_ent[idx, None])
             dz.addcmul_(p, g_lp[idx, None], value=-1.0)
             del p
             dz.scatter_add_(1, clamp_targets(targets[idx], V)[0][:, None], g_lp[idx, None])
-            dz = dz.mul_(ctx.inv_temp).to(hidden.dtype)
+            dz = dz.mul_(du).to(hidden.dtype)
+            del du
             if need_dh:
                 dh[idx] = dz @ weight
             if need_dw:
@@ -124,6 +148,8 @@ def linear_logprobs_torch(
     active: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_bytes: int | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked lm_head log-probs and entropies; inputs are validated by ``fastgrpo.ops``.
 
@@ -136,9 +162,12 @@ def linear_logprobs_torch(
         active: (N,) bool or None; inactive tokens cost no FLOPs and get logp = entropy = 0.
         temperature: logits are divided by it before the softmax.
         chunk_bytes: bound on one chunk's fp32 logits (default: the module's ``CHUNK_BYTES``).
+        logit_scale, softcap: the head's logit transform before the temperature: z * logit_scale, or with a
+            softcap softcap * tanh(z * logit_scale / softcap) (``logit_scales``).
 
     Returns:
         (logp, entropy), each (N,) fp32, differentiable w.r.t. hidden, weight and bias.
     """
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    return _TwinLinearLogprobs.apply(hidden, weight, bias, targets, active, 1.0 / float(temperature), chunk_bytes)
+    scales = logit_scales(float(temperature), float(logit_scale), None if softcap is None else float(softcap))
+    return _TwinLinearLogprobs.apply(hidden, weight, bias, targets, active, scales, chunk_bytes)

@@ -148,6 +148,10 @@ class GRPOAlgoConfig:
         "off-policy sequence masking (TRL's name): drop the policy term of a negative-advantage completion whose "
         "mean log(pi_sampler / pi) exceeds this; None = off",
     )
+    vespo_k_pos: float = opt(2.0, "VESPO (loss_type vespo): gamma weight power for advantages >= 0 (TRL's name)")
+    vespo_lambda_pos: float = opt(3.0, "VESPO: gamma weight decay for advantages >= 0")
+    vespo_k_neg: float = opt(3.0, "VESPO: gamma weight power for advantages < 0")
+    vespo_lambda_neg: float = opt(2.0, "VESPO: gamma weight decay for advantages < 0")
     entropy_coef: float = opt(
         0.0,
         "entropy bonus (TRL's name): the loss minus this times the mean entropy over the batch's loss tokens "

@@ -13,6 +13,7 @@ import gc
 import torch
 
 from ..ops.api import extra_bytes, route
+from ..ops.loss import GRPOLossParams
 from .modeling import ModelInfo
 from .policy import unwrap
 
@@ -82,7 +83,7 @@ def memory_plan(model, cfg, info: ModelInfo, ref_model=None) -> dict[str, float]
     path = route(
         cfg.loss_impl, params[0].device, shape=(M, H, V), dtype=dtype, trainable_head=head_trainable,
         importance_sampling_level=cfg.importance_sampling_level,
-        off_policy_mask=cfg.off_policy_mask_threshold is not None,
+        couples_rows=GRPOLossParams.from_config(cfg).couples_rows,
     )  # fmt: skip
     # The path's own buffers (workspace, fp32 accumulators) plus the dHidden it returns.
     loss = extra_bytes(path, M, H, V, dtype, trainable_head=head_trainable) + M * H * b

@@ -70,12 +70,18 @@ def completion_hidden(model, batch: Rollouts, padding_free: bool = False) -> tor
 
 @torch.no_grad()
 def completion_logprobs(
-    model, batch: Rollouts, temperature: float, impl: str = "auto", padding_free: bool = False
+    model, batch: Rollouts, temperature: float, impl: str = "auto", padding_free: bool = False, **head
 ) -> torch.Tensor:
-    """(B, C) fp32 log p(completion token) under ``model``, without full logits."""
+    """(B, C) fp32 log p(completion token) under ``model``, without full logits; ``head``: the model's
+    ``logit_scale`` and ``final_logit_softcapping`` (``head_transform``), as ``chunked_logprobs`` takes them."""
     hidden = completion_hidden(model, batch, padding_free)
     weight, bias = lm_head(model)
-    return chunked_logprobs(hidden, weight, batch.completion_ids, bias=bias, temperature=temperature, impl=impl)
+    return chunked_logprobs(hidden, weight, batch.completion_ids, bias=bias, temperature=temperature, impl=impl, **head)
+
+
+def head_kwargs(params: GRPOLossParams) -> dict:
+    """``chunked_logprobs``' head-transform keywords, from the loss's settings."""
+    return dict(logit_scale=params.logit_scale, final_logit_softcapping=params.final_logit_softcapping)
 
 
 def policy_loss(
@@ -130,7 +136,7 @@ def policy_loss(
 def _high_entropy_mask(hidden, weight, bias, targets, loss_mask, loss_fn: FusedGRPOLoss, quantile) -> torch.Tensor:
     """(B, C) bool: the loss tokens at or above the entropy quantile (``high_entropy_mask``)."""
     entropy = masked_entropy(
-        hidden, weight, targets, loss_mask, bias=bias, temperature=loss_fn.params.temperature,
-        impl=loss_fn.impl, workspace_bytes=loss_fn.knobs.workspace_bytes,
+        hidden, weight, targets, loss_mask, bias=bias, temperature=loss_fn.params.temperature, impl=loss_fn.impl,
+        workspace_bytes=loss_fn.knobs.workspace_bytes, **head_kwargs(loss_fn.params),
     )  # fmt: skip
     return high_entropy_mask(entropy, loss_mask, quantile)

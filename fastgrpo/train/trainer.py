@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..ops import GRPOLossParams
+from ..ops import GRPOLossParams, head_transform
 from . import checkpoint as ckpt
 from .advantages import compute_advantages, process_advantages, zero_std_groups
 from .config import Config, save_yaml
@@ -120,7 +120,8 @@ class GRPOTrainer:
             cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k,
             cfg.repetition_penalty, cfg.generation_batch_size,
         )  # fmt: skip
-        self.params = GRPOLossParams.from_config(cfg)
+        # The loss settings of the config, and the model's logit scale and softcap (Gemma 2, Cohere, Granite).
+        self.params = dataclasses.replace(GRPOLossParams.from_config(cfg), **head_transform(self.model))
         self.max_steps = cfg.max_steps
         if self.max_steps == -1:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.dataset) / self.prompts_per_step))

@@ -15,7 +15,7 @@ import torch
 from ..ops import FusedGRPOLoss, GRPOLossParams
 from ..ops.loss import loss_spec
 from .correction import CorrectionSettings, CorrectionStats, importance_sampling_ratio, missing_sampler_logprobs
-from .policy import completion_logprobs, policy_loss
+from .policy import completion_logprobs, head_kwargs, policy_loss
 from .rollouts import Batch, MicroBatch, Rollouts
 from .tracking import PhaseTimes
 
@@ -206,7 +206,10 @@ class Updater:
         model.eval()
         try:
             with torch.no_grad():
-                return completion_logprobs(model, mb, self.params.temperature, self.loss_fn.impl, self.settings.packed)
+                p = self.params
+                return completion_logprobs(
+                    model, mb, p.temperature, self.loss_fn.impl, self.settings.packed, **head_kwargs(p)
+                )
         finally:
             model.train(was_training)
 
