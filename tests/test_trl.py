@@ -225,13 +225,22 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_no_full_vocabulary_logits_and_our_loss_ran(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "family, features",
+    [
+        (None, {}),
+        # The lifted refusals together: a softcapped head, the entropy bonus over the top-entropy mask, VESPO.
+        ("gemma2", dict(entropy_coef=0.05, top_entropy_quantile=0.5, loss_type="vespo")),
+    ],
+    ids=["plain", "softcap-entropy-vespo"],
+)
+def test_no_full_vocabulary_logits_and_our_loss_ran(tmp_path, monkeypatch, family, features):
     # V = 4,099 against H = 16: one (tokens x V) logits tensor dwarfs every weight (V x H) and
     # activation, so the largest tensor shows whether logits were materialized.
     n_words, hidden, rows = 4096, 16, 8
     V = n_words + len(S.SPECIAL)
-    path = S.save_model(tmp_path / "model", n_words=n_words, hidden_size=hidden)
-    kw = dict(beta=0.04, num_iterations=2, max_steps=2, max_completion_length=10)
+    path = S.save_model(tmp_path / "model", n_words=n_words, hidden_size=hidden, family=family)
+    kw = dict(beta=0.04, num_iterations=2, max_steps=2, max_completion_length=10, **features)
     largest = {}
     for name, cls in (("stock", trl.GRPOTrainer), ("ours", GRPOTrainer)):
         extra = {"workspace_bytes": rows * V * 4} if cls is GRPOTrainer else None
