@@ -122,7 +122,7 @@ VARIANTS = {
         vespo_lambda_pos=1.5,
         vespo_k_neg=4.0,
         vespo_lambda_neg=0.5,
-    ),  # fmt: skip
+    ),
     # The entropy bonus on a num_items-normalized loss (dapo: the coefficient carries the accumulation division)
     # and on a row-mean one, with the top-entropy mask gating it.
     "entropy-bonus-dapo": dict(entropy_coef=0.05, num_iterations=2, gradient_accumulation_steps=2, beta=0.04),
@@ -138,7 +138,7 @@ VARIANTS = {
         entropy_coef_delta=0.02,
         gradient_accumulation_steps=2,
         beta=0.04,
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -49,6 +49,20 @@ def _global_batch(parts):
     return out
 
 
+def replay(tmp_path, model_path, config: dict, logged_loss: float):
+    """One process on the ranks' micro-batches (inputs{rank}.pt) concatenated, as 2 x the per-device batch: its
+    loss must be the one the ranks logged; returns the trainer, its gradients formed."""
+    batch = _global_batch([torch.load(tmp_path / f"inputs{r}.pt") for r in range(2)])
+    config = {**config, "per_device_train_batch_size": 2 * config["per_device_train_batch_size"]}
+    tr = S.trainer(GRPOTrainer, tmp_path / "single", model_path, **config)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    loss = tr._compute_loss(tr.model, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(logged_loss, rel=1e-5, abs=1e-7)
+    return tr
+
+
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     model_path = S.save_model(tmp_path / "model")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
@@ -59,15 +73,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result == dict(result, world=2, backend="gloo", route="torch") and len(result["loss"]) == 1
 
-    parts = [torch.load(tmp_path / f"inputs{r}.pt") for r in range(2)]
-    batch = _global_batch(parts)
-    config = {**DDP_CONFIG, "per_device_train_batch_size": 2 * DDP_CONFIG["per_device_train_batch_size"]}
-    tr = S.trainer(GRPOTrainer, tmp_path / "single", model_path, **config)
-    tr.model.train()
-    tr.current_gradient_accumulation_steps = 1
-    loss = tr._compute_loss(tr.model, batch)
-    loss.backward()
-    assert loss.item() == pytest.approx(result["loss"][0], rel=1e-5, abs=1e-7)
+    tr = replay(tmp_path, model_path, DDP_CONFIG, result["loss"][0])
     ddp_grads = torch.load(tmp_path / "grads.pt")
     for name, p in tr.model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)

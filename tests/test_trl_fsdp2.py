@@ -25,10 +25,8 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 import trl_support as S  # noqa: E402
-from test_trl_ddp import _global_batch  # noqa: E402
+from test_trl_ddp import replay  # noqa: E402
 from trl_fsdp2_script import FSDP2_CONFIG  # noqa: E402
-
-from fastgrpo.integrations.trl import GRPOTrainer  # noqa: E402
 
 HERE = Path(__file__).parent
 FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1"]
@@ -64,15 +62,7 @@ def _seen(tmp_path, rank) -> dict:
 def _replay(tmp_path, model_path, result) -> list[str]:
     """One process, the ranks' micro-batches concatenated: the loss must be the logged one; returns the names of the
     parameters whose gathered FSDP2 gradient differs from this process's, after checking the sharding."""
-    parts = [torch.load(tmp_path / f"inputs{r}.pt") for r in range(2)]
-    batch = _global_batch(parts)
-    config = {**FSDP2_CONFIG, "per_device_train_batch_size": 2 * FSDP2_CONFIG["per_device_train_batch_size"]}
-    tr = S.trainer(GRPOTrainer, tmp_path / "single", model_path, **config)
-    tr.model.train()
-    tr.current_gradient_accumulation_steps = 1
-    loss = tr._compute_loss(tr.model, batch)
-    loss.backward()
-    assert loss.item() == pytest.approx(result["loss"][0], rel=1e-5, abs=1e-7)
+    tr = replay(tmp_path, model_path, FSDP2_CONFIG, result["loss"][0])
 
     params = dict(tr.model.named_parameters())
     for r in range(2):  # every parameter was a DTensor sharded on dim 0 over the 2 ranks, in the optimizer's hands
