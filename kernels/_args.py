@@ -40,3 +40,9 @@ def logit_scales(temperature: float, logit_scale: float = 1.0, softcap: float | 
     if softcap is None:
         return logit_scale / temperature, 0.0
     return softcap / temperature, logit_scale / softcap
+
+
+def kernel_scales(inv_temp: float, softcap: float) -> tuple[float, float | None]:
+    """``logit_scales``' pair as the kernels take it: without a softcap (0) the second entry is None, a
+    constexpr, so the kernel's parameters, and its compile, are those of the bare temperature."""
+    return (inv_temp, softcap if softcap else None)

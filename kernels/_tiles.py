@@ -117,7 +117,8 @@ def _grouped_tile(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: t
 def _dlogits_tile(u, offs_v, y, lse, g_lp, g_ent, ent, HAS_DENT: tl.constexpr):
     """d loss / d u of a (BLOCK_N, BLOCK_V) tile of scaled logits ``u``, from each token's target ``y``,
     log Z ``lse``, upstream d loss / d logp ``g_lp`` and (HAS_DENT) d loss / d entropy ``g_ent`` and
-    entropy ``ent``; the caller scales by 1 / temperature and masks. The caller loads the (BLOCK_N,)
+    entropy ``ent``, all with respect to the transformed logits u; the caller applies ``_chain`` (d u / d z) and
+    masks. The caller loads the (BLOCK_N,)
     vectors, in the order its register schedule was measured with (the compile gate)."""
     logp = u - lse[:, None]
     p = tl.exp(logp)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _gemm
-from ._args import as_contiguous, nan_where_invalid
+from ._args import as_contiguous, kernel_scales, nan_where_invalid
 from ._tiles import _chain, _dlogits_tile, _grouped_tile, _head_args, _launch_constants, _logits_tile, _target
 
 # Bound on one chunk's d loss / d logits workspace (input dtype); ~1,700 tokens at V = 152K, bf16.
@@ -115,7 +115,7 @@ def _launch(c, h, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, 
         H,
         strides,
         z.stride(0),
-        scales,
+        kernel_scales(*scales),
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=scales[1] != 0,
         HAS_DENT=grad_entropy is not None,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._args import as_contiguous, logit_scales, nan_where_invalid
+from ._args import as_contiguous, kernel_scales, logit_scales, nan_where_invalid
 from ._debug import alloc_output
 from ._tiles import (
     _chain,
@@ -317,7 +317,7 @@ def linear_logprobs_fwd(
             H,
             v_per_split,
             strides,
-            (inv_temp, softcap),
+            kernel_scales(inv_temp, softcap),
             HAS_BIAS=bias is not None,
             HAS_SOFTCAP=softcap != 0,
             HAS_ACTIVE=active is not None,
@@ -411,7 +411,7 @@ def linear_logprobs_bwd(
             v1 - v0,
             H,
             strides,
-            (inv_temp, softcap),
+            kernel_scales(inv_temp, softcap),
             grad_filter_eps,
             HAS_BIAS=bias is not None,
             HAS_SOFTCAP=softcap != 0,

@@ -5,9 +5,10 @@ bounded HBM workspace with cuBLAS. These kernels then walk each row of it:
 
 - ``row_stats``: log Z (online log-sum-exp, the same tile update as the fused kernels), the
   target's log-prob and the entropy, in one read of the row;
-- ``row_grad_``: d loss / d logits = (g * ([v == y] - p_v) - g_H * p_v (log p_v + H)) / temperature
-  (the second term only with an entropy gradient), written over the logits in place (one read, one
-  write), ready for the two gradient GEMMs.
+- ``row_grad_``: d loss / d logits = (g * ([v == y] - p_v) - g_H * p_v (log p_v + H)) * d u / d z
+  (the second term only with an entropy gradient; d u / d z the transform's slope, 1 / temperature
+  without a softcap), written over the logits in place (one read, one write), ready for the two
+  gradient GEMMs.
 
 Bias, the head's logit transform (scale, softcap) and the temperature are applied on the fly, so the
 workspace holds the bare GEMM output.
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._args import as_contiguous, nan_where_invalid
+from ._args import as_contiguous, kernel_scales, nan_where_invalid
 from ._debug import alloc_output
 from ._tiles import _chain, _dlogits_tile, _online_lse_update, _transform
 
@@ -158,7 +159,7 @@ def _launch(kernel, z: torch.Tensor, bias, vectors: tuple, scales: tuple, dummy:
             R,
             V,
             z.stride(0),
-            scales,
+            kernel_scales(*scales),
             HAS_BIAS=bias is not None,
             HAS_SOFTCAP=scales[1] != 0,
             **flags,

@@ -101,6 +101,12 @@ def test_every_config_field_has_help_text():
         ({"top_entropy_quantile": 0.0}, r"top_entropy_quantile must be in \(0, 1\], got 0.0"),
         ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \(0, 1\]"),
         ({"off_policy_mask_threshold": float("nan")}, "off_policy_mask_threshold must be a finite number"),
+        ({"entropy_coef": float("inf")}, "entropy_coef must be a finite number"),
+        # VESPO folds the correction's per-token ratios into its weight: a sequence-level mode is refused (TRL too).
+        (
+            {"loss_type": "vespo", "vllm_importance_sampling_correction": True},
+            "needs vllm_importance_sampling_mode token_truncate or token_mask, got 'sequence_mask'",
+        ),
     ],
 )
 def test_bad_config_values(values, match):
@@ -261,3 +267,16 @@ def test_steps_without_signal_are_named_when_most_groups_stay_silent(zero_std, s
     rows = [{"step": i + 1, "reward": 0.5, "step_time": 1.0, "frac_reward_zero_std": z} for i, z in enumerate(zero_std)]
     assert no_signal_streak(rows) == streak
     assert ("most groups had the same reward" in summary_line(rows)) == (streak is not None)
+
+
+def test_vespo_with_the_auto_correction_on_vllm_needs_a_token_mode():
+    """The correction's auto resolves with the backend: on vllm it is on, and VESPO then refuses a sequence mode."""
+    from fastgrpo.train.update import UpdateSettings
+
+    cfg = build_config(({"loss_type": "vespo"}, "test"))  # correction auto, default mode sequence_mask
+    assert UpdateSettings.from_config(cfg, packed=False, kahan=False, backend="hf").correction.enabled is False
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode token_truncate or token_mask"):
+        UpdateSettings.from_config(cfg, packed=False, kahan=False, backend="vllm")
+    token = build_config(({"loss_type": "vespo", "vllm_importance_sampling_mode": "token_truncate",
+                           "vllm_importance_sampling_clip_max": 3.0}, "test"))  # fmt: skip
+    assert UpdateSettings.from_config(token, packed=False, kahan=False, backend="vllm").correction.enabled

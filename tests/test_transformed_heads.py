@@ -70,3 +70,44 @@ def test_fastgrpo_train_uses_the_models_head_transform(family, embedded, tmp_pat
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     finally:
         trainer.close()
+
+
+def _config_only(**fields):
+    """A stand-in model: ``head_transform`` reads only ``model.config``."""
+    import types
+
+    return types.SimpleNamespace(config=types.SimpleNamespace(**fields))
+
+
+@pytest.mark.parametrize(
+    "fields, want",
+    [
+        (dict(model_type="cohere2", logit_scale=0.25), {"logit_scale": 0.25, "final_logit_softcapping": None}),
+        (dict(model_type="granitemoe", logits_scaling=8), {"logit_scale": 0.125, "final_logit_softcapping": None}),
+        (dict(model_type="hyperclovax", logits_scaling=2.0), {"logit_scale": 2.0, "final_logit_softcapping": None}),
+        (dict(model_type="gemma3_text", final_logit_softcapping=30.0), {"logit_scale": 1.0,
+                                                                        "final_logit_softcapping": 30.0}),
+        # RecurrentGemma caps with its own field name, always.
+        (dict(model_type="recurrent_gemma", logits_soft_cap=30.0), {"logit_scale": 1.0,
+                                                                    "final_logit_softcapping": 30.0}),
+        (dict(model_type="llama", logit_scale=1.0), {"logit_scale": 1.0, "final_logit_softcapping": None}),
+    ],
+)  # fmt: skip
+def test_head_transform_reads_each_family_as_transformers_applies_it(fields, want):
+    assert head_transform(_config_only(**fields)) == want
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        # MPT's config has a logit_scale that transformers' head does not apply: refused, not applied.
+        (dict(model_type="mpt", logit_scale=2.0), "logit_scale=2.0"),
+        (dict(model_type="granite", logits_scaling=0), "logits_scaling=0"),
+        (dict(model_type="cohere", logit_scale="inv_sqrt_d_model"), "logit_scale='inv_sqrt_d_model'"),
+        (dict(model_type="falcon_h1", lm_head_multiplier=0.5), "lm_head_multiplier=0.5"),
+        (dict(model_type="gemma2", final_logit_softcapping=-1.0), "final_logit_softcapping=-1.0"),
+    ],
+)
+def test_head_transform_refuses_what_it_cannot_apply_by_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        head_transform(_config_only(**fields))

@@ -49,12 +49,14 @@ def _global_batch(parts):
     return out
 
 
-def replay(tmp_path, model_path, config: dict, logged_loss: float):
+def replay(tmp_path, model_path, config: dict, logged_loss: float, frozen_head: bool = False):
     """One process on the ranks' micro-batches (inputs{rank}.pt) concatenated, as 2 x the per-device batch: its
     loss must be the one the ranks logged; returns the trainer, its gradients formed."""
     batch = _global_batch([torch.load(tmp_path / f"inputs{r}.pt") for r in range(2)])
     config = {**config, "per_device_train_batch_size": 2 * config["per_device_train_batch_size"]}
     tr = S.trainer(GRPOTrainer, tmp_path / "single", model_path, **config)
+    if frozen_head:
+        tr.model.get_output_embeddings().requires_grad_(False)
     tr.model.train()
     tr.current_gradient_accumulation_steps = 1
     loss = tr._compute_loss(tr.model, batch)

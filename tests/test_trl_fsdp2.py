@@ -26,7 +26,7 @@ pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 import trl_support as S  # noqa: E402
 from test_trl_ddp import replay  # noqa: E402
-from trl_fsdp2_script import FSDP2_CONFIG  # noqa: E402
+from trl_fsdp2_script import FROZEN_HEAD_CONFIG, FSDP2_CONFIG  # noqa: E402
 
 HERE = Path(__file__).parent
 FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1"]
@@ -41,13 +41,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, model_path, wrap: str) -> dict:
+def _launch(tmp_path, model_path, wrap: str, *flags: str) -> dict:
     """Runs the per-rank script on 2 processes; ``wrap``: the module classes accelerate gives their own FSDP2 unit
     (the root model is one too). Returns rank 0's result.json."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP2_FLAGS]
     cmd += ["--fsdp_transformer_layer_cls_to_wrap", wrap, "--main_process_port", str(_free_port())]
-    cmd += [str(HERE / "trl_fsdp2_script.py"), str(tmp_path), model_path]
+    cmd += [str(HERE / "trl_fsdp2_script.py"), str(tmp_path), model_path, *flags]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads((tmp_path / "result.json").read_text())
@@ -59,10 +59,11 @@ def _seen(tmp_path, rank) -> dict:
     return json.loads((tmp_path / f"seen{rank}.json").read_text())
 
 
-def _replay(tmp_path, model_path, result) -> list[str]:
+def _replay(tmp_path, model_path, result, frozen_head: bool = False) -> list[str]:
     """One process, the ranks' micro-batches concatenated: the loss must be the logged one; returns the names of the
     parameters whose gathered FSDP2 gradient differs from this process's, after checking the sharding."""
-    tr = replay(tmp_path, model_path, FSDP2_CONFIG, result["loss"][0])
+    config = FROZEN_HEAD_CONFIG if frozen_head else FSDP2_CONFIG
+    tr = replay(tmp_path, model_path, config, result["loss"][0], frozen_head)
 
     params = dict(tr.model.named_parameters())
     for r in range(2):  # every parameter was a DTensor sharded on dim 0 over the 2 ranks, in the optimizer's hands
@@ -112,3 +113,14 @@ def test_lm_head_in_its_own_fsdp2_unit(tmp_path):
         assert seen["compute_loss"] == [dict(type="FSDPQwen2ForCausalLM", lm_head="(Shard(dim=0),)")]
         assert len(seen["head_calls"]) == 2 and all(c["shape"] == [63, 32] for c in seen["head_calls"])
     assert _replay(tmp_path, model_path, result) == []
+
+
+def test_frozen_lm_head_in_its_own_fsdp2_unit(tmp_path):
+    """The lm_head frozen (as under LoRA) in its own unit, on GSPO's 4-pass route, whose backward reads the weight
+    again: the unit stays gathered until FSDP2's end of backward (resharding it right after the head pass freed the
+    storage the backward had saved); the other gradients match one process and the head has none."""
+    model_path = S.save_model(tmp_path / "model", tie=False)
+    result = _launch(tmp_path, model_path, "Qwen2DecoderLayer,Linear", "--frozen-head")
+    assert result["route"] == "torch"
+    assert _replay(tmp_path, model_path, result, frozen_head=True) == []
+    assert torch.load(tmp_path / "grads.pt")["lm_head.weight"] is None

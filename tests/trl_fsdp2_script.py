@@ -29,6 +29,8 @@ from fastgrpo.integrations.trl import GRPOTrainer  # noqa: E402
 # As tests/trl_ddp_script.py: prompts of one length (TRL passes no position ids, so extra left padding in the
 # replayed global batch would shift positions).
 FSDP2_CONFIG = dict(per_device_train_batch_size=4, beta=0.04, max_steps=1, max_grad_norm=0.0)
+# ``--frozen-head``: the lm_head frozen (as under LoRA) on a route whose backward reads the weight again (GSPO).
+FROZEN_HEAD_CONFIG = dict(FSDP2_CONFIG, importance_sampling_level="sequence", loss_type="grpo")
 
 SHIM_APPLIED: list = []  # non-empty once allow_fsdp_on_cpu turned a MULTI_CPU state into FSDP
 
@@ -66,7 +68,7 @@ def _placements(t) -> str:
     return str(tuple(t.placements)) if isinstance(t, DTensor) else type(t).__name__
 
 
-def main(out: Path, model_path: str, shim: bool = True) -> None:
+def main(out: Path, model_path: str, shim: bool = True, frozen_head: bool = False) -> None:
     def refuse(*a, **k):
         raise AssertionError("TRL's chunked log-prob head ran")
 
@@ -85,7 +87,10 @@ def main(out: Path, model_path: str, shim: bool = True) -> None:
 
     fastgrpo_trl.maybe_gather_lm_head_ctx = recording_ctx
 
-    tr = S.trainer(GRPOTrainer, out / "run", model_path, train_dataset=S.dataset(16, fixed_length=True), **FSDP2_CONFIG)
+    config = FROZEN_HEAD_CONFIG if frozen_head else FSDP2_CONFIG
+    tr = S.trainer(GRPOTrainer, out / "run", model_path, train_dataset=S.dataset(16, fixed_length=True), **config)
+    if frozen_head:
+        tr.model.get_output_embeddings().requires_grad_(False)
     rank = tr.accelerator.process_index
     compute = tr._compute_loss
     seen = []
@@ -107,7 +112,7 @@ def main(out: Path, model_path: str, shim: bool = True) -> None:
             # full_tensor is a collective: every rank gathers, in the same order.
             grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in params}
             if rank == 0:
-                torch.save({n: g.detach().cpu() for n, g in grads.items()}, out / "grads.pt")
+                torch.save({n: None if g is None else g.detach().cpu() for n, g in grads.items()}, out / "grads.pt")
 
     tr.add_callback(SaveGrads())
     tr.train()
@@ -132,4 +137,5 @@ def main(out: Path, model_path: str, shim: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], shim="--no-cpu-shim" not in sys.argv[3:])
+    flags = sys.argv[3:]
+    main(Path(sys.argv[1]), sys.argv[2], shim="--no-cpu-shim" not in flags, frozen_head="--frozen-head" in flags)

@@ -141,14 +141,14 @@ def _whole_head(head) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[], N
     called (only its weight is read), so FSDP2 would neither gather it nor reduce its gradient: its own
     ``unshard`` gathers it here, and the backward then reduce-scatters (averages) its gradient across ranks as
     for every unit. ``full_tensor()`` would not: its backward keeps each rank's rows of that rank's own gradient.
-    Without gradient (reference, old log-probs, eval) the unit is resharded right after the pass."""
+    Without gradient (reference, old log-probs, eval) the unit is resharded right after the pass; with it (a
+    frozen head too: the 4-pass backward reads the weight again), FSDP2's end-of-backward reshards it."""
     weight, bias = head.weight, head.bias
     if not isinstance(weight, DTensor):
         return weight, bias, lambda: None
     if isinstance(head, FSDPModule):
         head.unshard()
-        needs_grad = torch.is_grad_enabled() and head.weight.requires_grad
-        return head.weight, head.bias, (lambda: None) if needs_grad else head.reshard
+        return head.weight, head.bias, (lambda: None) if torch.is_grad_enabled() else head.reshard
     return weight.full_tensor(), None if bias is None else bias.full_tensor(), lambda: None
 
 

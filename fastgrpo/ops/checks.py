@@ -219,15 +219,19 @@ def check_sampling_ratio(ratio, targets) -> None:
 # whose meaning is known to the loss's head fields; the rest are refused by name.
 LOGIT_TRANSFORMS = (
     "final_logit_softcapping",
+    "logits_soft_cap",  # RecurrentGemma's softcap, always applied
     "logit_scale",
     "logits_scaling",
     "lm_head_multiplier",
     "output_multiplier",
     "output_multiplier_scale",
 )
-# ``logits_scaling`` divides in the Granite families and multiplies in HyperCLOVA X.
+# ``logits_scaling`` divides in the Granite families and multiplies in HyperCLOVA X; ``logit_scale`` multiplies in
+# the Cohere families (elsewhere, e.g. MPT's config, transformers' head does not apply it).
 _LOGITS_SCALING_DIVIDES = ("granite",)
 _LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)
+_LOGIT_SCALE_MULTIPLIES = ("cohere",)
+_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
 
 
 def _text_configs(model) -> list:
@@ -237,14 +241,20 @@ def _text_configs(model) -> list:
     return configs
 
 
+def _positive(attr: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"model config sets {attr}={value!r}; the fused loss needs a finite number > 0 there")
+    return float(value)
+
+
 def _scale_of(attr: str, value, model_type: str) -> float | None:
     """The logit multiplier a config field means, or None where its meaning is not known here."""
-    if attr == "logit_scale":  # Cohere: logits * logit_scale
-        return float(value)
+    if attr == "logit_scale" and model_type.startswith(_LOGIT_SCALE_MULTIPLIES):
+        return _positive(attr, value)
     if attr == "logits_scaling" and model_type.startswith(_LOGITS_SCALING_DIVIDES):
-        return 1.0 / float(value)
+        return 1.0 / _positive(attr, value)
     if attr == "logits_scaling" and model_type.startswith(_LOGITS_SCALING_MULTIPLIES):
-        return float(value)
+        return _positive(attr, value)
     return None
 
 
@@ -258,9 +268,9 @@ def head_transform(model) -> dict:
         model_type = str(getattr(cfg, "model_type", "") or "")
         for attr in LOGIT_TRANSFORMS:
             value = getattr(cfg, attr, None)
-            if attr == "final_logit_softcapping":
+            if attr in _SOFTCAPS:
                 if value is not None:
-                    out[attr] = float(value)
+                    out["final_logit_softcapping"] = _positive(attr, value)
                 continue
             if value in (None, 1, 1.0):
                 continue

@@ -155,7 +155,8 @@ class GRPOAlgoConfig:
     entropy_coef: float = opt(
         0.0,
         "entropy bonus (TRL's name): the loss minus this times the mean entropy over the batch's loss tokens "
-        "(those top_entropy_quantile keeps), for every loss_type; 0 = off, < 0 penalizes entropy",
+        "(with top_entropy_quantile < 1: each micro-batch's mean over the tokens it keeps, weighted by its loss "
+        "tokens), for every loss_type; 0 = off, < 0 penalizes entropy",
     )
     scale_rewards: str = opt("group", 'advantage scaling: "group" std, "batch" std, or "none" (Dr. GRPO)')
     num_iterations: int = opt(1, "mu: optimizer passes over each generation batch")
@@ -378,6 +379,9 @@ def validate(cfg: Config) -> None:
     _check(d.max_prompt_length is None or d.max_prompt_length > 0, "max_prompt_length must be > 0 or None")
     _validate_generation(cfg)
     _validate_correction(cfg.correction)
+    c = cfg.correction  # on for sure when asked for; auto resolves with the backend (UpdateSettings checks again)
+    mode, on = c.vllm_importance_sampling_mode, c.vllm_importance_sampling_correction
+    check_correction_for_loss(cfg.grpo.loss_type, mode, on)
     _validate_rewards(cfg.reward, cfg.generation)
     _validate_grpo(cfg)
     _validate_train(cfg)
@@ -429,6 +433,17 @@ def _validate_generation(cfg: Config) -> None:
     _check(
         0 < g.vllm_gpu_memory_utilization <= 1,
         f"vllm_gpu_memory_utilization must be in (0, 1], got {g.vllm_gpu_memory_utilization}",
+    )
+
+
+def check_correction_for_loss(loss_type: str, mode: str, enabled: bool | None) -> None:
+    """A loss type with a row weight (VESPO) folds the correction's per-token ratios into it: with the correction
+    on, a sequence-level mode is refused, as TRL refuses it."""
+    spec = LOSS_SPECS.get(loss_type)
+    _check(
+        not (enabled and spec is not None and spec.row_weight is not None and mode.startswith("sequence_")),
+        f"loss_type={loss_type!r} with the sampler correction needs vllm_importance_sampling_mode token_truncate or "
+        f"token_mask, got {mode!r}",
     )
 
 

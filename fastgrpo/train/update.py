@@ -14,6 +14,7 @@ import torch
 
 from ..ops import FusedGRPOLoss, GRPOLossParams
 from ..ops.loss import loss_spec
+from .config import check_correction_for_loss
 from .correction import CorrectionSettings, CorrectionStats, importance_sampling_ratio, missing_sampler_logprobs
 from .policy import completion_logprobs, head_kwargs, policy_loss
 from .rollouts import Batch, MicroBatch, Rollouts
@@ -98,6 +99,8 @@ class UpdateSettings:
         ``kahan`` (``resolve_kahan_summation``), ``backend`` (the generation backend, which decides the
         correction's auto; None: correction off) and ``total_updates`` (None: ``max_steps`` x iterations)."""
         total = total_updates if total_updates is not None else max(1, cfg.max_steps) * cfg.num_iterations
+        correction = CorrectionSettings() if backend is None else CorrectionSettings.resolve(cfg.correction, backend)
+        check_correction_for_loss(cfg.loss_type, correction.mode, correction.enabled)
         return cls(
             micro_batch_rows=cfg.per_device_train_batch_size,
             max_tokens_per_microbatch=cfg.max_tokens_per_microbatch,
@@ -114,14 +117,16 @@ class UpdateSettings:
             lr_scheduler_type=cfg.lr_scheduler_type,
             warmup_updates=math.ceil(cfg.warmup_ratio * total),
             total_updates=total,
-            correction=CorrectionSettings() if backend is None else CorrectionSettings.resolve(cfg.correction, backend),
+            correction=correction,
         )
 
 
 def _bonus_params(params: GRPOLossParams, token_share: float, scale: float) -> GRPOLossParams | None:
     """A micro-batch's loss hyper-parameters when the entropy bonus is on: its coefficient weighted so that,
     once the loss is multiplied by ``scale``, each micro-batch's mean entropy counts by its share of the batch's
-    loss tokens (the bonus is the batch's token mean, whatever the loss type's normalizer). None otherwise."""
+    loss tokens (the bonus is the batch's token mean, whatever the loss type's normalizer; with
+    ``top_entropy_quantile`` < 1, the loss-token-weighted mean of each micro-batch's mean over the tokens it
+    keeps). None otherwise."""
     if params.entropy_coef == 0.0:
         return None
     coef = params.entropy_coef * token_share / scale if scale > 0 else 0.0
@@ -336,7 +341,9 @@ class Updater:
             # token-budget micro-batches are. The policy loss adds up as the loss does.
             for name, v in out.metrics.items():
                 clip = name.startswith("clip_ratio") or name == spec.clip_metric
-                by_rows = p.importance_sampling_level == "sequence" and clip
+                # Per-row means: sequence-level clip ratios, and a row weight of per-row advantages (VESPO's phi).
+                row_weight = name == spec.row_weight_metric and m.advantages.dim() == 1
+                by_rows = p.importance_sampling_level == "sequence" and clip or row_weight
                 weight = scale if name == "policy_loss" else len(m.rows) / n if by_rows else token_share
                 sums[name] = sums.get(name, 0.0) + v.item() * weight
         return sums
