@@ -10,7 +10,8 @@
   check reads data back), so the ops flag it instead: the forward kernels read nothing out of
   bounds and report logp = NaN for that token, and ``nan_where_invalid`` makes its gradient NaN
   too, so a bad label never turns into a plausible finite loss or update. The torch twins in
-  ``fastgrpo.ops.twin`` restate the same rule (the torch paths stay inside ``fastgrpo.ops``).
+  ``fastgrpo.ops.twin`` use the same ``nan_where_invalid`` (this module is torch only) and read a
+  clamped id where the kernels mask their load.
 """
 
 import torch

@@ -25,10 +25,11 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..kernels._args import logit_scales, nan_where_invalid
 from ..kernels._gemm import accumulate_mm
 from .loss import GRPOLossParams, entropy_weights, grpo_loss_from_logprobs, policy_scale, token_terms, token_weights
 from .tensors import LossTensors
-from .twin import chain_factor, clamp_targets, logit_scales, nan_where_invalid, transform_
+from .twin import chain_factor, clamp_targets, transform_
 
 # Default bound on the logits workspace of one chunk.
 WORKSPACE_BYTES = 1 << 30

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels._args import logit_scales
+from ..kernels._args import logit_scales, nan_where_invalid
 
 # Upper bound on the fp32 logits of one chunk; a few temporaries of this size are live at once.
 CHUNK_BYTES = 64 << 20
@@ -20,20 +20,12 @@ def extra_bytes(N, H, V, dtype, *, trainable_head=True) -> int:
     return 3 * min(CHUNK_BYTES, max(N, 1) * V * 4) + (4 * V * H if trainable_head else 0)
 
 
-# The kernels' rule for a target outside [0, V) (``fastgrpo.kernels._args``), restated here so the
-# torch paths stay inside ``fastgrpo.ops``: the host check is skipped under torch.compile, and a
-# gather at such an id raises on CPU and asserts on CUDA, so the twins read a clamped id and
-# report NaN instead.
+# The kernels' rule for a target outside [0, V) (``fastgrpo.kernels._args``; ``nan_where_invalid`` is its
+# gradient half): the host check is skipped under torch.compile, and a gather at such an id raises on CPU and
+# asserts on CUDA, so the twins read a clamped id and report NaN instead.
 def clamp_targets(targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(int64 ids clamped into [0, vocab), bool: whether each id was in range)."""
     return targets.long().clamp(0, vocab - 1), (targets >= 0) & (targets < vocab)
-
-
-def nan_where_invalid(grad_logp: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
-    """d loss / d logp, NaN where the target is out of range and the coefficient nonzero (its logp
-    is NaN, so a finite upstream there must not give a finite update; 0 adds nothing)."""
-    bad = ((targets < 0) | (targets >= vocab)) & (grad_logp != 0)
-    return torch.where(bad, float("nan"), grad_logp)
 
 
 def _chunk_tokens(vocab: int, chunk_bytes: int) -> int:
