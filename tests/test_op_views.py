@@ -291,6 +291,46 @@ def test_all_views_every_dtype(impl, dtype, entry):
     _check(got, exact, budget, "vs float64")
 
 
+# The lifted refusals' terms (issue 27): a softcapped, scaled head and the entropy bonus over TRL's top-entropy mask.
+HEAD_AND_BONUS = dict(LOSS_HP, logit_scale=0.8, final_logit_softcapping=2.5, entropy_coef=0.2)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_all_views_with_a_softcapped_head_and_the_entropy_bonus(impl):
+    """Every argument strided at once, the entropy mask too (a transposed 0/1 float view), with a softcapped,
+    scaled head and the entropy bonus: the contiguous call's answer and float64's (fp32)."""
+    inp = _inputs(seed=13)
+    g = torch.Generator().manual_seed(14)
+    inp["entropy_mask"] = (torch.rand(B, T, generator=g) < 0.6).float().to(DEVICE)
+    views = dict(ALL_VIEWS, entropy_mask=transposed)
+
+    def run(x):
+        h, w, b = leaf(x["hidden"]), leaf(x["weight"]), leaf(x["bias"])
+        out = fastgrpo.fused_grpo_loss(
+            h, w, x["targets"], x["mask"], x["advantages"], old_logprobs=x["old_logprobs"],
+            ref_logprobs=x["ref_logprobs"], bias=b, importance_sampling_ratio=x["importance_sampling_ratio"],
+            entropy_mask=x["entropy_mask"], impl=impl, **HEAD_AND_BONUS,
+        )  # fmt: skip
+        out.loss.backward()
+        return dict(loss=out.loss, logp=out.logprobs, entropy=out.entropy, dhidden=h.grad, dweight=w.grad,
+                    dbias=b.grad)  # fmt: skip
+
+    got = run(_viewed(inp, views))
+    _check(got, run(inp), lambda k: 1e-5, "vs contiguous")
+    m = inp["mask"]
+    clean = {k: torch.where(m, inp[k], 0.0) for k in ("old_logprobs", "ref_logprobs", "importance_sampling_ratio")}
+    h, w, b = (leaf(inp[k], torch.float64) for k in ("hidden", "weight", "bias"))
+    loss, logp, ent, _ = reference_grpo_loss(
+        h, w, inp["targets"].clamp(min=0), m, inp["advantages"], bias=b, params=GRPOLossParams(**HEAD_AND_BONUS),
+        compute_dtype=torch.float64, entropy_mask=inp["entropy_mask"], **clean,
+    )  # fmt: skip
+    loss.backward()
+    z = torch.zeros((), dtype=logp.dtype)
+    want = dict(loss=loss, logp=torch.where(m, logp, z), entropy=torch.where(m, ent, z), dhidden=h.grad,
+                dweight=w.grad, dbias=b.grad)  # fmt: skip
+    _check(got, want, lambda k: 2e-5, "vs float64")
+
+
 @needs_triton
 @pytest.mark.parametrize("eps", [0.0, 2.0**-12], ids=["exact", "filtered"])
 def test_kernel_launchers_take_strided_vectors(eps):
